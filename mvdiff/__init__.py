@@ -1,0 +1,3 @@
+"""mvdiff — MVDream-style multi-view diffusion: render, train, sample, personalise, reconstruct."""
+
+__version__ = "0.1.0"

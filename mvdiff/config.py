@@ -1,0 +1,187 @@
+"""Typed configs for entry scripts: a dataclass, a YAML file and ``--set key=value`` overrides.
+
+Unknown keys are errors (naming the file or flag), values are converted to the field's type,
+and the resolved config can be printed and saved next to the outputs::
+
+    @dataclass
+    class SampleConfig:
+        model: str = ""
+        steps: int = 50
+
+    cfg = load_config(SampleConfig, "sample.yaml", ["steps=20"])
+    save_config(cfg, out_dir / "config.yaml")
+
+Nested dataclasses are addressed with dots (``--set optim.lr=1e-4``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from mvdiff.errors import UserError
+
+T = TypeVar("T")
+
+
+class ConfigError(UserError):
+    """A bad config file, key or value; the message names where it came from."""
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0] if args else Any
+        items = [_convert(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin or tp) is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{where}: expected int, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def _from_dict(cls: type[T], data: dict, where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain dict of a config (tuples become lists so that YAML round-trips)."""
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_overrides(cfg: T, overrides: list[str] | None, where: str = "--set") -> T:
+    """Return a copy of ``cfg`` with ``key.sub=value`` overrides (values parsed as YAML)."""
+    data = config_to_dict(cfg)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"{where} {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{where} {item!r}: unknown key {key!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"{where} {item!r}: unknown key {key!r}; known: {sorted(node)}")
+        node[parts[-1]] = value
+    try:
+        return _from_dict(type(cfg), data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Defaults of ``cls`` <- YAML file ``path`` (if given) <- ``overrides``."""
+    cfg = cls()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        merged = _deep_merge(config_to_dict(cfg), data, str(path))
+        try:
+            cfg = _from_dict(cls, merged, "")
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    return apply_overrides(cfg, overrides)
+
+
+def _deep_merge(base: dict, new: dict, where: str) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        if k not in base:
+            raise ConfigError(f"config file {where}: unknown key {k!r}; known: {sorted(base)}")
+        if isinstance(base[k], dict) and isinstance(v, dict):
+            out[k] = _deep_merge(base[k], v, f"{where}:{k}")
+        else:
+            out[k] = v
+    return out
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(path)
