@@ -1,0 +1,225 @@
+"""Data loaders: explicit webdataset pipelines from shards to batches, one per data kind.
+
+::
+
+    ShardStream (split by rank + worker, shuffled / resampled)
+      -> open_shards -> tar_samples -> shuffle buffer
+      -> MultiViewDecoder | ImageTextDecoder -> batch_samples -> DataLoader(batch_size=None)
+
+Every random choice is seeded from ``(seed, kind, rank, worker)``, so a loader yields the
+same batches in the same order given the seed, the rank and the number of workers.
+A batch is a dict::
+
+    pixels   uint8 [B, V, 3, H, W]       (V = 1 for 2D batches)
+    camera   float32 [B, V, 16] | None   (None for 2D batches)
+    caption  list[str] (B)
+    key      list[str] (B)
+    num_views int
+    skipped  int  samples skipped (corrupt / incomplete) since the previous batch of that worker
+    filtered int  samples filtered out (2D minimum size) since the previous batch
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import webdataset as wds
+
+from mvdiff.data.image2d import ImageTextDecoder
+from mvdiff.data.multiview import MultiViewDecoder
+from mvdiff.data.shards import (
+    ShardStream,
+    expand_urls,
+    make_seed,
+    open_shards,
+    split_samples,
+    tar_samples,
+    worker_info,
+)
+
+__all__ = ["DataConfig", "ShardDataset", "batch_samples", "build_loader", "collate"]
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is turned into batches (config key ``data``)."""
+
+    #: multi-view shards (DESIGN §3): glob, brace pattern, fsspec URL or ``::``-joined list
+    mv_shards: str = ""
+    #: 2D image-text shards in img2dataset layout; empty = no 2D data
+    shards_2d: str = ""
+    #: fraction of the *batches* that are 2D (num_views=1, no camera)
+    p_2d: float = 0.3
+    num_views: int = 4
+    resolution: int = 256
+    #: ring = views evenly spread over the rendered ring, random start; random = any views
+    views: Literal["ring", "random"] = "ring"
+    background: Literal["white", "black", "random_grey"] = "white"
+    caption_suffix: str = ", 3d asset"
+    #: 2D images whose shorter side is smaller are dropped
+    min_size_2d: int = 256
+    crop_2d: Literal["center", "random"] = "center"
+    #: objects per multi-view batch (each has num_views images)
+    batch_size: int = 1
+    #: images per 2D batch; 0 = batch_size * num_views (the same number of images)
+    batch_size_2d: int = 0
+    shuffle_buffer: int = 500
+    #: draw shards with replacement forever (large data) instead of epoch-wise splitting
+    resample: bool = False
+    num_workers: int = 2
+    prefetch_factor: int = 2
+
+    def images_per_2d_batch(self) -> int:
+        return self.batch_size_2d or self.batch_size * self.num_views
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack decoded samples into a batch (all with the same number of views)."""
+    cameras = [s["camera"] for s in samples]
+    return {
+        "pixels": torch.stack(
+            [s["pixels"] for s in samples]
+        ),  # B x (V, 3, H, W) -> (B, V, 3, H, W)
+        "camera": None if cameras[0] is None else torch.stack(cameras),  # -> (B, V, 16)
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "num_views": int(samples[0]["pixels"].shape[0]),
+    }
+
+
+def batch_samples(data: Iterable[dict], batch_size: int, drop_last: bool = True) -> Iterator[dict]:
+    """Group decoded samples into batches, counting the skip / filter markers between them."""
+    buf: list[dict] = []
+    skipped = filtered = 0
+    pending = None  # held back one batch so that trailing skip counts are not lost
+    for sample in data:
+        if sample.get("__skipped__"):
+            skipped += 1
+            continue
+        if sample.get("__filtered__"):
+            filtered += 1
+            continue
+        buf.append(sample)
+        if len(buf) == batch_size:
+            if pending is not None:
+                yield pending
+            pending = {**collate(buf), "skipped": skipped, "filtered": filtered}
+            buf, skipped, filtered = [], 0, 0
+    if buf and not drop_last:
+        if pending is not None:
+            yield pending
+        pending = {**collate(buf), "skipped": 0, "filtered": 0}
+    if pending is not None:
+        pending["skipped"] += skipped
+        pending["filtered"] += filtered
+        yield pending
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """The whole pipeline for one data kind (``"mv"`` or ``"2d"``) as an IterableDataset."""
+
+    def __init__(
+        self,
+        kind: str,
+        urls: list[str],
+        decoder,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        resample: bool = False,
+        epochs: int | None = None,
+        shuffle_buffer: int = 500,
+        drop_last: bool = True,
+    ):
+        super().__init__()
+        self.kind, self.urls, self.decoder = kind, urls, decoder
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.resample, self.epochs = resample, epochs
+        self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, _ = worker_info()
+        shards = ShardStream(
+            self.urls,
+            seed=make_seed(self.kind, self.seed),
+            rank=self.rank,
+            world_size=self.world_size,
+            resample=self.resample,
+            epochs=self.epochs,
+        )
+        stream = open_shards(iter(shards))
+        stream = tar_samples(stream)
+        stream = split_samples(stream, shards.samples_split)
+        if self.shuffle_buffer > 1:
+            stream = wds.filters._shuffle(
+                stream,
+                bufsize=self.shuffle_buffer,
+                initial=min(100, self.shuffle_buffer),
+                seed=make_seed("shuffle", self.kind, self.seed, self.rank, worker),
+            )
+        stream = self.decoder(
+            stream, stream_seed=make_seed("decode", self.kind, self.seed, self.rank, worker)
+        )
+        yield from batch_samples(stream, self.batch_size, drop_last=self.drop_last)
+
+
+def build_loader(
+    cfg: DataConfig,
+    kind: Literal["mv", "2d"],
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    epochs: int | None = None,
+    num_workers: int | None = None,
+    drop_last: bool = True,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader of batches of one kind from ``cfg`` (``epochs=None``: endless)."""
+    if kind == "mv":
+        urls = expand_urls(cfg.mv_shards, "data.mv_shards")
+        decoder = MultiViewDecoder(
+            num_views=cfg.num_views,
+            resolution=cfg.resolution,
+            views=cfg.views,
+            background=cfg.background,
+            caption_suffix=cfg.caption_suffix,
+        )
+        batch_size = cfg.batch_size
+    elif kind == "2d":
+        urls = expand_urls(cfg.shards_2d, "data.shards_2d")
+        decoder = ImageTextDecoder(
+            resolution=cfg.resolution, min_size=cfg.min_size_2d, crop=cfg.crop_2d
+        )
+        batch_size = cfg.images_per_2d_batch()
+    else:
+        raise ValueError(f"kind must be 'mv' or '2d', got {kind!r}")
+    dataset = ShardDataset(
+        kind,
+        urls,
+        decoder,
+        batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        resample=cfg.resample,
+        epochs=epochs,
+        shuffle_buffer=cfg.shuffle_buffer,
+        drop_last=drop_last,
+    )
+    workers = cfg.num_workers if num_workers is None else num_workers
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(DataConfig)]

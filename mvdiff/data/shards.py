@@ -1,0 +1,244 @@
+"""Shard lists and shard streams: globs, brace patterns and fsspec URLs -> tar member dicts.
+
+Everything here is an explicit ``webdataset`` pipeline stage (a generator over dicts), seeded
+from ``(seed, rank, worker, epoch)`` so that a stream is reproducible given the seed and the
+rank, which is what exact resume needs.
+
+* :func:`expand_urls` turns ``"shards/mv-{000..009}.tar"``, ``"shards/*.tar"``,
+  ``"s3://bucket/mv-*.tar"`` or a list / ``::``-separated string of those into URLs.
+* :class:`ShardStream` yields ``{"url": ...}`` dicts: split by node (rank) and DataLoader worker,
+  shuffled per epoch, finite or endless; or resampled with replacement (endless).
+* :func:`open_shards` opens each URL (local path, ``pipe:`` command or any fsspec URL).
+* :func:`tar_samples` groups tar members into samples ``{"__key__", "__url__", ext: bytes}``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import os
+import random
+import tarfile
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import webdataset as wds
+from braceexpand import braceexpand
+from webdataset import tariterators
+
+from mvdiff.errors import UserError
+
+__all__ = [
+    "ShardStream",
+    "expand_urls",
+    "make_seed",
+    "open_shards",
+    "tar_samples",
+    "worker_info",
+    "write_multiview_sample",
+]
+
+
+def make_seed(*parts) -> int:
+    """A 63-bit seed from any printable parts (stable across processes and Python runs)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def expand_urls(spec: str | Iterable[str], what: str = "shards") -> list[str]:
+    """Shard URLs from globs, brace patterns, fsspec URLs, lists or ``::``-separated strings.
+
+    Local patterns that match nothing are an error naming the pattern (``what`` names the
+    config key in the message).
+    """
+    items = spec.split("::") if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in items:
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("pipe:"):
+            urls.extend(braceexpand(item))
+            continue
+        for pattern in braceexpand(item):
+            if _is_remote(pattern) or pattern.startswith("file://"):
+                if any(c in pattern for c in "*?["):
+                    import fsspec
+
+                    fs, path = fsspec.core.url_to_fs(pattern)
+                    matched = sorted(fs.glob(path))
+                    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+                    matched = [p if "://" in p else f"{protocol}://{p}" for p in matched]
+                    if not matched:
+                        raise UserError(f"{what}: {pattern!r} matches no files")
+                    urls.extend(matched)
+                else:
+                    urls.append(pattern)
+            elif any(c in pattern for c in "*?["):
+                matched = sorted(glob.glob(os.path.expanduser(pattern)))
+                if not matched:
+                    raise UserError(f"{what}: {pattern!r} matches no files")
+                urls.extend(matched)
+            else:
+                path = os.path.expanduser(pattern)
+                if not os.path.exists(path):
+                    raise UserError(f"{what}: {pattern!r} does not exist")
+                urls.append(path)
+    if not urls:
+        raise UserError(f"{what}: no shards given")
+    return urls
+
+
+def worker_info() -> tuple[int, int]:
+    """(worker id, number of workers) of the current DataLoader worker, (0, 1) outside one."""
+    import torch.utils.data
+
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class ShardStream:
+    """Shard URLs for this rank and worker, as ``{"url": url}`` dicts.
+
+    ``resample=False``: each epoch shuffles the list (same order on every rank), takes every
+    ``world_size``-th shard for this rank and every ``num_workers``-th of those for this
+    worker; ``epochs=None`` repeats forever. With fewer shards than ``world_size x workers``
+    the shards are shared round-robin by sample position instead of skipped (see
+    ``samples_split``), so no rank or worker starves.
+
+    ``resample=True``: draws shards with replacement forever from a generator seeded with
+    ``(seed, rank, worker)`` — the endless stream for large datasets.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        resample: bool = False,
+        epochs: int | None = None,
+        shuffle: bool = True,
+    ):
+        if not urls:
+            raise UserError("no shards given")
+        self.urls = list(urls)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.resample, self.epochs, self.shuffle = resample, epochs, shuffle
+
+    def split_size(self) -> tuple[int, int]:
+        """(this stream's index, number of streams) over ranks x workers."""
+        worker, num_workers = worker_info()
+        return self.rank * num_workers + worker, self.world_size * num_workers
+
+    @property
+    def samples_split(self) -> tuple[int, int] | None:
+        """(index, count) to split *samples* by when there are too few shards, else None."""
+        index, count = self.split_size()
+        if self.resample or len(self.urls) >= count:
+            return None
+        return index, count
+
+    def __iter__(self) -> Iterator[dict]:
+        index, count = self.split_size()
+        worker, _ = worker_info()
+        if self.resample:
+            rng = random.Random(make_seed("resample", self.seed, self.rank, worker))
+            while True:
+                yield {"url": rng.choice(self.urls)}
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            urls = list(self.urls)
+            if self.shuffle:
+                random.Random(make_seed("shards", self.seed, epoch)).shuffle(urls)
+            if len(urls) >= count:
+                urls = urls[index::count]
+            for url in urls:
+                yield {"url": url}
+            epoch += 1
+
+
+def open_shards(data: Iterable[dict], handler=wds.warn_and_continue) -> Iterator[dict]:
+    """``{"url"}`` -> ``{"url", "stream"}`` for local paths, ``pipe:`` commands and fsspec URLs."""
+    for sample in data:
+        url = sample["url"]
+        try:
+            if url.startswith("pipe:"):
+                stream = wds.gopen(url, "rb")
+            elif "://" in url:
+                import fsspec
+
+                stream = fsspec.open(url, "rb").open()
+            else:
+                stream = open(url, "rb")
+            yield {**sample, "stream": stream}
+        except Exception as exn:  # noqa: BLE001 - a missing shard is logged and skipped
+            exn.args = exn.args + (url,)
+            if handler(exn):
+                continue
+            break
+
+
+def tar_samples(data: Iterable[dict], handler=wds.warn_and_continue) -> Iterator[dict]:
+    """Opened shards -> samples ``{"__key__", "__url__", "<ext>": bytes}`` (webdataset grouping)."""
+    files = tariterators.tar_file_expander(data, handler=handler)
+    return tariterators.group_by_keys(files, handler=handler)
+
+
+def split_samples(data: Iterable[dict], split: tuple[int, int] | None) -> Iterator[dict]:
+    """Keep every ``count``-th sample starting at ``index`` (used only when shards are few)."""
+    if split is None:
+        yield from data
+        return
+    index, count = split
+    for i, sample in enumerate(data):
+        if i % count == index:
+            yield sample
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def write_multiview_sample(
+    sink: tarfile.TarFile | wds.TarWriter,
+    uid: str,
+    rgba: np.ndarray,
+    c2w: np.ndarray,
+    meta: dict,
+) -> None:
+    """Write one object in the multi-view schema (DESIGN §3) to an open tar / ``TarWriter``.
+
+    ``rgba`` is uint8 ``[V, H, W, 4]`` (straight alpha), ``c2w`` float ``[V, 4, 4]``, ``meta``
+    the JSON fields beyond ``schema``, ``uid``, ``num_views`` and ``resolution`` (filled in).
+    A small writer for tests, benchmarks and tools; the renderer has its own.
+    """
+    import json
+
+    if "." in uid:
+        raise ValueError(f"uid {uid!r} must not contain dots")
+    num_views = int(rgba.shape[0])
+    header = {"schema": 1, "uid": uid, "num_views": num_views, "resolution": int(rgba.shape[1])}
+    members = {"json": json.dumps({**header, **meta}).encode()}
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(c2w, dtype=np.float32))
+    members["cameras.npy"] = buf.getvalue()
+    for v in range(num_views):
+        members[f"rgba.{v:03d}.png"] = _png_bytes(rgba[v])
+    if isinstance(sink, wds.TarWriter):
+        sink.write({"__key__": uid, **members})
+        return
+    for ext, data in members.items():
+        info = tarfile.TarInfo(f"{uid}.{ext}")
+        info.size = len(data)
+        info.mtime = 0
+        sink.addfile(info, io.BytesIO(data))
