@@ -12,9 +12,10 @@ import sys
 
 from mvdiff import __version__
 from mvdiff.commands import convert
+from mvdiff.commands import render, shard_info
 from mvdiff.errors import UserError
 
-COMMANDS = [convert]
+COMMANDS = [convert, render, shard_info]
 
 
 def build_parser() -> argparse.ArgumentParser:

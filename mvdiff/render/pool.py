@@ -1,0 +1,285 @@
+"""Worker processes and the two backends that drive them.
+
+:class:`WorkerHandle` owns one ``mvdiff.render.worker`` process (its own session, so its own
+process group). It sends a job, waits for the answer up to the per-object timeout, and on a
+timeout kills the whole group; a crash or a kill ends as a failed answer, never an exception.
+The worker is restarted lazily and recycled every ``recycle_every`` objects.
+
+A backend runs :func:`run_job` on its slots and hands back ``concurrent.futures.Future``\\ s:
+
+* :class:`LocalBackend` -- one thread per slot, each with its own worker process.
+* :class:`RayBackend`   -- one Ray actor per slot (``num_cpus = threads_per_worker``) holding
+  a worker process on whichever machine Ray placed it; results travel back as bytes.
+
+Either way the main process alone validates samples and writes shards and the manifest.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding `mvdiff/`
+
+
+def worker_options(cfg) -> dict:
+    """The part of a :class:`RenderConfig` a worker needs to set its scene up."""
+    return {
+        "engine": cfg.engine,
+        "resolution": cfg.resolution,
+        "samples": cfg.samples,
+        "denoise": cfg.denoise,
+        "max_bounces": cfg.max_bounces,
+        "world_strength": cfg.world_strength,
+        "sun_strength": cfg.sun_strength,
+        "threads": cfg.threads_per_worker,
+    }
+
+
+class WorkerHandle:
+    def __init__(self, opts: dict, timeout: float, startup_timeout: float, recycle_every: int):
+        self.opts = opts
+        self.timeout = timeout
+        self.startup_timeout = startup_timeout
+        self.recycle_every = recycle_every
+        self.proc: subprocess.Popen | None = None
+        self.served = 0
+        self.starts = 0
+        self._buf = b""
+
+    # --- process management -----------------------------------------------------------
+    def _start(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        self._log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mvdiff.render.worker", json.dumps(self.opts)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            start_new_session=True,  # own process group: killpg takes every child with it
+            env=env,
+        )
+        self.served = 0
+        self.starts += 1
+        self._buf = b""
+        msg = self._read(self.startup_timeout)
+        if not (msg and msg.get("ready")):
+            why = "timed out" if msg is None and self.proc.poll() is None else "crashed"
+            tail = self.log_tail()
+            self.kill()
+            raise RuntimeError(f"render worker {why} during start-up: {tail}")
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        self.proc = None
+
+    def close(self) -> None:
+        """Ask the worker to exit (EOF on stdin); kill it if it does not within 5 s."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        self.kill()
+
+    def log_tail(self, n: int = 300) -> str:
+        try:
+            self._log.seek(0, os.SEEK_END)
+            size = self._log.tell()
+            self._log.seek(max(0, size - 4000))
+            lines = [
+                ln for ln in self._log.read().decode(errors="replace").splitlines() if ln.strip()
+            ]
+        except (OSError, AttributeError):
+            return ""
+        return " | ".join(lines[-3:])[-n:]
+
+    def _read(self, timeout: float) -> dict | None:
+        """One JSON line from the protocol pipe; None on timeout or EOF."""
+        fd = self.proc.stdout.fileno()
+        self._eof = False
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                self._eof = True
+                return None
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    # --- one object -------------------------------------------------------------------
+    def render(self, job: dict) -> dict:
+        """Render one job; always returns an answer dict (see ``worker.py``)."""
+        if self.proc is not None and self.served >= self.recycle_every:
+            self.close()
+        if self.proc is None:
+            try:
+                self._start()
+            except RuntimeError as e:
+                return {"uid": job["uid"], "ok": False, "reason": str(e), "retry": True}
+        self.served += 1
+        t0 = time.monotonic()
+        try:
+            self.proc.stdin.write((json.dumps(job) + "\n").encode())
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # the read below sees the dead worker
+        answer = self._read(self.timeout)
+        if answer is None:
+            if self._eof:  # the worker died: give it a moment to report its exit status
+                try:
+                    code = self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    code = "?"
+                reason = f"worker crashed (exit {code}): {self.log_tail()}"
+            else:
+                reason = f"timeout: no result after {self.timeout:g} s (worker killed)"
+            self.kill()
+            return {
+                "uid": job["uid"],
+                "ok": False,
+                "reason": reason,
+                "retry": True,
+                "seconds": time.monotonic() - t0,
+            }
+        return answer
+
+
+def run_job(handle: WorkerHandle, job: dict) -> dict:
+    """Render ``job`` with ``handle`` into a temporary folder; return the answer + file bytes.
+
+    ``job["fetch"]`` (optional) is called first to resolve the asset path (downloads).
+    """
+    job = dict(job)
+    out_dir = tempfile.mkdtemp(prefix="mvdiff-render-")
+    t0 = time.monotonic()
+    try:
+        fetch = job.pop("fetch", None)
+        if fetch is not None:
+            try:
+                job["path"] = fetch()
+            except Exception as e:
+                return {
+                    "uid": job["uid"],
+                    "ok": False,
+                    "retry": True,
+                    "reason": f"download failed: {type(e).__name__}: {e}"[:500],
+                }
+        job["out_dir"] = out_dir
+        answer = handle.render(job)
+        files = {}
+        if answer.get("ok"):
+            for name in sorted(os.listdir(out_dir)):
+                files[name] = Path(out_dir, name).read_bytes()
+        answer["files"] = files
+        answer["wall"] = time.monotonic() - t0
+        return answer
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+class LocalBackend:
+    """``workers`` slots on this machine; each slot is a thread driving one worker process."""
+
+    def __init__(self, cfg, workers: int):
+        opts = worker_options(cfg)
+        self.handles = [
+            WorkerHandle(opts, cfg.timeout, cfg.startup_timeout, cfg.recycle_every)
+            for _ in range(workers)
+        ]
+        self.pools = [
+            cf.ThreadPoolExecutor(1, thread_name_prefix=f"render{i}") for i in range(workers)
+        ]
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.handles)
+
+    def submit(self, slot: int, job: dict) -> cf.Future:
+        return self.pools[slot].submit(run_job, self.handles[slot], job)
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for handle in self.handles:
+            handle.close()
+
+
+class RayBackend:
+    """``workers`` Ray actors, each holding one worker process (``ray`` extra)."""
+
+    def __init__(self, cfg, workers: int):
+        try:
+            import ray
+        except ImportError:
+            from mvdiff.errors import UserError
+
+            raise UserError("--backend ray needs Ray: pip install 'mvdiff[ray]'") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            kwargs = {"address": cfg.ray_address} if cfg.ray_address else {}
+            ray.init(
+                **kwargs,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}},
+            )
+        if workers == 0:
+            workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.threads_per_worker)
+        actor_cls = ray.remote(num_cpus=cfg.threads_per_worker)(_RenderActor)
+        opts = worker_options(cfg)
+        args = (opts, cfg.timeout, cfg.startup_timeout, cfg.recycle_every)
+        self.actors = [actor_cls.remote(*args) for _ in range(workers)]
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.actors)
+
+    def submit(self, slot: int, job: dict) -> cf.Future:
+        return self.actors[slot].render.remote(job).future()
+
+    def close(self) -> None:
+        for actor in self.actors:
+            try:
+                self.ray.get(actor.close.remote(), timeout=30)
+            except Exception:
+                pass
+            self.ray.kill(actor)
+
+
+class _RenderActor:
+    def __init__(self, opts, timeout, startup_timeout, recycle_every):
+        self.handle = WorkerHandle(opts, timeout, startup_timeout, recycle_every)
+
+    def render(self, job: dict) -> dict:
+        return run_job(self.handle, job)
+
+    def close(self) -> None:
+        self.handle.close()

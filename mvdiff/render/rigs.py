@@ -1,0 +1,66 @@
+"""Camera rigs: where the cameras of one object go (DESIGN §4 convention, §6 recipe).
+
+A rig is a dict of per-view lists ``elevation_deg``, ``azimuth_deg``, ``fov_deg``,
+``distance`` and ``c2w`` (float64 ``[V, 4, 4]``, OpenGL camera frame, z-up world). The
+worker places Blender's camera with these matrices and reports back the ``matrix_world``
+Blender actually used; that read-back is what goes into the shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+
+from mvdiff.cameras import orbit_c2w, sample_mvdream_render_rig
+
+
+def framing_distance(fov_deg: float) -> float:
+    """Distance at which the unit cube's bounding sphere (radius sqrt(3)/2) touches the frame."""
+    return (math.sqrt(3) / 2) / math.sin(math.radians(fov_deg) / 2)
+
+
+def object_rng(seed: int, uid: str) -> np.random.Generator:
+    """A generator that depends only on (seed, uid): a resumed run draws the same cameras."""
+    digest = int.from_bytes(hashlib.sha256(uid.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, digest])
+
+
+def fixed_rig(elevations, azimuths, fov_deg: float = 40.0, distance_factor: float = 1.0) -> dict:
+    """Cameras at the given elevations/azimuths (degrees), all looking at the origin."""
+    azimuths = np.asarray(azimuths, dtype=np.float64)
+    elevations = np.broadcast_to(np.asarray(elevations, dtype=np.float64), azimuths.shape)
+    distance = framing_distance(fov_deg) * distance_factor
+    n = len(azimuths)
+    return {
+        "elevation_deg": elevations.tolist(),
+        "azimuth_deg": azimuths.tolist(),
+        "fov_deg": [float(fov_deg)] * n,
+        "distance": [distance] * n,
+        "c2w": orbit_c2w(elevations, azimuths, distance),
+    }
+
+
+def orbit_rig(num_views: int, elevation=15.0, fov_deg=40.0, distance_factor=1.0) -> dict:
+    """A turntable: ``num_views`` azimuths evenly spaced from 0 (front, -y), counter-clockwise."""
+    azimuths = np.arange(num_views) * (360.0 / num_views)
+    return fixed_rig(elevation, azimuths, fov_deg, distance_factor)
+
+
+def make_rig(cfg, uid: str) -> dict:
+    """The rig of object ``uid`` under config ``cfg`` (a :class:`RenderConfig`)."""
+    if cfg.rig == "mvdream":
+        return sample_mvdream_render_rig(
+            object_rng(cfg.seed, uid),
+            num_views=cfg.views,
+            elevation_range=tuple(cfg.elevation_range),
+            fov_range=tuple(cfg.fov_range),
+            distance_factor_range=tuple(cfg.distance_factor_range),
+        )
+    elevations = cfg.elevations if len(cfg.elevations) > 1 else cfg.elevations[0]
+    if cfg.rig == "fixed":
+        return fixed_rig(elevations, cfg.azimuths, cfg.fov, cfg.distance_factor)
+    if cfg.rig == "orbit":
+        return orbit_rig(cfg.views, elevations, cfg.fov, cfg.distance_factor)
+    raise ValueError(f"unknown rig {cfg.rig!r}")

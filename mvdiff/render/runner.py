@@ -1,0 +1,166 @@
+"""``render_objects``: objects -> rendered, validated samples -> shards + manifest.
+
+The main process owns the manifest and the shard writer; a backend (local process pool or
+Ray) renders. Re-running the same command skips what the manifest says is done, retries what
+failed, and recovers shards a killed run left open (see :mod:`mvdiff.render.shards`).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import hashlib
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mvdiff.config import save_config
+from mvdiff.errors import UserError
+from mvdiff.render.config import RenderConfig
+from mvdiff.render.rigs import make_rig
+from mvdiff.render.shards import MANIFEST, Manifest, SampleInvalid, ShardWriter, build_sample
+from mvdiff.render.sources import discover
+
+
+class _Output:
+    """A local folder, or an fsspec URL staged through a local work folder."""
+
+    def __init__(self, cfg: RenderConfig):
+        self.url = cfg.output
+        self.remote = "://" in cfg.output and not cfg.output.startswith("file://")
+        if not self.remote:
+            self.local = Path(cfg.output.removeprefix("file://"))
+            self.fs = None
+            return
+        import fsspec
+
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(cfg.output)
+        except (ImportError, ValueError) as e:
+            raise UserError(f"--output {cfg.output}: {e}") from None
+        digest = hashlib.sha1(cfg.output.encode()).hexdigest()[:16]
+        self.local = Path(cfg.work_dir or Path.home() / ".cache/mvdiff/render" / digest)
+        self.local.mkdir(parents=True, exist_ok=True)
+        self.fs.makedirs(self.root, exist_ok=True)
+        remote_manifest = f"{self.root}/{MANIFEST}"
+        if not (self.local / MANIFEST).exists() and self.fs.exists(remote_manifest):
+            self.fs.get_file(remote_manifest, str(self.local / MANIFEST))
+
+    def publish(self, shard: Path) -> None:
+        """After a shard is closed: upload it (temp name, then move) and the manifest."""
+        if not self.remote:
+            return
+        tmp = f"{self.root}/{shard.name}.tmp"
+        self.fs.put_file(str(shard), tmp)
+        self.fs.mv(tmp, f"{self.root}/{shard.name}")
+        self.fs.put_file(str(self.local / MANIFEST), f"{self.root}/{MANIFEST}")
+
+    def finish(self, cfg) -> None:
+        if self.remote:
+            self.fs.put_file(str(self.local / MANIFEST), f"{self.root}/{MANIFEST}")
+            with self.fs.open(f"{self.root}/render_config.yaml", "w") as f:
+                f.write(Path(self.local / "render_config.yaml").read_text())
+
+
+def _make_backend(cfg: RenderConfig, num_objects: int):
+    workers = cfg.workers or max(1, (os.cpu_count() or 1) // cfg.threads_per_worker)
+    if cfg.backend == "ray":
+        from mvdiff.render.pool import RayBackend
+
+        return RayBackend(cfg, min(workers, num_objects) if cfg.workers else 0)
+    if importlib.util.find_spec("bpy") is None:
+        raise UserError("rendering needs Blender's bpy (Python 3.11): pip install 'mvdiff[render]'")
+    from mvdiff.render.pool import LocalBackend
+
+    return LocalBackend(cfg, min(workers, num_objects))
+
+
+def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
+    """Render every object of ``cfg`` not yet done; return a summary dict."""
+    cfg.validate()
+    t_start = time.monotonic()
+    objects = discover(cfg)
+    if not objects:
+        raise UserError("no objects to render (give files, folders or Objaverse uids)")
+    out = _Output(cfg)
+    save_config(cfg, out.local / "render_config.yaml")
+    manifest = Manifest(out.local / MANIFEST)
+    writer = ShardWriter(
+        out.local, manifest, cfg.shard_prefix, cfg.shard_max_samples, cfg.shard_max_bytes,
+        on_close=out.publish,
+    )  # fmt: skip
+    todo = [o for o in objects if not manifest.done(o["uid"])]
+    if cfg.limit:
+        todo = todo[: cfg.limit]
+    summary = {"objects": len(objects), "skipped": len(objects) - len(todo), "done": 0,
+               "failed": 0, "views": 0, "recovered_shards": writer.recovered}  # fmt: skip
+    if not todo:
+        manifest.close()
+        summary.update(seconds=time.monotonic() - t_start, output=cfg.output)
+        return summary
+
+    backend = _make_backend(cfg, len(todo))
+    queue = collections.deque((obj, 0) for obj in todo)
+    in_flight: dict[cf.Future, tuple[int, dict, int]] = {}
+    free = list(range(backend.num_slots))
+    bar = tqdm(total=len(todo), unit="obj", disable=not progress, dynamic_ncols=True,
+               desc="render", smoothing=0.1)  # fmt: skip
+    t_render = time.monotonic()
+    try:
+        while queue or in_flight:
+            while free and queue:
+                obj, attempt = queue.popleft()
+                rig = make_rig(cfg, obj["uid"])
+                job = {"uid": obj["uid"], "path": obj.get("path", ""),
+                       "c2w": rig["c2w"].tolist(), "fov_deg": rig["fov_deg"]}  # fmt: skip
+                if "fetch" in obj:
+                    job["fetch"] = obj["fetch"]
+                slot = free.pop()
+                in_flight[backend.submit(slot, job)] = (slot, obj, attempt)
+            finished, _ = cf.wait(list(in_flight), return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                slot, obj, attempt = in_flight.pop(fut)
+                free.append(slot)
+                try:
+                    answer = fut.result()
+                except Exception as e:  # a lost Ray actor, a bug in a slot thread, ...
+                    answer = {"ok": False, "retry": True, "reason": f"{type(e).__name__}: {e}"}
+                record = {"uid": obj["uid"], "source": obj.get("source", ""),
+                          "seconds": round(float(answer.get("seconds", 0.0)), 3)}  # fmt: skip
+                if answer.get("ok"):
+                    try:
+                        members = build_sample(obj, answer, cfg)
+                    except SampleInvalid as e:
+                        answer = {"ok": False, "retry": True, "reason": f"invalid output: {e}"}
+                if answer.get("ok"):
+                    writer.write(obj["uid"], members, {**record, "reason": ""})
+                    summary["done"] += 1
+                    summary["views"] += len(answer["fov_deg"])
+                elif answer.get("retry") and attempt < cfg.retries:
+                    queue.append((obj, attempt + 1))
+                    continue
+                else:
+                    reason = answer.get("reason", "unknown")
+                    manifest.append({**record, "status": "failed", "shard": "", "reason": reason})
+                    summary["failed"] += 1
+                    if progress:
+                        tqdm.write(f"failed {obj['uid']}: {reason}")
+                bar.update(1)
+                elapsed = max(time.monotonic() - t_render, 1e-6)
+                bar.set_postfix(
+                    views_s=f"{summary['views'] / elapsed:.2f}", failed=summary["failed"]
+                )
+    finally:
+        bar.close()
+        writer.close_shard()
+        backend.close()
+        manifest.close()
+    out.finish(cfg)
+    if out.remote:
+        for shard in out.local.glob(f"{cfg.shard_prefix}-*.tar"):
+            shard.unlink()  # uploaded; the manifest in the work folder keeps the state
+    summary.update(seconds=round(time.monotonic() - t_start, 3), output=cfg.output)
+    return summary

@@ -1,0 +1,387 @@
+"""Samples, shards and the manifest (DESIGN §3): what makes a run trustworthy and resumable.
+
+Durability protocol (one writer: the main process):
+
+1. A sample is validated (:func:`build_sample`) before a byte of it is written.
+2. Its members are appended to the open shard ``PREFIX-NNNNNN.tar.tmp``, flushed and fsynced.
+3. Only then a ``done`` line naming the final shard and the sample's end offset is appended
+   to ``manifest.jsonl`` (flushed and fsynced).
+4. A full shard gets its end-of-archive blocks and is renamed to ``PREFIX-NNNNNN.tar``.
+
+On start-up (:meth:`ShardWriter.recover`) every leftover ``.tar.tmp`` is cut back to the end
+of its last sample recorded in the manifest, closed and renamed; bytes past that point (a
+sample whose manifest line never made it) are dropped and that object renders again. So
+``kill -9`` at any moment loses only the objects in flight, and no sample is ever written
+twice or left truncated.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SCHEMA = 1
+MANIFEST = "manifest.jsonl"
+META_FIELDS = (
+    "schema", "uid", "caption", "source", "license", "num_views", "resolution", "engine",
+    "samples", "fov_deg", "elevation_deg", "azimuth_deg", "distance", "normalization",
+)  # fmt: skip
+PER_VIEW_FIELDS = ("fov_deg", "elevation_deg", "azimuth_deg", "distance")
+MEMBER_RE = re.compile(r"^(json|cameras\.npy|(rgba|depth|normal)\.(\d{3})\.(png|exr))$")
+
+
+class SampleInvalid(ValueError):
+    """A rendered object failed validation; it never enters a shard."""
+
+
+# --- manifest ---------------------------------------------------------------------------
+class Manifest:
+    """Append-only JSON lines: ``{"uid", "source", "status", "shard", "reason", "seconds"}``.
+
+    The last line of a uid wins, except that ``done`` is final. A torn last line (``kill -9``
+    mid-write) is ignored and cut off before appending.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.records: dict[str, dict] = {}
+        if self.path.exists():
+            data = self.path.read_bytes()
+            good = data[: data.rfind(b"\n") + 1]
+            if len(good) != len(data):
+                with open(self.path, "r+b") as f:
+                    f.truncate(len(good))
+            for line in good.decode().splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if self.records.get(rec.get("uid"), {}).get("status") != "done":
+                    self.records[rec["uid"]] = rec
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a")
+
+    def done(self, uid: str) -> bool:
+        return self.records.get(uid, {}).get("status") == "done"
+
+    def append(self, rec: dict) -> None:
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        if not self.done(rec["uid"]):
+            self.records[rec["uid"]] = rec
+
+    def counts(self) -> dict:
+        out = {"done": 0, "failed": 0}
+        for rec in self.records.values():
+            out[rec["status"]] = out.get(rec["status"], 0) + 1
+        return out
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# --- samples ----------------------------------------------------------------------------
+def spherical_from_c2w(c2w: np.ndarray) -> tuple[list, list, list]:
+    """(elevation_deg, azimuth_deg, distance) of camera centres ``c2w[:, :3, 3]`` (DESIGN §4)."""
+    t = np.asarray(c2w, dtype=np.float64)[:, :3, 3]  # [V, 3] camera centres, z-up world
+    distance = np.linalg.norm(t, axis=1)
+    elevation = np.degrees(np.arcsin(np.clip(t[:, 2] / np.maximum(distance, 1e-12), -1, 1)))
+    azimuth = np.degrees(np.arctan2(t[:, 0], -t[:, 1])) % 360.0  # 0 on -y, ccw from +z
+    return elevation.tolist(), azimuth.tolist(), distance.tolist()
+
+
+def check_rgba_png(data: bytes, resolution: int, where: str) -> np.ndarray:
+    """Decode an RGBA PNG and check its size; returns the alpha channel (uint8 [H, W])."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "PNG":
+                raise SampleInvalid(f"{where}: not a PNG ({im.format})")
+            if im.mode != "RGBA":
+                raise SampleInvalid(f"{where}: mode {im.mode}, expected RGBA")
+            if im.size != (resolution, resolution):
+                raise SampleInvalid(f"{where}: size {im.size}, expected {resolution}x{resolution}")
+            return np.asarray(im)[..., 3]
+    except SampleInvalid:
+        raise
+    except Exception as e:
+        raise SampleInvalid(f"{where}: unreadable PNG ({e})") from None
+
+
+def check_cameras(c2w: np.ndarray, num_views: int) -> None:
+    if c2w.shape != (num_views, 4, 4):
+        raise SampleInvalid(f"cameras have shape {c2w.shape}, expected ({num_views}, 4, 4)")
+    if not np.isfinite(c2w).all():
+        raise SampleInvalid("cameras are not finite")
+    if np.abs(c2w[:, 3] - np.array([0, 0, 0, 1])).max() > 1e-6:
+        raise SampleInvalid("cameras: bottom row is not [0, 0, 0, 1]")
+    rot = c2w[:, :3, :3].astype(np.float64)
+    if np.abs(rot.transpose(0, 2, 1) @ rot - np.eye(3)).max() > 1e-3:
+        raise SampleInvalid("cameras: rotation is not orthonormal")
+
+
+def build_sample(obj: dict, answer: dict, cfg) -> dict[str, bytes]:
+    """Validate a worker's answer for object ``obj`` and return the shard members.
+
+    Every view must be present, decode as an RGBA PNG of the right size and have some
+    non-zero alpha; cameras must be proper rigid transforms.
+    """
+    num_views = len(answer["fov_deg"])
+    files = answer["files"]
+    members: dict[str, bytes] = {}
+    for v in range(num_views):
+        name = f"rgba.{v:03d}.png"
+        if name not in files:
+            raise SampleInvalid(f"view {v} is missing")
+        alpha = check_rgba_png(files[name], cfg.resolution, f"view {v}")
+        if alpha.max() == 0:
+            raise SampleInvalid(f"view {v} is empty (alpha is zero everywhere)")
+        members[name] = files[name]
+    c2w = np.asarray(answer["c2w"], dtype=np.float32)  # [V, 4, 4] as Blender used them
+    check_cameras(c2w, num_views)
+    elevation, azimuth, distance = spherical_from_c2w(c2w)
+    meta = {
+        "schema": SCHEMA,
+        "uid": obj["uid"],
+        "caption": obj.get("caption", ""),
+        "source": obj.get("source", ""),
+        "license": obj.get("license", ""),
+        "num_views": num_views,
+        "resolution": cfg.resolution,
+        "engine": cfg.engine,
+        "samples": cfg.samples,
+        "fov_deg": [float(x) for x in answer["fov_deg"]],
+        "elevation_deg": elevation,
+        "azimuth_deg": azimuth,
+        "distance": distance,
+        "normalization": {"scale": float(answer["scale"]), "offset": list(answer["offset"])},
+    }
+    buf = io.BytesIO()
+    np.save(buf, c2w)
+    return {"json": json.dumps(meta).encode(), "cameras.npy": buf.getvalue(), **members}
+
+
+# --- shards -----------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardWriter:
+    """Writes samples to ``DIR/PREFIX-NNNNNN.tar`` (atomically, see the module docstring).
+
+    ``on_close(path)`` is called after each shard is renamed (e.g. to upload it).
+    """
+
+    def __init__(self, folder, manifest: Manifest, prefix="mv", max_samples=256,
+                 max_bytes=1 << 30, on_close=None):  # fmt: skip
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.manifest = manifest
+        self.prefix = prefix
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        self.on_close = on_close
+        self.recovered = self.recover()
+        self.index = self._next_index()
+        self.tar = None
+        self.count = 0
+
+    def _shard_name(self, index: int) -> str:
+        return f"{self.prefix}-{index:06d}.tar"
+
+    def _next_index(self) -> int:
+        pattern = re.compile(rf"^{re.escape(self.prefix)}-(\d+)\.tar(\.tmp)?$")
+        names = [p.name for p in self.folder.iterdir()]
+        names += [r.get("shard", "") for r in self.manifest.records.values()]  # uploaded ones
+        found = [int(m.group(1)) for name in names if (m := pattern.match(name))]
+        return max(found, default=-1) + 1
+
+    def recover(self) -> list[str]:
+        """Close the ``.tar.tmp`` shards a killed run left behind; return the shards kept."""
+        ends: dict[str, int] = {}
+        for rec in self.manifest.records.values():
+            if rec.get("status") == "done" and "end" in rec:
+                ends[rec["shard"]] = max(ends.get(rec["shard"], 0), int(rec["end"]))
+        kept = []
+        for tmp in sorted(self.folder.glob(f"{self.prefix}-*.tar.tmp")):
+            final = tmp.name[: -len(".tmp")]
+            end = ends.get(final, 0)
+            if end == 0:
+                tmp.unlink()
+                continue
+            with open(tmp, "r+b") as f:
+                f.truncate(end)  # drop a sample whose manifest line never made it
+                f.seek(end)
+                f.write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.folder / final)
+            kept.append(final)
+            if self.on_close:
+                self.on_close(self.folder / final)
+        if kept:
+            _fsync_dir(self.folder)
+        return kept
+
+    def _open(self) -> None:
+        self.tmp_path = self.folder / (self._shard_name(self.index) + ".tmp")
+        self._file = open(self.tmp_path, "wb")
+        self.tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.count = 0
+
+    def write(self, key: str, members: dict[str, bytes], record: dict) -> str:
+        """Append one sample, then its ``done`` manifest line; return the shard name."""
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        if self.tar is None:
+            self._open()
+        now = time.time()
+        for suffix, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size = len(data)
+            info.mtime = now
+            info.mode = 0o644
+            self.tar.addfile(info, io.BytesIO(data))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        shard = self._shard_name(self.index)
+        self.manifest.append({**record, "status": "done", "shard": shard, "end": self.tar.offset})
+        self.count += 1
+        if self.count >= self.max_samples or self.tar.offset >= self.max_bytes:
+            self.close_shard()
+        return shard
+
+    def close_shard(self) -> None:
+        if self.tar is None:
+            return
+        self.tar.close()  # writes the end-of-archive blocks
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final = self.folder / self._shard_name(self.index)
+        os.replace(self.tmp_path, final)
+        _fsync_dir(self.folder)
+        self.tar = None
+        self.index += 1
+        if self.on_close:
+            self.on_close(final)
+
+
+# --- inspection ---------------------------------------------------------------------------
+def _read_tar(path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, _, suffix = info.name.partition(".")
+            data = tar.extractfile(info).read()
+            sample = samples.setdefault(key, {})
+            if suffix in sample:
+                raise SampleInvalid(f"duplicate member {info.name}")
+            sample[suffix] = data
+    return samples
+
+
+def check_sample(key: str, members: dict[str, bytes]) -> dict:
+    """Check one sample against schema 1; return its metadata or raise SampleInvalid."""
+    if "json" not in members:
+        raise SampleInvalid("no .json member")
+    try:
+        meta = json.loads(members["json"])
+    except json.JSONDecodeError as e:
+        raise SampleInvalid(f"bad .json ({e})") from None
+    missing = [f for f in META_FIELDS if f not in meta]
+    if missing:
+        raise SampleInvalid(f".json lacks {missing}")
+    if meta["schema"] != SCHEMA:
+        raise SampleInvalid(f"schema {meta['schema']!r}, expected {SCHEMA}")
+    if meta["uid"] != key:
+        raise SampleInvalid(f"uid {meta['uid']!r} differs from the key")
+    num_views, res = meta["num_views"], meta["resolution"]
+    for name in PER_VIEW_FIELDS:
+        if len(meta[name]) != num_views or not all(math.isfinite(x) for x in meta[name]):
+            raise SampleInvalid(f"{name} must hold {num_views} finite numbers")
+    norm = meta["normalization"]
+    if not (isinstance(norm, dict) and "scale" in norm and len(norm.get("offset", [])) == 3):
+        raise SampleInvalid("normalization must be {scale, offset[3]}")
+    for name in members:
+        if not MEMBER_RE.match(name):
+            raise SampleInvalid(f"unexpected member {key}.{name}")
+    try:
+        c2w = np.load(io.BytesIO(members.get("cameras.npy", b"")), allow_pickle=False)
+    except Exception as e:
+        raise SampleInvalid(f"bad cameras.npy ({e})") from None
+    if c2w.dtype != np.float32:
+        raise SampleInvalid(f"cameras.npy is {c2w.dtype}, expected float32")
+    check_cameras(c2w, num_views)
+    for v in range(num_views):
+        name = f"rgba.{v:03d}.png"
+        if name not in members:
+            raise SampleInvalid(f"{name} is missing")
+        check_rgba_png(members[name], res, name)
+    extra = [n for n in members if n.startswith("rgba.") and int(n[5:8]) >= num_views]
+    if extra:
+        raise SampleInvalid(f"more views than num_views: {extra}")
+    return meta
+
+
+def check_shard(path) -> dict:
+    """Counts and schema problems of one shard: ``{"path", "samples", "views", "errors"}``."""
+    report = {"path": str(path), "samples": 0, "views": 0, "errors": []}
+    try:
+        samples = _read_tar(path)
+    except (tarfile.TarError, OSError, SampleInvalid) as e:
+        report["errors"].append(f"unreadable tar ({e})")
+        return report
+    for key, members in samples.items():
+        try:
+            meta = check_sample(key, members)
+        except SampleInvalid as e:
+            report["errors"].append(f"{key}: {e}")
+            continue
+        report["samples"] += 1
+        report["views"] += meta["num_views"]
+    return report
+
+
+def contact_sheet(paths, out_path, max_samples=8, max_views=8, tile=128) -> int:
+    """A PNG grid: one row per sample (up to ``max_samples``), views over a checkerboard."""
+    rows = []
+    for path in paths:
+        for members in _read_tar(path).values():
+            names = sorted(n for n in members if n.startswith("rgba."))[:max_views]
+            rows.append([members[n] for n in names])
+            if len(rows) >= max_samples:
+                break
+        if len(rows) >= max_samples:
+            break
+    cols = max((len(r) for r in rows), default=1)
+    sheet = Image.new("RGB", (cols * tile, max(1, len(rows)) * tile), (255, 255, 255))
+    yy, xx = np.mgrid[:tile, :tile]
+    checker = np.where(((yy // 16 + xx // 16) % 2)[..., None] == 0, 230, 200).astype(np.uint8)
+    checker = Image.fromarray(np.repeat(checker, 3, axis=2))
+    for r, row in enumerate(rows):
+        for c, data in enumerate(row):
+            im = Image.open(io.BytesIO(data)).convert("RGBA").resize((tile, tile))
+            cell = checker.copy()
+            cell.paste(im, (0, 0), im)
+            sheet.paste(cell, (c * tile, r * tile))
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out_path)
+    return len(rows)

@@ -1,0 +1,204 @@
+"""Where objects come from: local files/folders, Objaverse (through the ``objaverse``
+package pointed at any mirror of its layout), and captions.
+
+An object is a dict ``{"uid", "path" | "fetch", "source", "caption", "license"}``; uids never
+contain dots (they are webdataset keys).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import re
+from pathlib import Path
+
+from mvdiff.errors import UserError
+
+EXTENSIONS = (".glb", ".gltf", ".obj", ".fbx", ".ply", ".stl")
+
+
+def safe_uid(name: str) -> str:
+    """A webdataset-safe key: letters, digits, '_' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name) or "object"
+
+
+def caption_from_name(name: str, tags=()) -> str:
+    """Fallback caption: the object's name (separators to spaces) plus up to 5 tags."""
+    words = re.sub(r"[_\-.]+", " ", name).strip()
+    tags = [t for t in tags if t and t.lower() not in words.lower()][:5]
+    return ", ".join([words] + list(tags)) if words else ", ".join(tags)
+
+
+def load_captions(path: str) -> dict[str, str]:
+    """``uid,caption`` rows (Cap3D layout, header optional)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--captions {path}: file does not exist")
+    out = {}
+    with open(p, newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.reader(f)):
+            if not row:
+                continue
+            if len(row) < 2:
+                raise UserError(f"--captions {path}: line {i + 1} is not 'uid,caption'")
+            if i == 0 and row[0].strip().lower() == "uid":
+                continue
+            out[row[0].strip()] = ",".join(row[1:]).strip()
+    return out
+
+
+def local_objects(inputs: list[str]) -> list[dict]:
+    """Files (or every supported file under folders), each with a unique uid from its stem."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in EXTENSIONS)
+        elif p.is_file():
+            if p.suffix.lower() not in EXTENSIONS:
+                raise UserError(
+                    f"input {item}: unsupported file type (expected {', '.join(EXTENSIONS)})"
+                )
+            files.append(p)
+        else:
+            raise UserError(f"input {item}: no such file or folder")
+    objects, seen = [], set()
+    for f in files:
+        uid = safe_uid(f.stem)
+        if uid in seen:  # same stem in two folders: disambiguate by the path
+            uid = f"{uid}_{hashlib.sha1(str(f.resolve()).encode()).hexdigest()[:8]}"
+        seen.add(uid)
+        objects.append({"uid": uid, "path": str(f.resolve()), "source": "local",
+                        "caption": caption_from_name(f.stem), "license": ""})  # fmt: skip
+    return objects
+
+
+# --- Objaverse --------------------------------------------------------------------------
+OBJAVERSE_HOST = "https://huggingface.co/datasets/allenai/objaverse/resolve/main/"
+
+
+class _MirrorRequest:
+    """Stands in for ``urllib.request`` inside the ``objaverse`` module: rewrites its
+    hard-coded Hugging Face URLs to the mirror (http(s):// or file:// base)."""
+
+    def __init__(self, mirror: str):
+        self.mirror = mirror.rstrip("/") + "/"
+
+    def urlretrieve(self, url, filename=None, *args, **kwargs):
+        import urllib.request
+
+        if url.startswith(OBJAVERSE_HOST):
+            url = self.mirror + url[len(OBJAVERSE_HOST) :]
+        return urllib.request.urlretrieve(url, filename, *args, **kwargs)
+
+
+class _MirrorUrllib:
+    def __init__(self, mirror: str):
+        self.request = _MirrorRequest(mirror)
+
+
+def objaverse_module(mirror: str = "", cache: str = ""):
+    """The ``objaverse`` package, pointed at ``mirror`` and ``cache`` (module globals)."""
+    try:
+        import objaverse
+    except ImportError:
+        raise UserError(
+            "Objaverse sources need the objaverse package: pip install objaverse"
+        ) from None
+    if cache:
+        objaverse.BASE_PATH = str(Path(cache).expanduser())
+        objaverse._VERSIONED_PATH = str(Path(cache).expanduser() / "hf-objaverse-v1")
+    if mirror:
+        objaverse.urllib = _MirrorUrllib(mirror)
+    return objaverse
+
+
+class ObjaverseFetch:
+    """Picklable download step run by the render slot (so downloads overlap rendering)."""
+
+    def __init__(self, uid: str, mirror: str, cache: str):
+        self.uid, self.mirror, self.cache = uid, mirror, cache
+
+    def __call__(self) -> str:
+        objaverse = objaverse_module(self.mirror, self.cache)
+        with contextlib.redirect_stdout(io.StringIO()):
+            paths = objaverse.load_objects([self.uid], download_processes=1)
+        if self.uid not in paths:
+            raise FileNotFoundError(f"uid {self.uid} is not in the Objaverse object list")
+        return paths[self.uid]
+
+
+def objaverse_objects(uids: list[str], lvis: list[str], mirror: str, cache: str) -> list[dict]:
+    objaverse = objaverse_module(mirror, cache)
+    wanted: list[str] = []
+    for item in uids:
+        p = Path(item)
+        if p.is_file():
+            wanted += [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+        else:
+            wanted.append(item)
+    if lvis:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                annotations = objaverse.load_lvis_annotations()
+        except OSError as e:
+            raise UserError(f"--objaverse-lvis: cannot load the LVIS annotations ({e})") from None
+        for category in lvis:
+            if category not in annotations:
+                raise UserError(f"--objaverse-lvis {category!r}: no such LVIS category")
+            wanted += annotations[category]
+    wanted = list(dict.fromkeys(u.removesuffix(".glb") for u in wanted))
+    if not wanted:
+        return []
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            paths = objaverse._load_object_paths()
+            meta = objaverse.load_annotations([u for u in wanted if u in paths])
+    except OSError as e:
+        raise UserError(
+            f"Objaverse metadata unavailable from {mirror or OBJAVERSE_HOST} ({e})"
+        ) from None
+    objects = []
+    for uid in wanted:
+        if uid not in paths:
+            raise UserError(f"--objaverse-uids: {uid!r} is not an Objaverse uid")
+        info = meta.get(uid, {})
+        tags = [t.get("name", "") for t in info.get("tags", [])]
+        objects.append({
+            "uid": safe_uid(uid),
+            "fetch": ObjaverseFetch(uid, mirror, cache),
+            "source": f"objaverse:{uid}",
+            "caption": caption_from_name(info.get("name", ""), tags),
+            "license": info.get("license", ""),
+        })  # fmt: skip
+    return objects
+
+
+def discover(cfg) -> list[dict]:
+    """Every object the config asks for, captions applied, in a stable order."""
+    local = [i for i in cfg.inputs if not i.startswith("objaverse:")]
+    uids = list(cfg.objaverse_uids) + [
+        i[len("objaverse:") :] for i in cfg.inputs if i.startswith("objaverse:")
+    ]
+    objects = local_objects(local)
+    if uids or cfg.objaverse_lvis:
+        objects += objaverse_objects(
+            uids, cfg.objaverse_lvis, cfg.objaverse_mirror, cfg.objaverse_cache
+        )
+    if cfg.captions:
+        captions = load_captions(cfg.captions)
+        for obj in objects:
+            uid = (
+                obj["source"].split(":", 1)[1]
+                if obj["source"].startswith("objaverse:")
+                else obj["uid"]
+            )
+            obj["caption"] = captions.get(uid, obj["caption"])
+    seen = set()
+    for obj in objects:
+        if obj["uid"] in seen:
+            raise UserError(f"two inputs map to the same uid {obj['uid']!r}")
+        seen.add(obj["uid"])
+    return objects

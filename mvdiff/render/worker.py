@@ -1,0 +1,73 @@
+"""A render worker process: ``python -m mvdiff.render.worker OPTIONS_JSON``.
+
+It imports bpy once, sets the scene up, then serves jobs: one JSON line per object on stdin,
+one JSON line per answer on the protocol pipe (the original stdout; Blender's own chatter is
+redirected to stderr). The parent (:class:`mvdiff.render.pool.WorkerHandle`) runs it in its
+own process group and kills the whole group when an object exceeds its timeout.
+
+Job:    {"uid", "path", "out_dir", "c2w": [V][4][4], "fov_deg": [V]}
+Answer: {"uid", "ok": true, "c2w", "fov_deg", "scale", "offset", "seconds"}
+     or {"uid", "ok": false, "reason", "retry": bool, "seconds"}
+
+Test hook: if the environment variable ``MVDIFF_RENDER_TEST_HANG`` is a substring of a job's
+path, the worker sleeps forever on it (a simulated hanging import).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+
+def _watch_parent(parent: int) -> None:
+    # A worker whose parent died (even by kill -9) must not live on rendering for nobody.
+    while True:
+        if os.getppid() != parent:
+            os._exit(3)
+        time.sleep(0.5)
+
+
+def main() -> None:
+    opts = json.loads(sys.argv[1])
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # C-level prints of Blender now go to stderr
+    sys.stdout = sys.stderr
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+
+    def send(msg: dict) -> None:
+        proto.write(json.dumps(msg) + "\n")
+        proto.flush()
+
+    from mvdiff.render.scene import AssetError, Scene
+
+    scene = Scene(opts)
+    send({"ready": True, "pid": os.getpid()})
+    hang = os.environ.get("MVDIFF_RENDER_TEST_HANG", "")
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        t0 = time.perf_counter()
+        answer = {"uid": job["uid"]}
+        try:
+            if hang and hang in job["path"]:
+                while True:
+                    time.sleep(60)
+            scene.clear()
+            scene.load(job["path"])
+            scale, offset = scene.normalize()
+            c2w, fov = scene.render_views(job["c2w"], job["fov_deg"], job["out_dir"])
+            answer.update(ok=True, c2w=c2w, fov_deg=fov, scale=scale, offset=offset)
+        except AssetError as e:
+            answer.update(ok=False, reason=str(e), retry=False)
+        except Exception as e:  # anything else may be transient: let the parent retry
+            answer.update(ok=False, reason=f"{type(e).__name__}: {e}"[:500], retry=True)
+        answer["seconds"] = time.perf_counter() - t0
+        send(answer)
+
+
+if __name__ == "__main__":
+    main()
