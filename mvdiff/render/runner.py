@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -34,6 +35,10 @@ class _Output:
         if not self.remote:
             self.local = Path(cfg.output.removeprefix("file://"))
             self.fs = None
+            try:
+                self.local.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--output {cfg.output}: cannot create the folder ({e})") from None
             return
         import fsspec
 
@@ -65,6 +70,17 @@ class _Output:
                 f.write(Path(self.local / "render_config.yaml").read_text())
 
 
+def _lock(folder: Path):
+    """One run per output folder: a second concurrent run would corrupt the shards."""
+    f = open(folder / ".render.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(f"--output {folder}: another mvdiff render is writing there") from None
+    return f
+
+
 def _make_backend(cfg: RenderConfig, num_objects: int):
     workers = cfg.workers or max(1, (os.cpu_count() or 1) // cfg.threads_per_worker)
     if cfg.backend == "ray":
@@ -86,6 +102,7 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
     if not objects:
         raise UserError("no objects to render (give files, folders or Objaverse uids)")
     out = _Output(cfg)
+    lock = _lock(out.local)
     save_config(cfg, out.local / "render_config.yaml")
     manifest = Manifest(out.local / MANIFEST)
     writer = ShardWriter(
@@ -99,6 +116,7 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
                "failed": 0, "views": 0, "recovered_shards": writer.recovered}  # fmt: skip
     if not todo:
         manifest.close()
+        lock.close()
         summary.update(seconds=time.monotonic() - t_start, output=cfg.output)
         return summary
 
@@ -158,6 +176,7 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
         writer.close_shard()
         backend.close()
         manifest.close()
+        lock.close()
     out.finish(cfg)
     if out.remote:
         for shard in out.local.glob(f"{cfg.shard_prefix}-*.tar"):

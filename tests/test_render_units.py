@@ -1,0 +1,245 @@
+"""Render pipeline pieces that need no Blender: rigs, samples, shards, manifest, sources, CLI."""
+
+import gzip
+import http.server
+import io
+import json
+import os
+import shutil
+import tarfile
+import threading
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mvdiff.cameras import orbit_c2w
+from mvdiff.cli import main
+from mvdiff.render.config import RenderConfig
+from mvdiff.render.rigs import make_rig
+from mvdiff.render.shards import (
+    Manifest,
+    SampleInvalid,
+    ShardWriter,
+    build_sample,
+    check_shard,
+    contact_sheet,
+    spherical_from_c2w,
+)
+from mvdiff.render.sources import discover, load_captions, local_objects, safe_uid
+
+ASSETS = Path(__file__).parent / "fixtures" / "assets"
+
+
+def fake_answer(num_views=3, res=16, empty_view=None):
+    """A worker answer as if an object had been rendered: PNG bytes + cameras."""
+    c2w = orbit_c2w([10.0] * num_views, np.arange(num_views) * 120.0, 2.0)
+    files = {}
+    for v in range(num_views):
+        rgba = np.zeros((res, res, 4), np.uint8)
+        if v != empty_view:
+            rgba[4:12, 4:12] = (200, 100, 50, 255)
+        buf = io.BytesIO()
+        Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+        files[f"rgba.{v:03d}.png"] = buf.getvalue()
+    return {"ok": True, "c2w": c2w.tolist(), "fov_deg": [40.0] * num_views, "scale": 0.5,
+            "offset": [0.0, 0.0, -0.1], "files": files}  # fmt: skip
+
+
+def test_mvdream_rig_is_deterministic_per_uid_and_follows_the_recipe():
+    cfg = RenderConfig(output="x")
+    a, b, c = make_rig(cfg, "uid_a"), make_rig(cfg, "uid_a"), make_rig(cfg, "uid_b")
+    assert np.array_equal(a["c2w"], b["c2w"]) and not np.allclose(a["c2w"], c["c2w"])
+    assert a["c2w"].shape == (32, 4, 4)
+    assert len(set(a["fov_deg"])) == 1 and 15 <= a["fov_deg"][0] <= 60
+    assert len(set(a["elevation_deg"])) == 1 and 0 <= a["elevation_deg"][0] <= 30
+    steps = np.diff(np.sort(a["azimuth_deg"]))
+    assert np.allclose(steps, 360 / 32)
+    # Camera centres read back from the matrices give the rig's spherical parameters.
+    el, az, dist = spherical_from_c2w(a["c2w"])
+    assert np.allclose(el, a["elevation_deg"]) and np.allclose(dist, a["distance"])
+    assert np.allclose(np.sort(az), np.sort(a["azimuth_deg"]))
+
+
+def test_orbit_rig_azimuth_zero_is_on_minus_y_and_counter_clockwise():
+    cfg = RenderConfig(output="x", rig="orbit", views=4, elevations=[0.0])
+    rig = make_rig(cfg, "x")
+    centres = rig["c2w"][:, :3, 3]
+    assert centres[0, 1] < 0 and abs(centres[0, 0]) < 1e-9  # azimuth 0: on -y
+    assert centres[1, 0] > 0 and abs(centres[1, 1]) < 1e-9  # azimuth 90: on +x (ccw from +z)
+    # OpenGL frame: the camera looks down its -z axis, at the origin.
+    forward = -rig["c2w"][:, :3, 2]
+    assert np.allclose(forward, -centres / np.linalg.norm(centres, axis=1, keepdims=True))
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(Exception, match="--views"):
+        RenderConfig(output="x", views=0).validate()
+    with pytest.raises(Exception, match="--azimuths"):
+        RenderConfig(output="x", rig="fixed", views=2, azimuths=[0.0]).validate()
+    with pytest.raises(Exception, match="--output"):
+        RenderConfig().validate()
+
+
+def test_build_sample_validates_before_writing():
+    cfg = RenderConfig(output="x", resolution=16)
+    obj = {"uid": "a", "caption": "a thing", "source": "local", "license": ""}
+    members = build_sample(obj, fake_answer(), cfg)
+    meta = json.loads(members["json"])
+    assert meta["schema"] == 1 and meta["num_views"] == 3 and len(meta["azimuth_deg"]) == 3
+    assert np.allclose(meta["azimuth_deg"], [0, 120, 240]) and np.allclose(
+        meta["elevation_deg"], 10
+    )
+    assert np.load(io.BytesIO(members["cameras.npy"])).dtype == np.float32
+    with pytest.raises(SampleInvalid, match="view 1 is empty"):
+        build_sample(obj, fake_answer(empty_view=1), cfg)
+    missing = fake_answer()
+    del missing["files"]["rgba.002.png"]
+    with pytest.raises(SampleInvalid, match="view 2 is missing"):
+        build_sample(obj, missing, cfg)
+    with pytest.raises(SampleInvalid, match="size"):
+        build_sample(obj, fake_answer(res=8), cfg)
+
+
+def write_samples(folder, uids, max_samples=2):
+    cfg = RenderConfig(output="x", resolution=16)
+    manifest = Manifest(Path(folder) / "manifest.jsonl")
+    writer = ShardWriter(folder, manifest, max_samples=max_samples)
+    for uid in uids:
+        writer.write(
+            uid, build_sample({"uid": uid}, fake_answer(), cfg), {"uid": uid, "source": ""}
+        )
+    return writer, manifest
+
+
+def keys_in(folder):
+    keys = []
+    for shard in sorted(Path(folder).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            keys += [m.name.split(".")[0] for m in tar if m.name.endswith(".json")]
+    return keys
+
+
+def test_shards_are_atomic_and_recovered_after_a_crash(tmp_path):
+    writer, manifest = write_samples(tmp_path, ["a", "b", "c"], max_samples=2)
+    # "a", "b" are in a closed shard; "c" sits in an open .tmp shard (as after kill -9).
+    assert sorted(p.name for p in tmp_path.glob("mv-*")) == ["mv-000000.tar", "mv-000001.tar.tmp"]
+    # Simulate a crash after a sample's bytes were written but before its manifest line.
+    tmp = tmp_path / "mv-000001.tar.tmp"
+    writer._file.write(b"garbage of a half-written sample" * 100)
+    writer._file.flush()
+    with open(tmp_path / "manifest.jsonl", "a") as f:
+        f.write('{"uid": "torn')  # a torn manifest line
+    manifest2 = Manifest(tmp_path / "manifest.jsonl")
+    assert manifest2.done("c") and not manifest2.done("torn")
+    writer2 = ShardWriter(tmp_path, manifest2, max_samples=2)
+    assert writer2.recovered == ["mv-000001.tar"] and not tmp.exists()
+    assert writer2.index == 2
+    assert keys_in(tmp_path) == ["a", "b", "c"]
+    for shard in tmp_path.glob("*.tar"):
+        report = check_shard(shard)
+        assert report["errors"] == [], report
+    # A .tmp shard with nothing recorded in the manifest is removed.
+    (tmp_path / "mv-000005.tar.tmp").write_bytes(b"x" * 1000)
+    ShardWriter(tmp_path, Manifest(tmp_path / "manifest.jsonl"))
+    assert not (tmp_path / "mv-000005.tar.tmp").exists()
+
+
+def test_check_shard_reports_schema_problems(tmp_path):
+    write_samples(tmp_path, ["a"], max_samples=1)
+    good = tmp_path / "mv-000000.tar"
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(good) as src, tarfile.open(bad, "w") as dst:
+        for m in src:
+            data = src.extractfile(m).read()
+            if m.name.endswith(".json"):
+                meta = json.loads(data)
+                meta["num_views"] = 4
+                data = json.dumps(meta).encode()
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    assert check_shard(good)["errors"] == []
+    errors = check_shard(bad)["errors"]
+    assert errors and "a:" in errors[0]
+    assert contact_sheet([good], tmp_path / "sheet.png") == 1
+    assert Image.open(tmp_path / "sheet.png").size[0] > 0
+
+
+def test_local_sources_and_captions(tmp_path):
+    objs = local_objects([str(ASSETS)])
+    assert sorted(o["uid"] for o in objs) == ["BoxTextured", "capsule", "monkey", "rabbit"]
+    assert safe_uid("a.b c") == "a_b_c"
+    csv = tmp_path / "captions.csv"
+    csv.write_text('monkey,"a monkey head, grey"\nrabbit,a pink rabbit\n')
+    assert load_captions(str(csv))["monkey"] == "a monkey head, grey"
+    cfg = RenderConfig(output="x", inputs=[str(ASSETS / "monkey.glb")], captions=str(csv))
+    assert discover(cfg)[0]["caption"] == "a monkey head, grey"
+
+
+def make_objaverse_mirror(root: Path, uids=("0a1b2c", "9f8e7d")) -> None:
+    """A tiny mirror in the layout of the Hugging Face allenai/objaverse repo."""
+    paths = {uid: f"glbs/000-000/{uid}.glb" for uid in uids}
+    (root / "glbs/000-000").mkdir(parents=True)
+    for uid in uids:
+        shutil.copy(ASSETS / "BoxTextured.glb", root / paths[uid])
+    (root / "metadata").mkdir()
+    meta = {uid: {"name": f"Box {i}", "tags": [{"name": "box"}, {"name": "crate"}],
+                  "license": "by"} for i, uid in enumerate(uids)}  # fmt: skip
+    for name, data in [("object-paths.json.gz", paths), ("metadata/000-000.json.gz", meta),
+                       ("lvis-annotations.json.gz", {"crate": list(uids)})]:  # fmt: skip
+        with gzip.open(root / name, "wt") as f:
+            json.dump(data, f)
+
+
+@pytest.fixture
+def objaverse_mirror(tmp_path, monkeypatch):
+    """Serve a tiny Objaverse mirror from loopback only; yield (base_url, cache_dir)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = tmp_path / "mirror"
+    root.mkdir()
+    make_objaverse_mirror(root)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = partial(Quiet, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", str(tmp_path / "cache")
+    finally:
+        server.shutdown()
+
+
+def test_objaverse_through_a_loopback_mirror(objaverse_mirror):
+    pytest.importorskip("objaverse")
+    mirror, cache = objaverse_mirror
+    cfg = RenderConfig(output="x", objaverse_lvis=["crate"], objaverse_mirror=mirror,
+                       objaverse_cache=cache)  # fmt: skip
+    objs = discover(cfg)
+    assert [o["uid"] for o in objs] == ["0a1b2c", "9f8e7d"]
+    assert (
+        objs[0]["caption"] == "Box 0, crate"
+    )  # name + tags not already in it and objs[0]["license"] == "by"
+    path = objs[0]["fetch"]()
+    assert os.path.getsize(path) == os.path.getsize(ASSETS / "BoxTextured.glb")
+    assert path.startswith(cache)
+    with pytest.raises(Exception, match="no such LVIS category"):
+        discover(RenderConfig(output="x", objaverse_lvis=["nope"], objaverse_mirror=mirror,
+                              objaverse_cache=cache))  # fmt: skip
+
+
+def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
+    assert main(["render", str(tmp_path / "missing.glb"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing.glb" in err
+    assert main(["render", str(ASSETS), "--output", str(tmp_path / "o"), "--views", "0", "-q"]) == 2
+    assert "--views" in capsys.readouterr().err
+    assert main(["render", str(ASSETS / "README.md"), "--output", str(tmp_path / "o")]) == 2
+    assert "README.md" in capsys.readouterr().err
+    assert main(["shard-info", str(tmp_path / "nothing.tar")]) == 2
+    with pytest.raises(SystemExit):
+        main(["render", "--help"])
