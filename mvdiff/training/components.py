@@ -1,0 +1,104 @@
+"""Load the parts of a training run: multi-view UNet, frozen VAE and text encoder, tokenizer,
+noise schedule.
+
+``pretrained`` is a diffusers folder (``model_index.json`` + ``unet/ vae/ text_encoder/
+tokenizer/ scheduler/``) of either
+
+* plain Stable Diffusion (2.1-base, 1.5): its UNet gets a zero-initialised camera MLP
+  (:func:`mvdiff.models.add_camera_mlp`), so training starts from exactly the 2D model; or
+* a multi-view model (its ``unet/config.json`` has ``class_embed_type: projection``);
+
+or ``"tiny"`` for :func:`mvdiff.testing.tiny_components` (tests, quickstart, benchmarks).
+Weights are read from safetensors (or ``torch.load(weights_only=True)`` for ``.bin``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mvdiff.errors import UserError
+
+__all__ = ["Components", "load_components", "noise_scheduler_from"]
+
+
+@dataclass
+class Components:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any  # the sampling scheduler shipped with the model (exported as is)
+    source: str  # "sd" (camera MLP added), "multiview" or "tiny"
+
+
+def _require(folder: Path, sub: str) -> Path:
+    path = folder / sub
+    if not path.is_dir():
+        raise UserError(f"model.pretrained={folder}: missing {sub}/ (expected a diffusers folder)")
+    return path
+
+
+def load_components(pretrained: str) -> Components:
+    """Components from a diffusers folder or ``"tiny"`` (see module docstring)."""
+    if pretrained == "tiny":
+        from mvdiff.testing import tiny_components
+
+        parts = tiny_components(seed=0)
+        return Components(**parts, source="tiny")
+    if not pretrained:
+        raise UserError("model.pretrained is empty: give a diffusers model folder or 'tiny'")
+    folder = Path(pretrained).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"model.pretrained={pretrained}: not a directory")
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from mvdiff.models import MultiViewUNet2DConditionModel, add_camera_mlp
+
+    unet_dir = _require(folder, "unet")
+    config = json.loads((unet_dir / "config.json").read_text())
+    if config.get("class_embed_type") == "projection":
+        unet = MultiViewUNet2DConditionModel.from_pretrained(unet_dir)
+        source = "multiview"
+    else:
+        unet = add_camera_mlp(UNet2DConditionModel.from_pretrained(unet_dir))
+        source = "sd"
+    vae = AutoencoderKL.from_pretrained(_require(folder, "vae"))
+    text_encoder = CLIPTextModel.from_pretrained(_require(folder, "text_encoder"))
+    tokenizer = CLIPTokenizer.from_pretrained(_require(folder, "tokenizer"))
+    sched_dir = folder / "scheduler"
+    scheduler = (
+        DDIMScheduler.from_pretrained(sched_dir)
+        if sched_dir.is_dir()
+        else DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
+    )
+    return Components(unet, vae, text_encoder, tokenizer, scheduler, source)
+
+
+def noise_scheduler_from(scheduler) -> Any:
+    """The training noise schedule (DDPM) with the same betas as the model's scheduler."""
+    from diffusers import DDPMScheduler
+
+    config = {
+        k: v
+        for k, v in dict(scheduler.config).items()
+        if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    }
+    return DDPMScheduler(**config, prediction_type="epsilon")
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    module.requires_grad_(False)
+    return module.eval()

@@ -1,0 +1,362 @@
+"""The training loop, top to bottom (``train/train.py`` and ``mvdiff train`` call :func:`train`).
+
+Runs the same on one CPU process and under ``accelerate launch`` on N GPUs / nodes (DDP; the
+DeepSpeed / FSDP configs in ``train/`` work too). Reproducibility: every random draw of step
+``i`` on rank ``r`` (caption dropout, VAE posterior sample, noise, timesteps, the 2D/multi-view
+choice of the batch) comes from a generator seeded with ``(seed, r, i)``, the data streams are
+seeded per rank and worker, and the learning rate is a pure function of the step — so
+"N steps" and "N/2 steps, kill, ``--resume latest``, N/2 steps" give the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from mvdiff.config import dump_config, save_config
+from mvdiff.data.loader import build_loader
+from mvdiff.data.mixer import BatchMixer
+from mvdiff.data.shards import make_seed
+from mvdiff.errors import UserError
+from mvdiff.training.checkpoint import find_checkpoint, read_trainer_state, save_checkpoint
+from mvdiff.training.components import freeze, load_components, noise_scheduler_from
+from mvdiff.training.config import TrainConfig
+from mvdiff.training.loss import diffusion_loss, encode_images, encode_prompts
+
+log = logging.getLogger("mvdiff.train")
+
+__all__ = ["NonFiniteLossError", "learning_rate", "train"]
+
+
+class NonFiniteLossError(UserError):
+    """The loss or the gradient became NaN/inf and ``nan_policy`` says stop."""
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant / cosine / linear decay to ``lr * min_lr_ratio``."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.max_steps - o.warmup_steps))
+    floor = o.lr * o.min_lr_ratio
+    if o.schedule == "cosine":
+        return floor + (o.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return o.lr + (floor - o.lr) * progress
+
+
+def _checksum(model: torch.nn.Module) -> float:
+    """A float fingerprint of the weights (to compare ranks)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for i, p in enumerate(model.parameters()):
+        total += (p.detach().double().cpu() * (1.0 + 1e-3 * (i % 97))).sum()
+    return float(total)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train a multi-view UNet as configured; returns a summary dict (also in summary.json)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    # ---- setup: accelerator, output folder, resolved config --------------------------------
+    out = Path(cfg.output_dir)
+    tb = _tensorboard_available()
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with="tensorboard" if tb else None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        print(dump_config(cfg), flush=True)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    set_seed(cfg.seed)  # initial weights of anything created below are the same on all ranks
+    if cfg.data.p_2d > 0 and not cfg.data.shards_2d and cfg.data.mv_shards:
+        log.warning("data.p_2d=%s but data.shards_2d is empty: training on 3D only", cfg.data.p_2d)
+
+    # ---- model: trainable multi-view UNet, frozen VAE + text encoder ------------------------
+    parts = load_components(cfg.model.pretrained)
+    unet, vae, text_encoder, tokenizer = parts.unet, parts.vae, parts.text_encoder, parts.tokenizer
+    noise_scheduler = noise_scheduler_from(parts.scheduler)
+    frozen_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        cfg.mixed_precision
+    ]
+    freeze(vae).to(accelerator.device, dtype=frozen_dtype)
+    freeze(text_encoder).to(accelerator.device, dtype=frozen_dtype)
+    unet.train()
+    if cfg.model.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    log.info("model: %s (%s), %.1fM trainable parameters", cfg.model.pretrained, parts.source,
+             sum(p.numel() for p in unet.parameters()) / 1e6)  # fmt: skip
+
+    # ---- optimizer (lr is set every step from learning_rate(step)) -------------------------
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optim_kwargs = dict(
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
+        eps=cfg.optim.eps,
+    )
+    if cfg.optim.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("optim.use_8bit_adam=true needs `pip install bitsandbytes`") from None
+        optimizer = bnb.optim.AdamW8bit(params, **optim_kwargs)
+    else:
+        optimizer = torch.optim.AdamW(params, **optim_kwargs)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    ema = None
+    if cfg.ema:
+        from diffusers.training_utils import EMAModel
+
+        base = accelerator.unwrap_model(unet)
+        ema = EMAModel(base.parameters(), decay=cfg.ema_decay)
+        accelerator.register_for_checkpointing(ema)
+
+    # ---- resume ---------------------------------------------------------------------------
+    start_step, nan_skips_total = 0, 0
+    ckpt = find_checkpoint(cfg.checkpoint.resume, out)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        state = read_trainer_state(ckpt)
+        start_step, nan_skips_total = int(state["step"]), int(state.get("nan_skips", 0))
+        log.info("resumed from %s at step %d", ckpt, start_step)
+    elif cfg.checkpoint.resume == "latest":
+        log.info("--resume latest: no checkpoint in %s/checkpoints, starting fresh", out)
+
+    # ---- data: multi-view + 2D streams for this rank, mixed per batch ----------------------
+    accum = cfg.gradient_accumulation_steps
+    data_seed = cfg.seed
+    if start_step and cfg.checkpoint.resume_data == "reseed":
+        data_seed = make_seed("reseed", cfg.seed, start_step)
+    mv = build_loader(cfg.data, "mv", data_seed, rank, world) if cfg.data.mv_shards else None
+    d2 = build_loader(cfg.data, "2d", data_seed, rank, world) if cfg.data.shards_2d else None
+    if mv is None and d2 is None:
+        raise UserError("no training data: set data.mv_shards and/or data.shards_2d")
+    mixer = BatchMixer(
+        mv,
+        d2,
+        p_2d=cfg.data.p_2d,
+        seed=data_seed,
+        rank=rank,
+        start=start_step * accum if cfg.checkpoint.resume_data == "skip" else 0,
+    )
+    batches = iter(mixer)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    step = start_step
+    consecutive_nan = 0
+    window = {"loss": 0.0, "n": 0, "images": 0, "data_s": 0.0, "t0": time.perf_counter(),
+              "skipped": 0, "n2d": 0}  # fmt: skip
+    last_loss = float("nan")
+    bar = tqdm(
+        total=cfg.max_steps, initial=start_step, desc="train",
+        disable=not accelerator.is_main_process, dynamic_ncols=True,
+    )  # fmt: skip
+    tracker_started = False
+    if tb:
+        accelerator.init_trackers("mvdiff", config={"output_dir": str(out)})
+        tracker_started = True
+    while step < cfg.max_steps:
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        bad = False
+        step_loss = 0.0
+        for micro in range(accum):
+            index = step * accum + micro
+            gen = torch.Generator().manual_seed(make_seed("step", cfg.seed, rank, index))
+            t_data = time.perf_counter()
+            batch = next(batches)
+            window["data_s"] += time.perf_counter() - t_data
+            b, v = batch["pixels"].shape[:2]
+            captions = [
+                "" if random.Random(make_seed("drop", cfg.seed, rank, index, i)).random()
+                < cfg.caption_dropout else c
+                for i, c in enumerate(batch["caption"])
+            ]  # fmt: skip
+            latents = encode_images(vae, batch["pixels"].to(accelerator.device), gen)
+            text = encode_prompts(tokenizer, text_encoder, captions)
+            camera = batch["camera"]
+            if camera is not None:
+                camera = camera.reshape(b * v, -1).to(accelerator.device)  # (B, V, 16) -> (B*V, 16)
+            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(unet)
+            with sync, accelerator.autocast():
+                loss = diffusion_loss(
+                    unet, noise_scheduler, latents, text.float(), camera, v, gen,
+                    snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset,
+                )  # fmt: skip
+                if camera is None:
+                    # 2D batch: the camera MLP is skipped; a zero term keeps DDP's set of used
+                    # parameters the same on every rank and step
+                    mlp = accelerator.unwrap_model(unet).class_embedding
+                    if mlp is not None:
+                        loss = loss + 0.0 * sum(p.sum() for p in mlp.parameters())
+                if step == cfg.debug_nan_step:
+                    loss = loss * float("nan")
+                # all ranks must agree to skip, or DDP would hang waiting for gradients
+                finite = torch.isfinite(loss.detach()).float().reshape(1)
+                if accelerator.reduce(finite, reduction="sum").item() < world:
+                    bad = True
+                    break
+                accelerator.backward(loss / accum)
+            step_loss += loss.detach().float().item() / accum
+            window["images"] += b * v
+            window["skipped"] += int(batch.get("skipped", 0))
+            window["n2d"] += int(camera is None)
+        grad_norm = float("nan")
+        if not bad:
+            if cfg.optim.max_grad_norm > 0:
+                grad_norm = float(accelerator.clip_grad_norm_(unet.parameters(),
+                                                              cfg.optim.max_grad_norm))  # fmt: skip
+                bad = not math.isfinite(grad_norm)
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            what = f"non-finite loss or gradient at step {step}"
+            if cfg.nan_policy == "stop":
+                last = find_checkpoint("latest", out)
+                raise NonFiniteLossError(
+                    f"{what}; stopping (train.nan_policy=stop). No checkpoint was written for "
+                    f"this step; the last good one is {last or 'none'}. Lower optim.lr, or set "
+                    "nan_policy=skip"
+                )
+            consecutive_nan += 1
+            nan_skips_total += 1
+            log.warning("%s: skipped (%d in a row)", what, consecutive_nan)
+            if consecutive_nan > cfg.max_nan_skips:
+                raise NonFiniteLossError(f"{what}: {consecutive_nan} non-finite steps in a row")
+        else:
+            consecutive_nan = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(unet).parameters())
+            last_loss = step_loss
+            window["loss"] += step_loss
+            window["n"] += 1
+        step += 1
+        bar.update(1)
+
+        # ---- logging ------------------------------------------------------------------------
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            seconds = time.perf_counter() - window["t0"]
+            stats = torch.tensor(
+                [window["loss"], window["n"], window["images"], window["skipped"], window["n2d"]],
+                dtype=torch.float64,
+                device=accelerator.device,
+            )
+            stats = accelerator.reduce(stats, reduction="sum").tolist()
+            logs = {
+                "loss": stats[0] / max(1.0, stats[1]),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "samples_per_s": stats[2] / max(seconds, 1e-9),
+                "data_wait_frac": window["data_s"] / max(seconds, 1e-9),
+                "skipped_samples": stats[3],
+                "frac_2d_batches": stats[4] / max(1.0, cfg.log_every * accum * world),
+                "nan_skips": nan_skips_total,
+            }
+            if tracker_started:
+                accelerator.log(logs, step=step)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}",
+                            ips=f"{logs['samples_per_s']:.1f}")  # fmt: skip
+            if accelerator.is_main_process:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **logs}) + "\n")
+            window = {"loss": 0.0, "n": 0, "images": 0, "data_s": 0.0,
+                      "t0": time.perf_counter(), "skipped": 0, "n2d": 0}  # fmt: skip
+
+        # ---- checkpoint -----------------------------------------------------------------------
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.max_steps:
+            save_checkpoint(accelerator, out, step, {"nan_skips": nan_skips_total},
+                            keep=cfg.checkpoint.keep)  # fmt: skip
+
+        # ---- validation samples ---------------------------------------------------------------
+        if cfg.validation.every and (step % cfg.validation.every == 0 or step == cfg.max_steps):
+            if accelerator.is_main_process:
+                _validate(accelerator, unet, ema, parts, vae, text_encoder, cfg, step, out)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    # ---- the end: ranks in sync?, export a diffusers folder -------------------------------------
+    base = accelerator.unwrap_model(unet)
+    checksums = accelerator.gather(
+        torch.tensor([_checksum(base)], dtype=torch.float64, device=accelerator.device)
+    ).tolist()
+    summary = {
+        "steps": step,
+        "final_loss": last_loss,
+        "rank_checksums": checksums,
+        "ranks_in_sync": len(set(checksums)) == 1,
+        "nan_skips": nan_skips_total,
+    }
+    if accelerator.is_main_process:
+        if cfg.export:
+            from mvdiff.training.export import export_pipeline_folder
+
+            if ema is not None:
+                ema.store(base.parameters())
+                ema.copy_to(base.parameters())
+            export_pipeline_folder(
+                out / "model", base, vae.float(), text_encoder.float(), tokenizer, parts.scheduler
+            )
+            if ema is not None:
+                ema.restore(base.parameters())
+            summary["model"] = str(out / "model")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        log.info("done: %s", json.dumps(summary))
+    accelerator.wait_for_everyone()
+    if tracker_started:
+        accelerator.end_training()  # also tears down the process group: nothing collective after
+    return summary
+
+
+def _validate(accelerator, unet, ema, parts, vae, text_encoder, cfg, step, out):
+    from PIL import Image
+
+    from mvdiff.training.validation import validation_grid
+
+    base = accelerator.unwrap_model(unet)
+    if ema is not None:
+        ema.store(base.parameters())
+        ema.copy_to(base.parameters())
+    base.eval()
+    try:
+        with accelerator.autocast():
+            grid = validation_grid(
+                base, vae, text_encoder, parts.tokenizer, parts.scheduler,
+                cfg.validation.prompts, cfg.data.resolution, cfg.validation,
+            )  # fmt: skip
+    finally:
+        base.train()
+        if ema is not None:
+            ema.restore(base.parameters())
+    path = out / "samples" / f"step-{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    try:
+        tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+        tracker.add_image("validation", grid, step, dataformats="HWC")
+    except Exception:  # noqa: BLE001 - no tensorboard tracker: the PNG is enough
+        pass
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils import tensorboard as _  # noqa: F401
+    except ImportError:
+        return False
+    return True
