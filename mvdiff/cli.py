@@ -13,9 +13,10 @@ import sys
 from mvdiff import __version__
 from mvdiff.commands import convert
 from mvdiff.commands import render, shard_info
+from mvdiff.commands import train as train_command
 from mvdiff.errors import UserError
 
-COMMANDS = [convert, render, shard_info]
+COMMANDS = [convert, render, shard_info, train_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
