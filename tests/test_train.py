@@ -252,3 +252,16 @@ def test_two_processes_keep_identical_weights(shards, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["rank_checksums"]) == 2 and summary["ranks_in_sync"], summary
     assert (out / "model" / "unet").is_dir()
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "mvdream_sd21.yaml"])
+def test_shipped_configs_parse(name):
+    cfg = load_config(TrainConfig, ROOT / "train" / "configs" / name)
+    assert cfg.data.num_views == 4 and cfg.data.p_2d == pytest.approx(0.3)
+    if name.startswith("mvdream"):
+        assert (cfg.data.resolution, cfg.mixed_precision) == (256, "bf16")
+        assert cfg.data.caption_suffix == ", 3d asset"
+    import yaml
+
+    for acc in (ROOT / "train" / "accelerate").glob("*.yaml"):
+        assert "distributed_type" in yaml.safe_load(acc.read_text()), acc
