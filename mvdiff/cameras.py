@@ -199,7 +199,9 @@ def sample_sds_group(
     azimuths = (offset + np.arange(num_views) * (360.0 / num_views)) % 360.0
     elevation = uniform(*elevation_range)
     fov = uniform(*fov_range)
-    distance = (math.sqrt(3) / 2) / math.sin(math.radians(fov) / 2) * uniform(*distance_factor_range)
+    distance = (
+        (math.sqrt(3) / 2) / math.sin(math.radians(fov) / 2) * uniform(*distance_factor_range)
+    )
     c2w = orbit_c2w(np.full(num_views, elevation), azimuths, distance)
     return {
         "c2w": torch.from_numpy(c2w).float(),

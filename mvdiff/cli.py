@@ -11,8 +11,7 @@ import argparse
 import sys
 
 from mvdiff import __version__
-from mvdiff.commands import convert
-from mvdiff.commands import render, shard_info
+from mvdiff.commands import convert, render, shard_info
 from mvdiff.commands import train as train_command
 from mvdiff.errors import UserError
 

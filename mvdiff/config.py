@@ -141,7 +141,9 @@ def apply_overrides(cfg: T, overrides: list[str] | None, where: str = "--set") -
         raise ConfigError(f"{where}: {e}") from None
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None
+) -> T:
     """Defaults of ``cls`` <- YAML file ``path`` (if given) <- ``overrides``."""
     cfg = cls()
     if path:

@@ -1,0 +1,711 @@
+"""Official MVDream checkpoints -> a diffusers-format model folder.
+
+The official checkpoints (``sd-v2.1-base-4view.pt``, ``sd-v1.5-4view.pt``) hold an LDM state
+dict: ``model.diffusion_model.*`` (the multi-view UNet, camera MLP under ``camera_embed``),
+``first_stage_model.*`` (the VAE), ``cond_stage_model.*`` (OpenCLIP ViT-H text tower for 2.1,
+HF CLIP for 1.5) and the schedule buffers. :func:`convert_mvdream_checkpoint` maps every key
+to its diffusers counterpart — a key it does not know, or a model weight the checkpoint lacks,
+is an error, never a silent skip — and writes::
+
+    OUTPUT_DIR/model_index.json        (MVDreamPipeline)
+    OUTPUT_DIR/unet/                   MultiViewUNet2DConditionModel
+    OUTPUT_DIR/vae/                    AutoencoderKL
+    OUTPUT_DIR/text_encoder/           CLIPTextModel
+    OUTPUT_DIR/tokenizer/              CLIPTokenizer (the CLIP BPE files shipped with mvdiff)
+    OUTPUT_DIR/scheduler/              DDIMScheduler configured like the official sampler
+
+or only ``unet/`` with ``unet_only=True``. The folder is built under a temporary name and
+renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from mvdiff.errors import UserError
+from mvdiff.models.unet_mv import PRESETS, MultiViewUNet2DConditionModel, multiview_unet_config
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+HFCLIP_PREFIX = "cond_stage_model.transformer."
+SCHEDULE_KEYS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+TOKENIZER_DIR = Path(__file__).parent / "resources" / "clip_tokenizer"
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class OriginalConfig:
+    """What the converter needs from an official-style YAML (``model.params``)."""
+
+    unet: dict
+    vae: dict = field(
+        default_factory=lambda: dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4)
+    )
+    vae_embed_dim: int = 4
+    text_encoder: str = "openclip"  # "openclip" (SD 2.x, penultimate layer) or "hfclip" (SD 1.x)
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    timesteps: int = 1000
+    scale_factor: float = 0.18215
+
+
+def _preset(name: str) -> OriginalConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return OriginalConfig(
+        unet=dict(PRESETS[name]), text_encoder="openclip" if "v2" in name else "hfclip"
+    )
+
+
+def parse_original_config(config: str | Path | dict) -> OriginalConfig:
+    """An official-style YAML (path or dict) or a preset name -> :class:`OriginalConfig`."""
+    if isinstance(config, str) and config in PRESETS:
+        return _preset(config)
+    if not isinstance(config, dict):
+        path = Path(config)
+        if not path.is_file():
+            raise UserError(
+                f"--original-config {path}: no such file (or use a preset: {sorted(PRESETS)})"
+            )
+        try:
+            config = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"--original-config {path}: not valid YAML ({e})") from None
+    try:
+        params = config["model"]["params"]
+        unet = dict(params["unet_config"]["params"])
+    except (KeyError, TypeError):
+        raise UserError(
+            "original config: expected model.params.unet_config.params (official MVDream layout)"
+        ) from None
+    out = OriginalConfig(unet=unet)
+    first = params.get("first_stage_config", {}).get("params", {})
+    if "ddconfig" in first:
+        dd = first["ddconfig"]
+        out.vae = {k: dd[k] for k in ("ch", "ch_mult", "num_res_blocks", "z_channels") if k in dd}
+        out.vae_embed_dim = int(first.get("embed_dim", 4))
+    target = str(params.get("cond_stage_config", {}).get("target", "OpenCLIP"))
+    out.text_encoder = "openclip" if "OpenCLIP" in target else "hfclip"
+    for k in ("linear_start", "linear_end", "timesteps", "scale_factor"):
+        if k in params:
+            setattr(out, k, type(getattr(out, k))(params[k]))
+    return out
+
+
+_UNET_PARAMS = (
+    "model_channels",
+    "channel_mult",
+    "attention_resolutions",
+    "num_res_blocks",
+    "num_head_channels",
+    "num_heads",
+    "use_linear_in_transformer",
+    "context_dim",
+    "camera_dim",
+    "transformer_depth",
+    "in_channels",
+    "out_channels",
+)
+
+
+def unet_config_from_original(unet: dict) -> dict:
+    """diffusers UNet config from official ``unet_config.params`` (other keys are ignored)."""
+    kw = {k: v for k, v in unet.items() if k in _UNET_PARAMS and v not in (-1, None)}
+    if "num_head_channels" in kw:
+        kw.setdefault("num_heads", None)
+    else:
+        kw["num_head_channels"] = None
+    try:
+        return multiview_unet_config(**kw)
+    except TypeError as e:
+        raise UserError(f"original config: bad unet_config.params ({e})") from None
+
+
+# ----------------------------------------------------------------------------- key maps
+
+
+def _lookup(key: str, prefixes: dict[str, tuple[str, dict[str, str]]]) -> str | None:
+    """Rename ``key`` by the longest module prefix it starts with (and a sub-rename table)."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in prefixes:
+            target, sub = prefixes[prefix]
+            rest = ".".join(parts[cut:])
+            for old, new in sub.items():
+                if rest == old or rest.startswith(old + "."):
+                    rest = new + rest[len(old) :]
+                    break
+            return f"{target}.{rest}"
+    return None
+
+
+_RESBLOCK = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+
+
+def unet_key_prefixes(unet: dict) -> dict[str, tuple[str, dict[str, str]]]:
+    """Module prefixes of the official UNet -> (diffusers prefix, sub-renames)."""
+    levels = len(unet["channel_mult"])
+    nrb = int(unet["num_res_blocks"])
+    attn = [2**level in set(unet["attention_resolutions"]) for level in range(levels)]
+    m: dict[str, tuple[str, dict[str, str]]] = {
+        "time_embed.0": ("time_embedding.linear_1", {}),
+        "time_embed.2": ("time_embedding.linear_2", {}),
+        "camera_embed.0": ("class_embedding.linear_1", {}),
+        "camera_embed.2": ("class_embedding.linear_2", {}),
+        "input_blocks.0.0": ("conv_in", {}),
+        "middle_block.0": ("mid_block.resnets.0", _RESBLOCK),
+        "middle_block.1": ("mid_block.attentions.0", {}),
+        "middle_block.2": ("mid_block.resnets.1", _RESBLOCK),
+        "out.0": ("conv_norm_out", {}),
+        "out.2": ("conv_out", {}),
+    }
+    idx = 1
+    for level in range(levels):
+        for j in range(nrb):
+            m[f"input_blocks.{idx}.0"] = (f"down_blocks.{level}.resnets.{j}", _RESBLOCK)
+            if attn[level]:
+                m[f"input_blocks.{idx}.1"] = (f"down_blocks.{level}.attentions.{j}", {})
+            idx += 1
+        if level != levels - 1:
+            m[f"input_blocks.{idx}.0.op"] = (f"down_blocks.{level}.downsamplers.0.conv", {})
+            idx += 1
+    idx = 0
+    for up, level in enumerate(reversed(range(levels))):
+        for j in range(nrb + 1):
+            m[f"output_blocks.{idx}.0"] = (f"up_blocks.{up}.resnets.{j}", _RESBLOCK)
+            k = 1
+            if attn[level]:
+                m[f"output_blocks.{idx}.1"] = (f"up_blocks.{up}.attentions.{j}", {})
+                k = 2
+            if level != 0 and j == nrb:
+                m[f"output_blocks.{idx}.{k}.conv"] = (f"up_blocks.{up}.upsamplers.0.conv", {})
+            idx += 1
+    return m
+
+
+_VAE_RES = {"nin_shortcut": "conv_shortcut"}
+_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def vae_key_prefixes(levels: int, nrb: int) -> dict[str, tuple[str, dict[str, str]]]:
+    m: dict[str, tuple[str, dict[str, str]]] = {}
+    for part in ("encoder", "decoder"):
+        m[f"{part}.conv_in"] = (f"{part}.conv_in", {})
+        m[f"{part}.conv_out"] = (f"{part}.conv_out", {})
+        m[f"{part}.norm_out"] = (f"{part}.conv_norm_out", {})
+        m[f"{part}.mid.block_1"] = (f"{part}.mid_block.resnets.0", _VAE_RES)
+        m[f"{part}.mid.attn_1"] = (f"{part}.mid_block.attentions.0", _VAE_ATTN)
+        m[f"{part}.mid.block_2"] = (f"{part}.mid_block.resnets.1", _VAE_RES)
+    for i in range(levels):
+        for j in range(nrb):
+            m[f"encoder.down.{i}.block.{j}"] = (f"encoder.down_blocks.{i}.resnets.{j}", _VAE_RES)
+        m[f"encoder.down.{i}.downsample.conv"] = (
+            f"encoder.down_blocks.{i}.downsamplers.0.conv",
+            {},
+        )
+        up = levels - 1 - i  # the decoder's up.{i} runs in reverse order
+        for j in range(nrb + 1):
+            m[f"decoder.up.{i}.block.{j}"] = (f"decoder.up_blocks.{up}.resnets.{j}", _VAE_RES)
+        m[f"decoder.up.{i}.upsample.conv"] = (f"decoder.up_blocks.{up}.upsamplers.0.conv", {})
+    m["quant_conv"] = ("quant_conv", {})
+    m["post_quant_conv"] = ("post_quant_conv", {})
+    return m
+
+
+def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _rename_all(sd: dict, prefixes: dict, what: str) -> dict[str, torch.Tensor]:
+    out, unknown = {}, []
+    for k, v in sd.items():
+        new = _lookup(k, prefixes)
+        if new is None:
+            unknown.append(k)
+        else:
+            out[new] = v
+    if unknown:
+        raise UserError(
+            f"{what}: {len(unknown)} key(s) the converter does not know, e.g. {unknown[:5]} "
+            "(wrong --original-config?)"
+        )
+    return out
+
+
+def _empty(cls, *args, **kwargs):
+    """Build a model with its parameters on the meta device (no init cost, no memory)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return cls(*args, **kwargs)
+
+
+def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """Assign a renamed state dict, insisting on the same key set and shapes.
+
+    Tensors keep the checkpoint's dtype; cast the model afterwards.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise UserError(
+            f"{what}: checkpoint and architecture disagree: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
+            "wrong --original-config?"
+        )
+    bad = [
+        (k, tuple(sd[k].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if sd[k].shape != v.shape
+    ]
+    if bad:
+        raise UserError(f"{what}: shape mismatch for {len(bad)} tensor(s), e.g. {bad[:3]}")
+    model.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=True, assign=True)
+
+
+def convert_unet_state_dict(
+    unet_sd: dict[str, torch.Tensor], unet: dict
+) -> dict[str, torch.Tensor]:
+    """Official UNet state dict (no ``model.diffusion_model.`` prefix) -> diffusers names."""
+    return _rename_all(unet_sd, unet_key_prefixes(unet), "UNet")
+
+
+def _cast(model, dtype: torch.dtype):
+    return model if next(model.parameters()).dtype == dtype else model.to(dtype)
+
+
+def build_unet(unet_sd: dict[str, torch.Tensor], unet: dict) -> MultiViewUNet2DConditionModel:
+    config = unet_config_from_original(unet)
+    model = _empty(MultiViewUNet2DConditionModel.from_config, config)
+    _load_into(model, convert_unet_state_dict(unet_sd, unet), "UNet")
+    return model
+
+
+def build_vae(vae_sd: dict[str, torch.Tensor], cfg: OriginalConfig):
+    from diffusers import AutoencoderKL
+
+    mult = list(cfg.vae["ch_mult"])
+    nrb = int(cfg.vae["num_res_blocks"])
+    vae = _empty(
+        AutoencoderKL,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(mult),
+        up_block_types=["UpDecoderBlock2D"] * len(mult),
+        block_out_channels=[cfg.vae["ch"] * m for m in mult],
+        layers_per_block=nrb,
+        latent_channels=cfg.vae_embed_dim,
+        norm_num_groups=32,
+        sample_size=256,
+        scaling_factor=cfg.scale_factor,
+    )
+    sd = _rename_all(vae_sd, vae_key_prefixes(len(mult), nrb), "VAE")
+    for k in list(sd):
+        if ".attentions." in k and k.endswith("weight") and sd[k].ndim == 4:
+            sd[k] = sd[k][:, :, 0, 0]  # 1x1 conv (C, C, 1, 1) -> linear (C, C)
+    _load_into(vae, sd, "VAE")
+    return vae
+
+
+def build_openclip_text_encoder(te_sd: dict[str, torch.Tensor]):
+    """OpenCLIP text tower -> ``CLIPTextModel`` giving MVDream's 'penultimate' features.
+
+    The official embedder runs all but the last residual block, then ``ln_final``; a
+    ``CLIPTextModel`` with one layer fewer (its ``last_hidden_state`` is normalised by
+    ``final_layer_norm``) computes exactly that, so the last block, ``text_projection`` and
+    ``logit_scale`` are read and deliberately dropped.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    try:
+        width = te_sd["token_embedding.weight"].shape[1]
+        vocab = te_sd["token_embedding.weight"].shape[0]
+        positions = te_sd["positional_embedding"].shape[0]
+        inner = te_sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    except KeyError as e:
+        raise UserError(
+            f"text encoder: checkpoint lacks cond_stage_model.model.{e.args[0]}"
+        ) from None
+    layers = 1 + max(int(k.split(".")[2]) for k in te_sd if k.startswith("transformer.resblocks."))
+    config = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=inner,
+        num_hidden_layers=layers - 1,
+        num_attention_heads=max(width // 64, 1),
+        max_position_embeddings=positions,
+        hidden_act="gelu",
+        projection_dim=width,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=0,
+    )
+    model = _empty(CLIPTextModel, config)
+    sd, unknown = {}, []
+    for k, v in te_sd.items():
+        parts = k.split(".")
+        if k == "positional_embedding":
+            sd["embeddings.position_embedding.weight"] = v
+        elif k == "token_embedding.weight":
+            sd["embeddings.token_embedding.weight"] = v
+        elif k.startswith("ln_final."):
+            sd["final_layer_norm." + parts[1]] = v
+        elif k in ("text_projection", "logit_scale"):
+            continue  # not used for conditioning
+        elif k.startswith("transformer.resblocks."):
+            i, rest = int(parts[2]), ".".join(parts[3:])
+            if i == layers - 1:
+                continue  # the last block: MVDream conditions on the penultimate layer
+            pre = f"encoder.layers.{i}."
+            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                kind = rest.rsplit("_", 1)[1]  # weight | bias
+                for name, chunk in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                    sd[f"{pre}self_attn.{name}.{kind}"] = chunk
+                continue
+            table = {
+                "ln_1": "layer_norm1",
+                "ln_2": "layer_norm2",
+                "attn.out_proj": "self_attn.out_proj",
+                "mlp.c_fc": "mlp.fc1",
+                "mlp.c_proj": "mlp.fc2",
+            }
+            mod, kind = rest.rsplit(".", 1)
+            if mod not in table:
+                unknown.append(k)
+                continue
+            sd[f"{pre}{table[mod]}.{kind}"] = v
+        elif k == "attn_mask":
+            continue  # a constant causal mask in some exports
+        else:
+            unknown.append(k)
+    if unknown:
+        raise UserError(f"text encoder: unknown key(s) {unknown[:5]}")
+    _load_text_encoder(model, sd)
+    return model
+
+
+def _load_text_encoder(model, sd: dict[str, torch.Tensor]) -> None:
+    """Load CLIP text weights named without the ``text_model.`` level (transformers 4 has it,
+    transformers 5 does not); ``position_ids`` is a constant buffer, taken from the model."""
+    expected = model.state_dict()
+    prefix = "text_model." if any(k.startswith("text_model.") for k in expected) else ""
+    sd = {prefix + k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    for k in expected:
+        if k.endswith("position_ids"):
+            sd[k] = expected[k]
+    _load_into(model, sd, "text encoder")
+
+
+def build_hfclip_text_encoder(te_sd: dict[str, torch.Tensor]):
+    """SD 1.x ``FrozenCLIPEmbedder`` (an HF ``CLIPTextModel`` already) -> ``CLIPTextModel``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    try:
+        emb = te_sd["embeddings.token_embedding.weight"]
+        fc1 = te_sd["text_model.encoder.layers.0.mlp.fc1.weight"]
+    except KeyError as e:
+        raise UserError(
+            f"text encoder: checkpoint lacks cond_stage_model.transformer.{e.args[0]}"
+        ) from None
+    layers = 1 + max(
+        int(k.split(".")[3]) for k in te_sd if k.startswith("text_model.encoder.layers.")
+    )
+    config = CLIPTextConfig(
+        vocab_size=emb.shape[0],
+        hidden_size=emb.shape[1],
+        intermediate_size=fc1.shape[0],
+        num_hidden_layers=layers,
+        num_attention_heads=max(emb.shape[1] // 64, 1),
+        max_position_embeddings=te_sd["embeddings.position_embedding.weight"].shape[0],
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    model = _empty(CLIPTextModel, config)
+    sd = {k.removeprefix("text_model."): v for k, v in te_sd.items()}
+    _load_text_encoder(model, sd)
+    return model
+
+
+def build_tokenizer(text_encoder_kind: str):
+    """The CLIP BPE tokenizer shipped with mvdiff (SD 2.x pads with '!', SD 1.x with EOS)."""
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer(
+        str(TOKENIZER_DIR / "vocab.json"),
+        str(TOKENIZER_DIR / "merges.txt"),
+        pad_token="!" if text_encoder_kind == "openclip" else "<|endoftext|>",
+        model_max_length=77,
+    )
+    if len(tok) != 49408:
+        raise RuntimeError(f"CLIP tokenizer came back with {len(tok)} tokens, expected 49408")
+    return tok
+
+
+def build_scheduler(cfg: OriginalConfig):
+    """DDIM like the official sampler: leading spacing, steps_offset=1, alpha_T not forced to 1."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=cfg.timesteps,
+        beta_start=cfg.linear_start,
+        beta_end=cfg.linear_end,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+
+
+def check_schedule(state_dict: dict[str, torch.Tensor], scheduler) -> float:
+    """Max difference (absolute, relative above 1) between the checkpoint's schedule buffers
+    and the ones implied by the scheduler's betas."""
+    # float64 from the betas, as LDM computes its buffers (then stores them in float32)
+    n = scheduler.config.num_train_timesteps
+    start, end = scheduler.config.beta_start, scheduler.config.beta_end
+    betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
+    ac = torch.cumprod(1 - betas, dim=0)
+    ac_prev = torch.cat([torch.ones(1, dtype=ac.dtype), ac[:-1]])
+    var = betas * (1 - ac_prev) / (1 - ac)
+    ours = {
+        "betas": betas,
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": ac.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - ac).log(),
+        "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(),
+        "posterior_variance": var,
+        "posterior_log_variance_clipped": var.clamp(min=1e-20).log(),  # as LDM does
+        "posterior_mean_coef1": betas * ac_prev.sqrt() / (1 - ac),
+        "posterior_mean_coef2": (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac),
+    }
+    err = 0.0
+    for k in SCHEDULE_KEYS:
+        if k in state_dict:
+            # relative to the magnitude: some buffers reach ~50 and are stored in float32
+            diff = (state_dict[k].double() - ours[k]).abs() / ours[k].abs().clamp(min=1.0)
+            err = max(err, float(diff.max()))
+    return err
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint safely: ``.safetensors`` or a ``.pt``/``.ckpt`` of plain tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - any parse failure is bad input
+            raise UserError(f"checkpoint {path}: not a readable safetensors file ({e})") from None
+    else:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(
+                f"checkpoint {path}: cannot be loaded safely as tensors only ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]})"
+            ) from None
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]  # Lightning-style wrapper
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"checkpoint {path}: expected a flat dict of tensors")
+    return sd
+
+
+def infer_original_config(sd: dict[str, torch.Tensor]) -> OriginalConfig:
+    """Pick the built-in preset that matches the checkpoint's cross-attention width."""
+    key = next((k for k in sd if k.endswith("transformer_blocks.0.attn2.to_k.weight")), None)
+    width = sd[key].shape[1] if key is not None else None
+    preset = {1024: "sd-v2.1-base-4view", 768: "sd-v1.5-4view"}.get(width)
+    if preset is None:
+        raise UserError(
+            f"cannot tell the architecture (context width {width}); pass --original-config YAML"
+        )
+    cfg = _preset(preset)
+    probe = UNET_PREFIX + "input_blocks.1.1.proj_in.weight"
+    if probe not in sd and "input_blocks.1.1.proj_in.weight" not in sd:
+        raise UserError("checkpoint has no multi-view UNet keys; pass --original-config YAML")
+    return cfg
+
+
+@dataclass
+class ConversionReport:
+    output_dir: str
+    unet_tensors: int = 0
+    vae_tensors: int = 0
+    text_encoder_tensors: int = 0
+    dropped: list = field(default_factory=list)
+    schedule_max_abs_error: float | None = None
+
+
+def convert_state_dict(
+    sd: dict[str, torch.Tensor],
+    original_config: str | Path | dict | None = None,
+    unet_only: bool = False,
+    dtype: torch.dtype = torch.float32,
+    source: str = "checkpoint",
+) -> tuple[dict, ConversionReport]:
+    """An official state dict -> (diffusers components by name, report). No I/O."""
+    cfg = (
+        parse_original_config(original_config)
+        if original_config is not None
+        else infer_original_config(sd)
+    )
+    report = ConversionReport(output_dir="")
+    unet_sd = _strip(sd, UNET_PREFIX)
+    if unet_only and not unet_sd:
+        unet_sd = dict(sd)  # bare UNet keys
+    if not unet_sd:
+        raise UserError(f"{source}: no '{UNET_PREFIX}*' keys")
+    if not unet_only:
+        if any(k.startswith("model_ema.") for k in sd):
+            raise UserError(
+                f"{source}: EMA weights (model_ema.*) are not supported; export them first"
+            )
+        known = (UNET_PREFIX, VAE_PREFIX, OPENCLIP_PREFIX, HFCLIP_PREFIX)
+        unknown = [k for k in sd if not k.startswith(known) and k not in SCHEDULE_KEYS]
+        if unknown:
+            raise UserError(f"{source}: unknown key(s) {unknown[:5]}")
+    components = {"unet": _cast(build_unet(unet_sd, cfg.unet), dtype)}
+    report.unet_tensors = len(unet_sd)
+    if unet_only:
+        return components, report
+
+    vae_sd = _strip(sd, VAE_PREFIX)
+    if not vae_sd:
+        raise UserError(f"{source}: no VAE ('{VAE_PREFIX}*'); use --unet-only")
+    components["vae"] = _cast(build_vae(vae_sd, cfg), dtype)
+    report.vae_tensors = len(vae_sd)
+    if cfg.text_encoder == "openclip":
+        te_sd = _strip(sd, OPENCLIP_PREFIX)
+        if not te_sd:
+            raise UserError(f"{source}: no text encoder ('{OPENCLIP_PREFIX}*')")
+        components["text_encoder"] = _cast(build_openclip_text_encoder(te_sd), dtype)
+        last = max(int(k.split(".")[2]) for k in te_sd if k.startswith("transformer.resblocks."))
+        report.dropped = [
+            f"{OPENCLIP_PREFIX}transformer.resblocks.{last}.* (MVDream uses the penultimate layer)",
+            f"{OPENCLIP_PREFIX}text_projection, logit_scale (not used for conditioning)",
+        ]
+    else:
+        te_sd = _strip(sd, HFCLIP_PREFIX)
+        if not te_sd:
+            raise UserError(f"{source}: no text encoder ('{HFCLIP_PREFIX}*')")
+        components["text_encoder"] = _cast(build_hfclip_text_encoder(te_sd), dtype)
+    report.text_encoder_tensors = len(te_sd)
+    components["tokenizer"] = build_tokenizer(cfg.text_encoder)
+    components["scheduler"] = build_scheduler(cfg)
+    if any(k in sd for k in SCHEDULE_KEYS):
+        report.schedule_max_abs_error = check_schedule(sd, components["scheduler"])
+        if report.schedule_max_abs_error > 1e-5:
+            raise UserError(
+                f"{source}: schedule buffers differ from linear {cfg.linear_start}->"
+                f"{cfg.linear_end} over {cfg.timesteps} steps "
+                f"(max error {report.schedule_max_abs_error:.2e}); check --original-config"
+            )
+    return components, report
+
+
+def convert_mvdream_checkpoint(
+    checkpoint_path: str | Path,
+    output_dir: str | Path,
+    original_config: str | Path | dict | None = None,
+    unet_only: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> ConversionReport:
+    """Convert an official MVDream checkpoint into a diffusers-format folder (see module doc).
+
+    ``original_config``: an official-style YAML (path or parsed dict), a preset name
+    (``sd-v2.1-base-4view``, ``sd-v1.5-4view``) or None to infer the preset from the weights.
+    ``unet_only``: the checkpoint holds just the UNet (with or without the
+    ``model.diffusion_model.`` prefix) and only ``unet/`` is written.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise UserError(f"output directory {output_dir} exists and is not empty")
+    sd = load_state_dict(checkpoint_path)
+    components, report = convert_state_dict(
+        sd, original_config, unet_only, dtype, source=f"checkpoint {checkpoint_path}"
+    )
+    write_model_folder(components, output_dir)
+    report.output_dir = str(output_dir)
+    return report
+
+
+def write_model_folder(components: dict, output_dir: str | Path) -> None:
+    """Save components (and a model_index.json for MVDreamPipeline) atomically to ``output_dir``."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise UserError(f"output directory {output_dir} exists and is not empty")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir.with_name(f".{output_dir.name}.tmp-convert")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for name, comp in components.items():
+            if hasattr(comp, "save_pretrained"):
+                kwargs = {"safe_serialization": True} if isinstance(comp, torch.nn.Module) else {}
+                comp.save_pretrained(str(tmp / name), **kwargs)
+        if set(components) >= {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}:
+            index = {"_class_name": "MVDreamPipeline", "_diffusers_version": _diffusers_version()}
+            for name, comp in components.items():
+                index[name] = [_library_of(comp), type(comp).__name__]
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if output_dir.exists():
+            output_dir.rmdir()
+        tmp.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _library_of(obj) -> str:
+    module = type(obj).__module__
+    top = module.split(".")[0]
+    return top if top in ("diffusers", "transformers") else module
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__

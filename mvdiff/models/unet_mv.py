@@ -1,0 +1,196 @@
+"""MultiViewUNet2DConditionModel: Stable Diffusion's UNet with 3D self-attention and a camera MLP.
+
+Exactly two changes to the stock diffusers ``UNet2DConditionModel`` (DESIGN §5):
+
+1. every self-attention joins all views of an object (:class:`MultiViewAttnProcessor`);
+2. a camera MLP (16 -> time-embedding width, SiLU, -> same) whose output is added to the
+   timestep embedding of each view. This is diffusers' ``class_embed_type="projection"``
+   with ``projection_class_embeddings_input_dim=16``; with ``camera=None`` it is skipped
+   (not fed zeros), which is 2D mode.
+
+The batch is laid out ``(object, view)`` with the views of one object contiguous:
+``sample`` is ``[B*V, C, h, w]``, ``encoder_hidden_states`` ``[B*V, L, D]``, ``camera``
+``[B*V, 16]``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from mvdiff.models.attention import MultiViewAttnProcessor
+
+CAMERA_DIM = 16
+
+
+class MultiViewUNet2DConditionModel(UNet2DConditionModel):
+    """A diffusers ``UNet2DConditionModel`` whose self-attention spans all views.
+
+    Build it with the usual ``UNet2DConditionModel`` config plus
+    ``class_embed_type="projection", projection_class_embeddings_input_dim=16`` (see
+    :func:`multiview_unet_config`); ``save_pretrained`` / ``from_pretrained`` work as usual.
+    """
+
+    # Same signature as the parent (ConfigMixin reads it to build configs).
+    @functools.wraps(UNet2DConditionModel.__init__)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.set_attn_processor(MultiViewAttnProcessor())
+
+    def get_class_embed(self, sample: torch.Tensor, class_labels: torch.Tensor | None):
+        if class_labels is None:  # 2D mode or "no camera": skip the camera MLP entirely
+            return None
+        return super().get_class_embed(sample=sample, class_labels=class_labels)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        camera: torch.Tensor | None = None,
+        num_views: int = 1,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> UNet2DConditionOutput | tuple:
+        """Predict noise for ``[B*V, C, h, w]`` latents of B objects with V views each.
+
+        ``camera`` is ``None`` (no camera embedding) or ``[B*V, 16]`` model camera vectors
+        (:func:`mvdiff.cameras.camera_vectors`). ``num_views=1`` is plain 2D Stable Diffusion.
+        Other keyword arguments go to ``UNet2DConditionModel.forward``.
+        """
+        if num_views < 1 or sample.shape[0] % num_views:
+            raise ValueError(
+                f"batch of {sample.shape[0]} rows is not a multiple of num_views={num_views}"
+            )
+        if camera is not None:
+            if self.class_embedding is None:
+                raise ValueError("this UNet has no camera MLP; pass camera=None")
+            if camera.shape != (sample.shape[0], self.config.projection_class_embeddings_input_dim):
+                raise ValueError(
+                    f"camera must be [{sample.shape[0]}, "
+                    f"{self.config.projection_class_embeddings_input_dim}], got {tuple(camera.shape)}"
+                )
+            camera = camera.to(
+                device=sample.device, dtype=self.class_embedding.linear_1.weight.dtype
+            )
+        cross_attention_kwargs = {**(cross_attention_kwargs or {}), "num_views": num_views}
+        return super().forward(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            class_labels=camera,
+            cross_attention_kwargs=cross_attention_kwargs,
+            return_dict=return_dict,
+            **kwargs,
+        )
+
+
+def multiview_unet_config(
+    model_channels: int = 320,
+    channel_mult=(1, 2, 4, 4),
+    attention_resolutions=(4, 2, 1),
+    num_res_blocks: int = 2,
+    num_head_channels: int | None = 64,
+    num_heads: int | None = None,
+    context_dim: int = 1024,
+    use_linear_in_transformer: bool = True,
+    transformer_depth: int = 1,
+    camera_dim: int | None = CAMERA_DIM,
+    in_channels: int = 4,
+    out_channels: int = 4,
+    sample_size: int = 32,
+) -> dict:
+    """diffusers config of the multi-view UNet from official (LDM ``openaimodel``) parameters.
+
+    Defaults are MVDream's ``sd-v2.1-base-4view``. Exactly one of ``num_head_channels`` (SD
+    2.x: fixed head width) and ``num_heads`` (SD 1.x: fixed head count) is used. Levels whose
+    downsampling factor is in ``attention_resolutions`` get transformer blocks; the middle
+    block always has one.
+    """
+    if (num_head_channels is None or num_head_channels <= 0) == (
+        num_heads is None or num_heads <= 0
+    ):
+        raise ValueError("give exactly one of num_head_channels and num_heads")
+    channels = [model_channels * m for m in channel_mult]
+    # diffusers' `attention_head_dim` is (historically) the number of heads per level.
+    if num_head_channels and num_head_channels > 0:
+        heads = [c // num_head_channels for c in channels]
+    else:
+        heads = [num_heads] * len(channels)
+    has_attn = [2**level in set(attention_resolutions) for level in range(len(channels))]
+    down = [("CrossAttnDownBlock2D" if a else "DownBlock2D") for a in has_attn]
+    up = [("CrossAttnUpBlock2D" if a else "UpBlock2D") for a in reversed(has_attn)]
+    config = {
+        "sample_size": sample_size,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "down_block_types": down,
+        "up_block_types": up,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "block_out_channels": channels,
+        "layers_per_block": num_res_blocks,
+        "attention_head_dim": heads,
+        "cross_attention_dim": context_dim,
+        "use_linear_projection": use_linear_in_transformer,
+        "transformer_layers_per_block": transformer_depth,
+        "norm_num_groups": 32,
+        "norm_eps": 1e-5,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "act_fn": "silu",
+    }
+    if camera_dim:
+        config["class_embed_type"] = "projection"
+        config["projection_class_embeddings_input_dim"] = camera_dim
+    return config
+
+
+#: Official MVDream UNet parameters (the ``unet_config.params`` of its YAML files).
+PRESETS: dict[str, dict] = {
+    "sd-v2.1-base-4view": dict(
+        model_channels=320,
+        channel_mult=[1, 2, 4, 4],
+        attention_resolutions=[4, 2, 1],
+        num_res_blocks=2,
+        num_head_channels=64,
+        use_linear_in_transformer=True,
+        transformer_depth=1,
+        context_dim=1024,
+        camera_dim=16,
+    ),
+    "sd-v1.5-4view": dict(
+        model_channels=320,
+        channel_mult=[1, 2, 4, 4],
+        attention_resolutions=[4, 2, 1],
+        num_res_blocks=2,
+        num_heads=8,
+        use_linear_in_transformer=False,
+        transformer_depth=1,
+        context_dim=768,
+        camera_dim=16,
+    ),
+}
+
+
+def add_camera_mlp(unet: UNet2DConditionModel) -> MultiViewUNet2DConditionModel:
+    """A multi-view UNet from a plain SD UNet: same weights plus a zero-initialised camera MLP.
+
+    The last layer of the MLP is zero, so the new model starts out computing exactly what a
+    2D model with joined-view attention computes.
+    """
+    config = dict(unet.config)
+    config["class_embed_type"] = "projection"
+    config["projection_class_embeddings_input_dim"] = CAMERA_DIM
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    model = MultiViewUNet2DConditionModel.from_config(config)
+    missing, unexpected = model.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("class_embedding.") for k in missing):
+        raise ValueError(f"state dicts disagree: missing={missing} unexpected={unexpected}")
+    torch.nn.init.zeros_(model.class_embedding.linear_2.weight)
+    torch.nn.init.zeros_(model.class_embedding.linear_2.bias)
+    return model.to(dtype=unet.dtype, device=unet.device)

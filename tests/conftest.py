@@ -1,0 +1,35 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REFERENCE = FIXTURES / "reference" / "mvdream_tiny_sd21.safetensors"
+FULLSIZE_KEYS = FIXTURES / "reference" / "mvdream_sd21_fullsize_keys.txt"
+ASSETS = FIXTURES / "assets"
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """Official MVDream reference vectors: (tensors, metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(REFERENCE))
+    with safe_open(str(REFERENCE), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    return tensors, meta
+
+
+@pytest.fixture(scope="session")
+def reference_unet_sd(reference):
+    """The tiny official UNet state dict (official key names, no prefix)."""
+    tensors, _ = reference
+    prefix = "checkpoint.model.diffusion_model."
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
