@@ -1,14 +1,10 @@
 """Render pipeline pieces that need no Blender: rigs, samples, shards, manifest, sources, CLI."""
 
-import gzip
-import http.server
+import importlib.util
 import io
 import json
 import os
-import shutil
 import tarfile
-import threading
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -178,40 +174,20 @@ def test_local_sources_and_captions(tmp_path):
     assert discover(cfg)[0]["caption"] == "a monkey head, grey"
 
 
-def make_objaverse_mirror(root: Path, uids=("0a1b2c", "9f8e7d")) -> None:
-    """A tiny mirror in the layout of the Hugging Face allenai/objaverse repo."""
-    paths = {uid: f"glbs/000-000/{uid}.glb" for uid in uids}
-    (root / "glbs/000-000").mkdir(parents=True)
-    for uid in uids:
-        shutil.copy(ASSETS / "BoxTextured.glb", root / paths[uid])
-    (root / "metadata").mkdir()
-    meta = {uid: {"name": f"Box {i}", "tags": [{"name": "box"}, {"name": "crate"}],
-                  "license": "by"} for i, uid in enumerate(uids)}  # fmt: skip
-    for name, data in [("object-paths.json.gz", paths), ("metadata/000-000.json.gz", meta),
-                       ("lvis-annotations.json.gz", {"crate": list(uids)})]:  # fmt: skip
-        with gzip.open(root / name, "wt") as f:
-            json.dump(data, f)
+def _load_mirror_helpers():
+    path = Path(__file__).parent / "fixtures" / "render" / "objaverse_mirror.py"
+    spec = importlib.util.spec_from_file_location("render_objaverse_mirror", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture
 def objaverse_mirror(tmp_path, monkeypatch):
-    """Serve a tiny Objaverse mirror from loopback only; yield (base_url, cache_dir)."""
+    """A tiny Objaverse mirror served from loopback only: (base_url, cache_dir)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    root = tmp_path / "mirror"
-    root.mkdir()
-    make_objaverse_mirror(root)
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    handler = partial(Quiet, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", str(tmp_path / "cache")
-    finally:
-        server.shutdown()
+    with _load_mirror_helpers().serve_objaverse_mirror(tmp_path) as (url, cache):
+        yield url, cache
 
 
 def test_objaverse_through_a_loopback_mirror(objaverse_mirror):

@@ -38,6 +38,8 @@ def worker_options(cfg) -> dict:
         "resolution": cfg.resolution,
         "samples": cfg.samples,
         "denoise": cfg.denoise,
+        "denoise_quality": cfg.denoise_quality,
+        "noise_threshold": cfg.noise_threshold,
         "max_bounces": cfg.max_bounces,
         "world_strength": cfg.world_strength,
         "sun_strength": cfg.sun_strength,

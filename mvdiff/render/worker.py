@@ -6,7 +6,8 @@ redirected to stderr). The parent (:class:`mvdiff.render.pool.WorkerHandle`) run
 own process group and kills the whole group when an object exceeds its timeout.
 
 Job:    {"uid", "path", "out_dir", "c2w": [V][4][4], "fov_deg": [V]}
-Answer: {"uid", "ok": true, "c2w", "fov_deg", "scale", "offset", "seconds"}
+Answer: {"uid", "ok": true, "c2w", "fov_deg", "scale", "offset", "seconds", "cpu",
+         "view_cpu": [V]}   (cpu: CPU seconds of the whole job, view_cpu: of each render call)
      or {"uid", "ok": false, "reason", "retry": bool, "seconds"}
 
 Test hook: if the environment variable ``MVDIFF_RENDER_TEST_HANG`` is a substring of a job's
@@ -50,7 +51,7 @@ def main() -> None:
         if not line.strip():
             continue
         job = json.loads(line)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         answer = {"uid": job["uid"]}
         try:
             if hang and hang in job["path"]:
@@ -59,13 +60,16 @@ def main() -> None:
             scene.clear()
             scene.load(job["path"])
             scale, offset = scene.normalize()
-            c2w, fov = scene.render_views(job["c2w"], job["fov_deg"], job["out_dir"])
-            answer.update(ok=True, c2w=c2w, fov_deg=fov, scale=scale, offset=offset)
+            c2w, fov, view_cpu = scene.render_views(job["c2w"], job["fov_deg"], job["out_dir"])
+            answer.update(
+                ok=True, c2w=c2w, fov_deg=fov, scale=scale, offset=offset, view_cpu=view_cpu
+            )
         except AssetError as e:
             answer.update(ok=False, reason=str(e), retry=False)
         except Exception as e:  # anything else may be transient: let the parent retry
             answer.update(ok=False, reason=f"{type(e).__name__}: {e}"[:500], retry=True)
         answer["seconds"] = time.perf_counter() - t0
+        answer["cpu"] = time.process_time() - c0
         send(answer)
 
 
