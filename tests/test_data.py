@@ -293,3 +293,28 @@ def test_mixer_fraction_determinism_and_fast_forward():
     assert all(b["tag"] == "mv" for b in take(20, p_2d=0.0))
     only_2d = BatchMixer(None, _counter("2d"), p_2d=0.3)
     assert next(iter(only_2d))["tag"] == "2d"
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_matches_tarfile(tmp_path, fmt):
+    from mvdiff.data.shards import iter_tar_members
+
+    path = tmp_path / "t.tar"
+    names = ["a.txt", "sub/" + "e" * 90 + "/x.png", "empty.txt"]
+    if fmt != tarfile.USTAR_FORMAT:  # USTAR cannot hold a long name without a "/"
+        names.insert(1, "d" * 120 + ".json")
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i, name in enumerate(names):
+            blob = bytes(range(i * 7 % 256)) * (i + 1) if name != "empty.txt" else b""
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    with open(path, "rb") as f:
+        ours = list(iter_tar_members(f))
+    with tarfile.open(path) as tar:
+        ref = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    assert ours == ref
+    raw = bytearray(path.read_bytes())
+    raw[0] ^= 0xFF  # corrupt the first header
+    with pytest.raises(tarfile.ReadError, match="checksum"):
+        list(iter_tar_members(io.BytesIO(bytes(raw))))

