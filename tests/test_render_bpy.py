@@ -30,6 +30,7 @@ from mvdiff.render.shards import Manifest, check_shard  # noqa: E402
 
 ASSETS = Path(__file__).parent / "fixtures" / "assets"
 TINY = dict(views=4, resolution=64, samples=4, workers=2, timeout=60.0)
+PASSES = dict(depth=True, normal=True)
 
 
 # --- independent readers of the fixture meshes, in Blender's z-up world ------------------
@@ -107,7 +108,7 @@ def project(points, c2w, fov_deg, res):
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
     out = tmp_path_factory.mktemp("render")
-    cfg = RenderConfig(inputs=[str(ASSETS)], output=str(out), **TINY)
+    cfg = RenderConfig(inputs=[str(ASSETS)], output=str(out), **TINY, **PASSES)
     summary = render_objects(cfg, progress=False)
     return out, summary
 
@@ -145,6 +146,35 @@ def test_projected_vertices_land_on_the_alpha_mask(rendered, uid):
         assert np.abs(mask_box - proj_box).max() <= 1.5, (uid, v, mask_box, proj_box)
 
 
+@pytest.mark.parametrize("uid", ["monkey", "rabbit"])
+def test_depth_and_normal_passes_agree_with_the_geometry(rendered, uid):
+    out, _ = rendered
+    sample = read_shards(out)[uid]
+    meta = json.loads(sample["json"])
+    c2w = np.load(io.BytesIO(sample["cameras.npy"])).astype(np.float64)
+    path = next(ASSETS.glob(f"{uid}.*[bj]"))
+    points = glb_vertices(path) if path.suffix == ".glb" else obj_vertices(path)
+    points = points * meta["normalization"]["scale"] + np.array(meta["normalization"]["offset"])
+    for v in range(meta["num_views"]):
+        alpha = np.asarray(Image.open(io.BytesIO(sample[f"rgba.{v:03d}.png"])))[..., 3]
+        depth = np.asarray(Image.open(io.BytesIO(sample[f"depth.{v:03d}.png"]))) / 1000.0
+        normal = np.asarray(Image.open(io.BytesIO(sample[f"normal.{v:03d}.png"]))) / 127.5 - 1
+        solid = alpha == 255
+        assert (depth[alpha == 0] == 0).all() and (depth[solid] > 0).all()
+        # Planar depth = -z of the camera frame; the nearest surface is the nearest vertex.
+        w2c = np.linalg.inv(c2w[v])
+        z = -(points @ w2c[:3, :3].T + w2c[:3, 3])[:, 2]
+        assert abs(depth[solid].min() - z.min()) < 0.03, (uid, v, depth[solid].min(), z.min())
+        assert depth[solid].max() <= z.max() + 0.01
+        # World-space normals: unit length (pixels straddling creases average a few), and
+        # facing the camera on average.
+        n = normal[solid]
+        length = np.linalg.norm(n, axis=1)
+        assert np.median(length) > 0.97 and (length > 0.8).mean() > 0.9
+        to_camera = c2w[v, :3, 3] / np.linalg.norm(c2w[v, :3, 3])
+        assert (n @ to_camera).mean() > 0.3
+
+
 def test_cameras_follow_the_convention(rendered):
     out, _ = rendered
     for uid, sample in read_shards(out).items():
@@ -178,7 +208,9 @@ def test_broken_assets_fail_with_a_reason_while_others_render(tmp_path, monkeypa
     monkeypatch.setenv("MVDIFF_RENDER_TEST_HANG", "hangs.obj")  # the worker sleeps on it
     out = tmp_path / "out"
     cfg = RenderConfig(
-        inputs=[str(bad)], output=str(out), **{**TINY, "timeout": 15.0, "retries": 0}
+        inputs=[str(bad)],
+        output=str(out),
+        **{**TINY, "timeout": 15.0, "retries": 0, "recycle_every": 2},
     )
     summary = render_objects(cfg, progress=False)
     assert summary["done"] == 1 and summary["failed"] == 4

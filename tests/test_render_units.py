@@ -13,6 +13,7 @@ from PIL import Image
 
 from mvdiff.cameras import orbit_c2w
 from mvdiff.cli import main
+from mvdiff.config import load_config
 from mvdiff.render.config import RenderConfig
 from mvdiff.render.rigs import make_rig
 from mvdiff.render.shards import (
@@ -219,3 +220,12 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     assert main(["shard-info", str(tmp_path / "nothing.tar")]) == 2
     with pytest.raises(SystemExit):
         main(["render", "--help"])
+
+
+@pytest.mark.parametrize("name", ["render_mvdream", "render_objaverse_lvis", "render_turntable"])
+def test_data_prep_render_configs_load(name):
+    path = Path(__file__).parents[1] / "data_prep" / "configs" / f"{name}.yaml"
+    cfg = load_config(RenderConfig, path, ["output=/tmp/x"]).validate()
+    assert cfg.resolution == 256
+    if name == "render_mvdream":
+        assert cfg == RenderConfig(output="/tmp/x").validate()  # the file spells the defaults

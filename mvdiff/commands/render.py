@@ -50,6 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, help="seed of the per-object random rig")
     p.add_argument("--engine", help="CYCLES (default), BLENDER_EEVEE or BLENDER_WORKBENCH")
+    p.add_argument("--depth", action="store_true", help="also write depth.VVV.png (uint16 mm)")
+    p.add_argument("--normal", action="store_true", help="also write normal.VVV.png (world space)")
     p.add_argument(
         "--no-denoise", action="store_true", help="turn the OpenImageDenoise denoiser off"
     )
@@ -77,6 +79,10 @@ def build_config(args: argparse.Namespace):
         value = getattr(args, flag, None)
         if value is not None:
             setattr(cfg, name, value)
+    if args.depth:
+        cfg.depth = True
+    if args.normal:
+        cfg.normal = True
     if args.no_denoise:
         cfg.denoise = False
     return cfg.validate()

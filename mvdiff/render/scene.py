@@ -91,6 +91,12 @@ class Scene:
             scene.collection.objects.link(sun_obj)
             self.keep.add(sun_obj.name)
 
+        self.passes = None
+        if opts.get("depth") or opts.get("normal"):
+            self.passes = self._setup_passes(
+                scene, bool(opts.get("depth")), bool(opts.get("normal"))
+            )
+
         cam_data = bpy.data.cameras.new("mvdiff_camera")
         cam_data.lens_unit = "FOV"
         cam_data.sensor_fit = "AUTO"  # square image: horizontal fov = vertical fov
@@ -101,6 +107,59 @@ class Scene:
         scene.camera = self.camera
         self.keep.add(self.camera.name)
         self.scene = scene
+
+    @staticmethod
+    def _setup_passes(scene, depth: bool, normal: bool):
+        """Compositor: planar depth and world-space normal passes -> float EXR per view."""
+        layer = bpy.context.view_layer
+        layer.use_pass_z = depth
+        layer.use_pass_normal = normal
+        tree = bpy.data.node_groups.new("mvdiff_passes", "CompositorNodeTree")
+        scene.compositing_node_group = tree
+        layers = tree.nodes.new("CompositorNodeRLayers")
+        out = tree.nodes.new("CompositorNodeOutputFile")
+        out.format.media_type = "IMAGE"
+        out.format.file_format = "OPEN_EXR"
+        out.format.color_depth = "32"
+        if depth:
+            out.file_output_items.new("FLOAT", "depth")
+            tree.links.new(layers.outputs["Depth"], out.inputs["depth"])
+        if normal:
+            out.file_output_items.new("VECTOR", "normal")
+            tree.links.new(layers.outputs["Normal"], out.inputs["normal"])
+        return out
+
+    @staticmethod
+    def _read_exr(path: str) -> np.ndarray:
+        """Float pixels [H, W, C] of an EXR, rows top-down (Blender stores bottom-up)."""
+        img = bpy.data.images.load(path)
+        w, h, c = img.size[0], img.size[1], img.channels
+        px = np.empty(w * h * c, np.float32)
+        img.pixels.foreach_get(px)
+        bpy.data.images.remove(img)
+        return px.reshape(h, w, c)[::-1]
+
+    def _convert_passes(self, out_dir: str, v: int) -> None:
+        """EXR passes of view ``v`` -> ``depth.VVV.png`` / ``normal.VVV.png`` (DESIGN §3)."""
+        from PIL import Image
+
+        stem = os.path.join(out_dir, f"pass{v:03d}_")
+        depth_exr, normal_exr = stem + "depth.exr", stem + "normal.exr"
+        background = None
+        if os.path.exists(depth_exr):
+            z = self._read_exr(depth_exr)[..., 0]  # planar depth along the view axis
+            background = z > 1e9  # Cycles writes 1e10 where no surface was hit
+            mm = np.clip(np.round(z * 1000.0), 0, 65535).astype(np.uint16)
+            mm[background] = 0
+            Image.fromarray(mm).save(os.path.join(out_dir, f"depth.{v:03d}.png"))
+            os.remove(depth_exr)
+        if os.path.exists(normal_exr):
+            n = self._read_exr(normal_exr)[..., :3]  # world-space unit normals
+            rgb = np.clip(np.round((n + 1.0) * 127.5), 0, 255).astype(np.uint8)
+            if background is not None:
+                rgb[background] = 0
+            Image.fromarray(rgb).save(os.path.join(out_dir, f"normal.{v:03d}.png"))
+            os.remove(normal_exr)
 
     # --- per object -------------------------------------------------------------------
     def clear(self) -> None:
@@ -207,7 +266,12 @@ class Scene:
             used_c2w.append([list(row) for row in self.camera.matrix_world])
             used_fov.append(math.degrees(self.camera.data.angle))
             self.scene.render.filepath = os.path.join(out_dir, f"rgba.{v:03d}.png")
+            if self.passes is not None:
+                self.passes.directory = out_dir
+                self.passes.file_name = f"pass{v:03d}_"
             t0 = time.process_time()
             bpy.ops.render.render(write_still=True)
+            if self.passes is not None:
+                self._convert_passes(out_dir, v)
             cpu.append(time.process_time() - t0)
         return used_c2w, used_fov, cpu

@@ -119,6 +119,22 @@ def check_rgba_png(data: bytes, resolution: int, where: str) -> np.ndarray:
         raise SampleInvalid(f"{where}: unreadable PNG ({e})") from None
 
 
+def check_pass_png(data: bytes, resolution: int, where: str, modes: tuple) -> None:
+    """Decode a depth/normal PNG and check its mode and size."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            ok = im.format == "PNG" and im.mode in modes and im.size == (resolution, resolution)
+            mode, size = im.mode, im.size
+    except Exception as e:
+        raise SampleInvalid(f"{where}: unreadable PNG ({e})") from None
+    if not ok:
+        raise SampleInvalid(f"{where}: mode {mode} size {size}, expected {modes[0]} {resolution}^2")
+
+
+DEPTH_MODES = ("I;16", "I;16B", "I")
+NORMAL_MODES = ("RGB",)
+
+
 def check_cameras(c2w: np.ndarray, num_views: int) -> None:
     if c2w.shape != (num_views, 4, 4):
         raise SampleInvalid(f"cameras have shape {c2w.shape}, expected ({num_views}, 4, 4)")
@@ -148,6 +164,16 @@ def build_sample(obj: dict, answer: dict, cfg) -> dict[str, bytes]:
         if alpha.max() == 0:
             raise SampleInvalid(f"view {v} is empty (alpha is zero everywhere)")
         members[name] = files[name]
+        for kind, wanted, modes in (
+            ("depth", cfg.depth, DEPTH_MODES),
+            ("normal", cfg.normal, NORMAL_MODES),
+        ):
+            if wanted:
+                name = f"{kind}.{v:03d}.png"
+                if name not in files:
+                    raise SampleInvalid(f"view {v}: {kind} pass is missing")
+                check_pass_png(files[name], cfg.resolution, f"view {v} {kind}", modes)
+                members[name] = files[name]
     c2w = np.asarray(answer["c2w"], dtype=np.float32)  # [V, 4, 4] as Blender used them
     check_cameras(c2w, num_views)
     elevation, azimuth, distance = spherical_from_c2w(c2w)
@@ -335,7 +361,16 @@ def check_sample(key: str, members: dict[str, bytes]) -> dict:
         if name not in members:
             raise SampleInvalid(f"{name} is missing")
         check_rgba_png(members[name], res, name)
-    extra = [n for n in members if n.startswith("rgba.") and int(n[5:8]) >= num_views]
+    for name, data in members.items():
+        if name.startswith("depth.") and name.endswith(".png"):
+            check_pass_png(data, res, name, DEPTH_MODES)
+        elif name.startswith("normal.") and name.endswith(".png"):
+            check_pass_png(data, res, name, NORMAL_MODES)
+    extra = [
+        n
+        for n in members
+        if n.split(".")[0] in ("rgba", "depth", "normal") and int(n.split(".")[1]) >= num_views
+    ]
     if extra:
         raise SampleInvalid(f"more views than num_views: {extra}")
     return meta
