@@ -56,6 +56,7 @@ def test_filters_report_missing_columns():
     assert {"watermark", "unsafe", "NSFW"} <= skipped
 
 
+@pytest.mark.slow  # img2dataset start-up (imports, process pool) dominates: ~30 s
 def test_laion_subset_downloads_filtered_rows_into_readable_shards(server, tmp_path):
     recipe = _load_recipe()
     root, base = server

@@ -31,7 +31,9 @@ def export_pipeline_folder(
 
     def entry(obj):
         module = type(obj).__module__.split(".")[0]
-        library = module if module in ("diffusers", "transformers") else "mvdiff.models"
+        # like DiffusionPipeline.save_pretrained: the top package for diffusers/transformers,
+        # the defining module otherwise
+        library = module if module in ("diffusers", "transformers") else type(obj).__module__
         return [library, type(obj).__name__]
 
     index = {

@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Training throughput and peak memory on CPU: tiny and full-size (SD-2.1-base-sized
+multi-view UNet, random weights) configs, fp32 vs bf16 autocast. Prints one JSON line.
+
+Each case runs in its own process (so peak RSS is per case): AdamW training steps of the
+multi-view UNet on 1 object x 4 views (the MVDream recipe's unit) through accelerate's
+autocast. The tiny case includes the frozen VAE + text encoder; the full-size case feeds
+random latents [4, 4, 32, 32] and text embeddings [1, 77, 1024] (the frozen encoders are
+not what is being trained) and uses gradient checkpointing like the recipe.
+
+    python benchmarks/bench_train.py [--cases tiny-fp32 tiny-bf16 full-fp32 full-bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = ["tiny-fp32", "tiny-bf16", "full-fp32", "full-bf16"]
+
+
+def run_case(case: str, steps: int, warmup: int) -> dict:
+    import torch
+    from accelerate import Accelerator
+
+    from mvdiff.training.components import noise_scheduler_from
+    from mvdiff.training.loss import diffusion_loss, encode_images, encode_prompts
+
+    size, precision = case.split("-")
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=True)
+    g = torch.Generator().manual_seed(0)
+    views = 4
+    if size == "tiny":
+        from mvdiff.testing import tiny_components
+
+        parts = tiny_components()
+        unet, vae, te, tok = parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"]
+        sched = noise_scheduler_from(parts["scheduler"])
+        res = 32
+        pixels = torch.randint(0, 256, (2, views, 3, res, res), dtype=torch.uint8)
+        objects = 2
+    else:
+        from diffusers import DDPMScheduler
+
+        from mvdiff.models import PRESETS, MultiViewUNet2DConditionModel, multiview_unet_config
+
+        torch.manual_seed(0)
+        config = multiview_unet_config(sample_size=32, **PRESETS["sd-v2.1-base-4view"])
+        unet = MultiViewUNet2DConditionModel.from_config(config)
+        unet.enable_gradient_checkpointing()
+        sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        objects, res = 1, 256
+    unet.train()
+    params = sum(p.numel() for p in unet.parameters())
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        if size == "tiny":
+            latents = encode_images(vae, pixels, g)
+            text = encode_prompts(tok, te, ["a red ball, 3d asset"] * objects)
+        else:
+            latents = torch.randn(objects * views, 4, res // 8, res // 8, generator=g)
+            text = torch.randn(objects, 77, 1024, generator=g)
+        camera = torch.randn(objects * views, 16, generator=g)
+        with accelerator.autocast():
+            loss = diffusion_loss(unet, sched, latents, text, camera, views, g)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        print(f"{case}: step {i + 1}/{warmup + steps} {time.perf_counter() - t0:.2f}s",
+              file=sys.stderr, flush=True)  # fmt: skip
+    step_s = statistics.median(times)
+    return {
+        "case": case,
+        "params_m": round(params / 1e6, 1),
+        "resolution": res,
+        "objects_per_step": objects,
+        "images_per_step": objects * views,
+        "step_s_median": round(step_s, 3),
+        "samples_per_s": round(objects * views / step_s, 3),
+        "objects_per_s": round(objects / step_s, 3),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "loss_finite": bool(torch.isfinite(loss).item()),
+        "timed_steps": steps,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (tiny cases)")
+    parser.add_argument("--full-steps", type=int, default=2, help="timed steps (full cases)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case here
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
+    args = parser.parse_args(argv)
+    if args.case:
+        full = args.case.startswith("full")
+        steps = args.full_steps if full else args.steps
+        print(json.dumps(run_case(args.case, steps, warmup=1)))
+        return 0
+    import torch
+
+    results = []
+    for case in args.cases:
+        cmd = [sys.executable, __file__, "--case", case, "--steps", str(args.steps),
+               "--full-steps", str(args.full_steps)]  # fmt: skip
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        except subprocess.TimeoutExpired:
+            results.append({"case": case, "error": f"timeout after {args.timeout}s"})
+            continue
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not lines:
+            results.append({"case": case, "error": proc.stderr.strip().splitlines()[-1:]})
+        else:
+            results.append({**json.loads(lines[-1]), "wall_s": round(time.time() - t0, 1)})
+    print(json.dumps({"bench": "train", "device": "cpu", "threads": torch.get_num_threads(),
+                      "results": results}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
