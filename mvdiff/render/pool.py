@@ -84,19 +84,19 @@ class WorkerHandle:
             raise RuntimeError(f"render worker {why} during start-up: {tail}")
 
     def kill(self) -> None:
-        if self.proc is None:
+        proc, self.proc = self.proc, None
+        if proc is None:
             return
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
             try:
                 stream.close()
             except OSError:
                 pass
-        self.proc = None
 
     def close(self) -> None:
         """Ask the worker to exit (EOF on stdin); kill it if it does not within 5 s."""
@@ -229,7 +229,14 @@ class LocalBackend:
     def submit(self, slot: int, job: dict) -> cf.Future:
         return self.pools[slot].submit(run_job, self.handles[slot], job)
 
-    def close(self) -> None:
+    def reset(self, slot: int) -> None:
+        self.handles[slot].kill()  # the next job starts a fresh worker
+
+    def close(self, abort: bool = False) -> None:
+        """Stop the workers; ``abort`` (objects still in flight, e.g. Ctrl-C) kills them first."""
+        if abort:
+            for handle in self.handles:
+                handle.kill()
         for pool in self.pools:
             pool.shutdown(wait=True, cancel_futures=True)
         for handle in self.handles:
@@ -257,10 +264,9 @@ class RayBackend:
             )
         if workers == 0:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.threads_per_worker)
-        actor_cls = ray.remote(num_cpus=cfg.threads_per_worker)(_RenderActor)
-        opts = worker_options(cfg)
-        args = (opts, cfg.timeout, cfg.startup_timeout, cfg.recycle_every)
-        self.actors = [actor_cls.remote(*args) for _ in range(workers)]
+        self._actor_cls = ray.remote(num_cpus=cfg.threads_per_worker)(_RenderActor)
+        self._args = (worker_options(cfg), cfg.timeout, cfg.startup_timeout, cfg.recycle_every)
+        self.actors = [self._actor_cls.remote(*self._args) for _ in range(workers)]
 
     @property
     def num_slots(self) -> int:
@@ -269,7 +275,15 @@ class RayBackend:
     def submit(self, slot: int, job: dict) -> cf.Future:
         return self.actors[slot].render.remote(job).future()
 
-    def close(self) -> None:
+    def reset(self, slot: int) -> None:
+        """Replace the actor of ``slot`` (after it died, e.g. its node went away)."""
+        try:
+            self.ray.kill(self.actors[slot])
+        except Exception:
+            pass
+        self.actors[slot] = self._actor_cls.remote(*self._args)
+
+    def close(self, abort: bool = False) -> None:
         for actor in self.actors:
             try:
                 self.ray.get(actor.close.remote(), timeout=30)

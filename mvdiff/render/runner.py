@@ -145,7 +145,12 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
                 try:
                     answer = fut.result()
                 except Exception as e:  # a lost Ray actor, a bug in a slot thread, ...
-                    answer = {"ok": False, "retry": True, "reason": f"{type(e).__name__}: {e}"}
+                    answer = {
+                        "ok": False,
+                        "retry": True,
+                        "reason": f"{type(e).__name__}: {e}"[:500],
+                    }
+                    backend.reset(slot)
                 record = {"uid": obj["uid"], "source": obj.get("source", ""),
                           "seconds": round(float(answer.get("seconds", 0.0)), 3)}  # fmt: skip
                 if answer.get("ok"):
@@ -174,7 +179,7 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
     finally:
         bar.close()
         writer.close_shard()
-        backend.close()
+        backend.close(abort=bool(in_flight))
         manifest.close()
         lock.close()
     out.finish(cfg)

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import re
+import socket
 from pathlib import Path
 
 from mvdiff.errors import UserError
@@ -26,7 +27,8 @@ def safe_uid(name: str) -> str:
 
 def caption_from_name(name: str, tags=()) -> str:
     """Fallback caption: the object's name (separators to spaces) plus up to 5 tags."""
-    words = re.sub(r"[_\-.]+", " ", name).strip()
+    words = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name)  # CamelCase -> Camel Case
+    words = re.sub(r"[_\-.]+", " ", words).strip()
     tags = [t for t in tags if t and t.lower() not in words.lower()][:5]
     return ", ".join([words] + list(tags)) if words else ", ".join(tags)
 
@@ -122,6 +124,8 @@ class ObjaverseFetch:
         self.uid, self.mirror, self.cache = uid, mirror, cache
 
     def __call__(self) -> str:
+        if socket.getdefaulttimeout() is None:
+            socket.setdefaulttimeout(120)  # urlretrieve has no timeout of its own
         objaverse = objaverse_module(self.mirror, self.cache)
         with contextlib.redirect_stdout(io.StringIO()):
             paths = objaverse.load_objects([self.uid], download_processes=1)
