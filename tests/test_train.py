@@ -167,6 +167,7 @@ def test_loss_falls_and_export_loads(shards, tmp_path):
     assert 0 < sum(r["frac_2d_batches"] for r in logs) < len(logs)  # both kinds of batches
     assert (tmp_path / "run" / "samples" / "step-0000008.png").is_file()
     assert (tmp_path / "run" / "config.yaml").is_file()
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
     try:
         from mvdiff.pipelines import MVDreamPipeline
     except ImportError:
@@ -235,8 +236,11 @@ def test_nan_loss_stops_cleanly_or_skips(shards, tmp_path):
         torch.isfinite(v).all() for v in _weights(tmp_path / "stop/checkpoints" / ckpts[0]).values()
     )
 
+    # also exercises accumulation, gradient checkpointing, min-SNR weighting and offset noise
     cfg = tiny_config(shards, tmp_path / "skip", "max_steps=5", "checkpoint.every=0",
-                      "debug_nan_step=3", "nan_policy=skip", "export=false")  # fmt: skip
+                      "debug_nan_step=3", "nan_policy=skip", "export=false",
+                      "gradient_accumulation_steps=2", "model.gradient_checkpointing=true",
+                      "snr_gamma=5.0", "noise_offset=0.05")  # fmt: skip
     summary = train(cfg)
     assert summary["nan_skips"] == 1 and math.isfinite(summary["final_loss"])
     weights = _weights(tmp_path / "skip" / "checkpoints" / "step-0000005")

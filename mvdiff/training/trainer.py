@@ -181,6 +181,8 @@ def train(cfg: TrainConfig) -> dict:
             t_data = time.perf_counter()
             batch = next(batches)
             window["data_s"] += time.perf_counter() - t_data
+            if bad:  # the step is lost: still consume its batches so the streams stay aligned
+                continue
             b, v = batch["pixels"].shape[:2]
             captions = [
                 "" if random.Random(make_seed("drop", cfg.seed, rank, index, i)).random()
@@ -210,7 +212,7 @@ def train(cfg: TrainConfig) -> dict:
                 finite = torch.isfinite(loss.detach()).float().reshape(1)
                 if accelerator.reduce(finite, reduction="sum").item() < world:
                     bad = True
-                    break
+                    continue
                 accelerator.backward(loss / accum)
             step_loss += loss.detach().float().item() / accum
             window["images"] += b * v
