@@ -318,3 +318,16 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt):
     raw[0] ^= 0xFF  # corrupt the first header
     with pytest.raises(tarfile.ReadError, match="checksum"):
         list(iter_tar_members(io.BytesIO(bytes(raw))))
+
+
+def test_few_shards_are_split_by_sample(tmp_path):
+    """One shard, two ranks: each rank reads every other sample instead of one rank starving."""
+    write_synthetic_mv_shards(tmp_path, 1, 6, num_views=4, resolution=16)
+    cfg = DataConfig(mv_shards=str(tmp_path / "mv-*.tar"), resolution=16, num_workers=0,
+                     shuffle_buffer=0)  # fmt: skip
+    keys = [
+        [k for b in build_loader(cfg, "mv", rank=r, world_size=2, epochs=1) for k in b["key"]]
+        for r in range(2)
+    ]
+    assert len(keys[0]) == len(keys[1]) == 3
+    assert sorted(keys[0] + keys[1]) == [f"obj0000x{i:04d}" for i in range(6)]

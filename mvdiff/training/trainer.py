@@ -159,7 +159,7 @@ def train(cfg: TrainConfig) -> dict:
     step = start_step
     consecutive_nan = 0
     window = {"loss": 0.0, "n": 0, "images": 0, "data_s": 0.0, "t0": time.perf_counter(),
-              "skipped": 0, "n2d": 0}  # fmt: skip
+              "skipped": 0, "n2d": 0, "nb": 0}  # fmt: skip
     last_loss = float("nan")
     bar = tqdm(
         total=cfg.max_steps, initial=start_step, desc="train",
@@ -218,6 +218,7 @@ def train(cfg: TrainConfig) -> dict:
             window["images"] += b * v
             window["skipped"] += int(batch.get("skipped", 0))
             window["n2d"] += int(camera is None)
+            window["nb"] += 1
         grad_norm = float("nan")
         if not bad:
             if cfg.optim.max_grad_norm > 0:
@@ -255,7 +256,7 @@ def train(cfg: TrainConfig) -> dict:
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             seconds = time.perf_counter() - window["t0"]
             stats = torch.tensor(
-                [window["loss"], window["n"], window["images"], window["skipped"], window["n2d"]],
+                [window[k] for k in ("loss", "n", "images", "skipped", "n2d", "nb")],
                 dtype=torch.float64,
                 device=accelerator.device,
             )
@@ -267,7 +268,7 @@ def train(cfg: TrainConfig) -> dict:
                 "samples_per_s": stats[2] / max(seconds, 1e-9),
                 "data_wait_frac": window["data_s"] / max(seconds, 1e-9),
                 "skipped_samples": stats[3],
-                "frac_2d_batches": stats[4] / max(1.0, cfg.log_every * accum * world),
+                "frac_2d_batches": stats[4] / max(1.0, stats[5]),
                 "nan_skips": nan_skips_total,
             }
             if tracker_started:
@@ -278,7 +279,7 @@ def train(cfg: TrainConfig) -> dict:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, **logs}) + "\n")
             window = {"loss": 0.0, "n": 0, "images": 0, "data_s": 0.0,
-                      "t0": time.perf_counter(), "skipped": 0, "n2d": 0}  # fmt: skip
+                      "t0": time.perf_counter(), "skipped": 0, "n2d": 0, "nb": 0}  # fmt: skip
 
         # ---- checkpoint -----------------------------------------------------------------------
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.max_steps:
