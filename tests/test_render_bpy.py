@@ -194,6 +194,30 @@ def test_cameras_follow_the_convention(rendered):
         assert np.allclose(steps, 90, atol=1e-3)
 
 
+def test_stl_and_ply_render(tmp_path):
+    # A tetrahedron written as ASCII STL and ASCII PLY (vertices in z-up, no axis change).
+    verts = np.array([[0, 0, 0], [2, 0, 0], [0, 1, 0], [0, 0, 0.5]], dtype=float)
+    faces = [(0, 2, 1), (0, 1, 3), (0, 3, 2), (1, 2, 3)]
+    stl = ["solid t"]
+    for f in faces:
+        stl += ["facet normal 0 0 0", "outer loop"]
+        stl += [f"vertex {x} {y} {z}" for x, y, z in verts[list(f)]]
+        stl += ["endloop", "endfacet"]
+    (tmp_path / "tetra_stl.stl").write_text("\n".join(stl + ["endsolid t", ""]))
+    ply = ["ply", "format ascii 1.0", "element vertex 4", "property float x", "property float y",
+           "property float z", "element face 4", "property list uchar int vertex_indices",
+           "end_header"]  # fmt: skip
+    ply += [" ".join(map(str, v)) for v in verts] + [f"3 {a} {b} {c}" for a, b, c in faces]
+    (tmp_path / "tetra_ply.ply").write_text("\n".join(ply + [""]))
+    out = tmp_path / "out"
+    cfg = RenderConfig(inputs=[str(tmp_path)], output=str(out), **{**TINY, "views": 2})
+    assert render_objects(cfg, progress=False)["done"] == 2
+    for uid, sample in read_shards(out).items():
+        meta = json.loads(sample["json"])
+        assert meta["normalization"]["scale"] == pytest.approx(0.5, rel=1e-5), uid  # longest side 2
+        assert np.allclose(meta["normalization"]["offset"], [-0.5, -0.25, -0.125], atol=1e-5)
+
+
 def test_broken_assets_fail_with_a_reason_while_others_render(tmp_path, monkeypatch):
     bad = tmp_path / "inputs"
     bad.mkdir()

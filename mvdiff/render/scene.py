@@ -83,6 +83,9 @@ class Scene:
         background = world.node_tree.nodes["Background"]
         background.inputs["Color"].default_value = (1.0, 1.0, 1.0, 1.0)
         background.inputs["Strength"].default_value = float(opts["world_strength"])
+        # A uniform world needs no importance map: BSDF sampling alone sees it without extra
+        # noise (after denoising), and skipping world light sampling saves ~1/3 of each view.
+        world.cycles.sampling_method = "NONE"
         scene.world = world
         self.keep = set()
         if float(opts.get("sun_strength", 0.0)) > 0:
