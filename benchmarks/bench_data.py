@@ -16,16 +16,22 @@ import time
 from pathlib import Path
 
 
-def measure(cfg, kind: str, workers: int, repeats: int) -> tuple[float, list[float]]:
+def measure(cfg, kind: str, workers: int, repeats: int) -> tuple[float, float]:
+    """Median (items per wall second, items per CPU second of this process) over repeats.
+
+    The CPU-second rate is meaningful for ``workers=0`` (all work in this process) and is
+    robust to other load on a shared machine.
+    """
     from mvdiff.data import build_loader
 
-    rates = []
+    rates, cpu_rates = [], []
     for _ in range(repeats):
         loader = build_loader(cfg, kind, seed=0, epochs=1, num_workers=workers, drop_last=False)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         n = sum(len(b["key"]) for b in loader)
         rates.append(n / (time.perf_counter() - t0))
-    return statistics.median(rates), rates
+        cpu_rates.append(n / max(time.process_time() - c0, 1e-9))
+    return statistics.median(rates), statistics.median(cpu_rates)
 
 
 def main(argv=None) -> int:
@@ -56,10 +62,12 @@ def main(argv=None) -> int:
                   "resolution": args.resolution, "objects": args.objects,
                   "mv_shard_mb": round(size_mb, 1)}  # fmt: skip
         for w in args.workers:
-            med, rates = measure(cfg, "mv", w, args.repeats)
+            med, cpu = measure(cfg, "mv", w, args.repeats)
             per_worker = med / max(1, w)
             result[f"mv_objects_per_s_workers{w}"] = round(med, 1)
             result[f"mv_objects_per_s_per_worker_workers{w}"] = round(per_worker, 1)
+            if w == 0:
+                result["mv_objects_per_cpu_s_workers0"] = round(cpu, 1)
             med2, _ = measure(cfg, "2d", w, args.repeats)
             result[f"2d_images_per_s_workers{w}"] = round(med2, 1)
         single = result.get("mv_objects_per_s_per_worker_workers0") or next(

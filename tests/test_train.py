@@ -247,7 +247,7 @@ def test_nan_loss_stops_cleanly_or_skips(shards, tmp_path):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, capsys):
     from mvdiff.cli import main
 
     bad = tmp_path / "bad.yaml"
@@ -257,6 +257,9 @@ def test_cli_errors_are_one_line(tmp_path):
     assert main(["train", "--config", str(bad)]) == 2
     assert main(["train", "--config", str(TINY), "--set", "nope=1"]) == 2
     assert main(["train", "--config", str(TINY), "--output-dir", str(tmp_path / "o")]) == 2
+    missing = ["--set", f"data.mv_shards={tmp_path}/none-*.tar"]
+    assert main(["train", "--config", str(TINY), *missing]) == 2
+    assert "none-*.tar" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ import torch
 from mvdiff.config import dump_config, save_config
 from mvdiff.data.loader import build_loader
 from mvdiff.data.mixer import BatchMixer
-from mvdiff.data.shards import make_seed
+from mvdiff.data.shards import expand_urls, make_seed
 from mvdiff.errors import UserError
 from mvdiff.training.checkpoint import find_checkpoint, read_trainer_state, save_checkpoint
 from mvdiff.training.components import freeze, load_components, noise_scheduler_from
@@ -67,7 +67,12 @@ def train(cfg: TrainConfig) -> dict:
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    # ---- setup: accelerator, output folder, resolved config --------------------------------
+    # ---- setup: check the data first (cheap), accelerator, output folder, resolved config ----
+    if not cfg.data.mv_shards and not cfg.data.shards_2d:
+        raise UserError("no training data: set data.mv_shards and/or data.shards_2d")
+    for key in ("mv_shards", "shards_2d"):
+        if getattr(cfg.data, key):
+            expand_urls(getattr(cfg.data, key), f"data.{key}")  # names a missing file now
     out = Path(cfg.output_dir)
     tb = _tensorboard_available()
     accelerator = Accelerator(
