@@ -15,7 +15,8 @@ time:
 * main-process validation of a 32-view sample (``getrusage(RUSAGE_SELF)``).
 
 Objects/hour per core for the default recipe (32 views, 32 samples, denoiser) follow from
-these. The machine may be shared: ``load_average`` is reported with the numbers.
+these. A baseline worker with Blender's stock Cycles settings (same samples, denoiser on)
+gives a load-independent ratio, ``speedup_vs_stock_cycles``. The machine may be shared: ``load_average`` is reported with the numbers.
 Targets: <= 0.8 CPU-s per view at the default recipe, <= 0.3 s per-object overhead.
 
     python benchmarks/bench_render.py [--quick]
@@ -120,6 +121,10 @@ def main() -> None:
         )
         for samples, denoise in SETTINGS
     }
+    # Baseline: the same recipe with Blender's stock Cycles settings (ratios survive load).
+    configs["spp32_denoise_stock"] = RenderConfig(
+        resolution=args.resolution, output="unused", views=views, samples=32, tuned=False
+    )
     stats = run_settings(configs)
     ref = stats[f"spp{default.samples}_{'denoise' if default.denoise else 'raw'}"]
     grid = {
@@ -148,6 +153,8 @@ def main() -> None:
         "cpu_s_per_object_32_views": round(per_object, 2),
         "objects_per_hour_per_core": round(3600 / per_object, 1),
         "grid": grid,
+        "stock_cycles_cpu_s_per_view": grid["spp32_denoise_stock"]["cpu_s_per_view"],
+        "speedup_vs_stock_cycles": round(stats["spp32_denoise_stock"]["per_view"] / ref["per_view"], 2),
         "targets": {"cpu_s_per_view": 0.8, "per_object_overhead_cpu_s": 0.3},
         "meets_targets": ref["per_view"] <= 0.8 and overhead <= 0.3,
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],

@@ -245,6 +245,13 @@ def test_broken_assets_fail_with_a_reason_while_others_render(tmp_path, monkeypa
     assert "timeout" in records["hangs"]["reason"]
     assert "empty scene" in records["empty"]["reason"]
     assert [check_shard(p)["samples"] for p in out.glob("*.tar")] == [1]
+    # Re-running the same command skips what is done and retries what failed.
+    monkeypatch.delenv("MVDIFF_RENDER_TEST_HANG")
+    again = render_objects(cfg, progress=False)
+    assert again["skipped"] == 1 and again["done"] == 1 and again["failed"] == 3
+    records = Manifest(out / "manifest.jsonl").records
+    assert records["hangs"]["status"] == "done" and records["text"]["status"] == "failed"
+    assert sum(check_shard(p)["samples"] for p in out.glob("*.tar")) == 2
 
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}

@@ -48,6 +48,7 @@ class RenderConfig:
     )
     noise_threshold: float = 0.05  # Cycles adaptive sampling: stop a pixel at this noise level
     max_bounces: int = 4
+    tuned: bool = True  # our fast Cycles settings; false = Blender's stock ones (baseline)
     world_strength: float = 1.0  # uniform white environment = even lighting
     sun_strength: float = 0.0  # optional key light from above-front (W/m^2)
     depth: bool = False  # KEY.depth.VVV.png (16-bit, millimetres of the normalised scene)

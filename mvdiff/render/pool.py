@@ -44,6 +44,7 @@ def worker_options(cfg) -> dict:
         "world_strength": cfg.world_strength,
         "sun_strength": cfg.sun_strength,
         "threads": cfg.threads_per_worker,
+        "tuned": cfg.tuned,
         "depth": cfg.depth,
         "normal": cfg.normal,
     }
