@@ -3,11 +3,17 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # Tests never touch a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+# Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP threads
+# that spin-wait for each other make torch up to 10x slower. Subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "reference" / "mvdream_tiny_sd21.safetensors"
