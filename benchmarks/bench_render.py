@@ -50,6 +50,11 @@ def rusage_cpu(who) -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _deciles(values: list) -> tuple:
+    qs = statistics.quantiles(values, n=10) if len(values) > 1 else [values[0]] * 9
+    return qs[0], qs[-1]
+
+
 SETTINGS = [(samples, denoise) for samples in (16, 32, 64) for denoise in (True, False)]
 
 
@@ -89,14 +94,14 @@ def run_settings(configs: dict, rounds: int = 1) -> dict:
     per_worker = (rusage_cpu(resource.RUSAGE_CHILDREN) - c0 - all_jobs) / len(handles)
     for st in stats.values():
         st["per_view"] = statistics.median(st["view_cpu"])
+        st["per_view_p10_p90"] = [round(x, 3) for x in _deciles(st["view_cpu"])]
         # Beyond the render calls: clear the previous asset, import, normalise, reply.
         st["overhead"] = statistics.median(
             j - sum(v) for j, v in zip(st["job_cpu"], st["job_views"])
         )
         # The first view of an object also builds the BVH and syncs shaders.
-        st["first_view_extra"] = statistics.median(
-            v[0] - statistics.median(v[1:]) for v in st["job_views"] if len(v) > 1
-        )
+        extras = [v[0] - statistics.median(v[1:]) for v in st["job_views"] if len(v) > 1]
+        st["first_view_extra"] = statistics.median(extras) if extras else 0.0
         st["per_worker"] = per_worker
     return stats
 
@@ -104,12 +109,12 @@ def run_settings(configs: dict, rounds: int = 1) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--views", type=int, default=3, help="views per object and setting")
-    parser.add_argument("--quick", action="store_true", help="2 views per object (a smoke run)")
+    parser.add_argument("--views", type=int, default=2, help="views per object and setting")
+    parser.add_argument("--quick", action="store_true", help="1 view per object (a smoke run)")
     args = parser.parse_args()
     t_start = time.monotonic()
     load_before = os.getloadavg()[0]
-    views = 2 if args.quick else args.views
+    views = 1 if args.quick else args.views
     default = RenderConfig(resolution=args.resolution, output="unused", views=views)
     configs = {
         f"spp{samples}_{'denoise' if denoise else 'raw'}": RenderConfig(
@@ -144,6 +149,7 @@ def main() -> None:
                            "denoise_quality": default.denoise_quality,
                            "noise_threshold": default.noise_threshold},
         "cpu_s_per_view": round(ref["per_view"], 3),
+        "cpu_s_per_view_p10_p90": ref["per_view_p10_p90"],
         "cpu_s_per_view_by_asset": {a: round(statistics.median(v), 3) for a, v in ref["per_asset"].items()},
         "per_object_overhead_cpu_s": round(overhead, 3),
         "per_object_overhead_parts": {"import_normalise_clear": round(ref["overhead"], 3),

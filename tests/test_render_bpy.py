@@ -218,6 +218,35 @@ def test_stl_and_ply_render(tmp_path):
         assert np.allclose(meta["normalization"]["offset"], [-0.5, -0.25, -0.125], atol=1e-5)
 
 
+def _processes_with(arg: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if arg.encode() in cmdline:
+            found.append(pid)
+    return found
+
+
+def test_workers_are_recycled():
+    from mvdiff.render.pool import WorkerHandle, run_job, worker_options
+    from mvdiff.render.rigs import make_rig
+
+    cfg = RenderConfig(output="unused", **{**TINY, "views": 1, "resolution": 16, "samples": 1})
+    handle = WorkerHandle(worker_options(cfg), timeout=60, startup_timeout=120, recycle_every=2)
+    rig = make_rig(cfg, "x")
+    job = {"uid": "x", "path": str(ASSETS / "monkey.glb"), "c2w": rig["c2w"].tolist(),
+           "fov_deg": rig["fov_deg"]}  # fmt: skip
+    pids = []
+    for _ in range(3):
+        assert run_job(handle, job)["ok"]
+        pids.append(handle.proc.pid)
+    handle.close()
+    assert handle.starts == 2 and pids[0] == pids[1] != pids[2]
+
+
 def test_broken_assets_fail_with_a_reason_while_others_render(tmp_path, monkeypatch):
     bad = tmp_path / "inputs"
     bad.mkdir()
@@ -243,6 +272,7 @@ def test_broken_assets_fail_with_a_reason_while_others_render(tmp_path, monkeypa
     for uid in ["truncated", "text", "empty", "hangs"]:
         assert records[uid]["status"] == "failed" and records[uid]["reason"], records[uid]
     assert "timeout" in records["hangs"]["reason"]
+    assert not _processes_with("86399"), "the hanging worker's child outlived the kill"
     assert "empty scene" in records["empty"]["reason"]
     assert [check_shard(p)["samples"] for p in out.glob("*.tar")] == [1]
     # Re-running the same command skips what is done and retries what failed.

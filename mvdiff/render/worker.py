@@ -11,13 +11,15 @@ Answer: {"uid", "ok": true, "c2w", "fov_deg", "scale", "offset", "seconds", "cpu
      or {"uid", "ok": false, "reason", "retry": bool, "seconds"}
 
 Test hook: if the environment variable ``MVDIFF_RENDER_TEST_HANG`` is a substring of a job's
-path, the worker sleeps forever on it (a simulated hanging import).
+path, the worker starts a child process (``sleep 86399``, like an importer's helper) and
+sleeps forever on it: a simulated hanging import whose whole process group must be killed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -55,6 +57,7 @@ def main() -> None:
         answer = {"uid": job["uid"]}
         try:
             if hang and hang in job["path"]:
+                subprocess.Popen(["sleep", "86399"])
                 while True:
                     time.sleep(60)
             scene.clear()
