@@ -11,11 +11,11 @@ import argparse
 import sys
 
 from mvdiff import __version__
-from mvdiff.commands import convert, render, sample, shard_info
+from mvdiff.commands import convert, quickstart, render, sample, shard_info
 from mvdiff.commands import train as train_command
 from mvdiff.errors import UserError
 
-COMMANDS = [convert, render, shard_info, train_command, sample]
+COMMANDS = [convert, render, shard_info, train_command, sample, quickstart]
 
 
 def build_parser() -> argparse.ArgumentParser:
