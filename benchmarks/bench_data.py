@@ -70,12 +70,12 @@ def main(argv=None) -> int:
                 result["mv_objects_per_cpu_s_workers0"] = round(cpu, 1)
             med2, _ = measure(cfg, "2d", w, args.repeats)
             result[f"2d_images_per_s_workers{w}"] = round(med2, 1)
-        single = result.get("mv_objects_per_s_per_worker_workers0") or next(
-            v for k, v in result.items() if k.startswith("mv_objects_per_s_per_worker")
-        )
-        result["objects_per_s_per_worker"] = single
-        result["target_objects_per_s_per_worker"] = 100
-        result["meets_target"] = single >= 100
+        # per core = objects per CPU-second of a single in-process reader (workers=0): the
+        # wall-clock rates above also measure whatever else the machine is running
+        per_core = result.get("mv_objects_per_cpu_s_workers0")
+        result["objects_per_s_per_core"] = per_core
+        result["target_objects_per_s_per_core"] = 100
+        result["meets_target"] = per_core is not None and per_core >= 100
     print(json.dumps(result))
     return 0
 
