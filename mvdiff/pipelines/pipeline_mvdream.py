@@ -126,7 +126,7 @@ class MVDreamPipeline(DiffusionPipeline):
             truncation=True,
             return_tensors="pt",
         ).input_ids  # (N, L)
-        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+        return self.text_encoder(ids.to(self._execution_device))[0]
 
     @property
     def has_camera_mlp(self) -> bool:
@@ -237,7 +237,7 @@ class MVDreamPipeline(DiffusionPipeline):
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         images = []
         for chunk in latents.split(chunk_size):
-            z = chunk.to(self.vae.device, self.vae.dtype) / scale + shift
+            z = chunk.to(dtype=self.vae.dtype) / scale + shift
             images.append(self.vae.decode(z).sample.float())
         return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
