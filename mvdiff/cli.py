@@ -12,10 +12,11 @@ import sys
 
 from mvdiff import __version__
 from mvdiff.commands import convert, quickstart, render, sample, shard_info
+from mvdiff.commands import text_to_3d as text_to_3d_command
 from mvdiff.commands import train as train_command
 from mvdiff.errors import UserError
 
-COMMANDS = [convert, render, shard_info, train_command, sample, quickstart]
+COMMANDS = [convert, render, shard_info, train_command, sample, quickstart, text_to_3d_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
