@@ -90,7 +90,7 @@ class PhotoStage:
 
 @dataclass
 class TrainStage:
-    max_steps: int = 200
+    max_steps: int = 150
     batch_size: int = 2
     #: training resolution (the tiny model's VAE works at any multiple of 8)
     resolution: int = 32
@@ -375,11 +375,12 @@ def loss_curve_png(log_path: Path, out_path: Path, size=(640, 360)) -> int:
     """Plot ``loss`` against ``step`` of a trainer log.jsonl with PIL; returns #points."""
     from PIL import Image, ImageDraw
 
-    points = []
+    by_step = {}  # a resumed run re-logs the steps after its checkpoint: keep the last
     for line in log_path.read_text().splitlines():
         rec = json.loads(line)
         if rec.get("loss") is not None and rec["loss"] == rec["loss"]:
-            points.append((float(rec["step"]), float(rec["loss"])))
+            by_step[float(rec["step"])] = float(rec["loss"])
+    points = sorted(by_step.items())
     w, h = size
     im = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(im)
@@ -504,7 +505,7 @@ seconds, so the samples show that the pipeline works end to end, not image quali
 <h2>2. Training loss</h2>
 <img src="loss.png" alt="training loss curve">
 <h2>3. Sampled views</h2>
-<p>Prompt “{html.escape(s["prompt"])}”, {len(s["views"])} views 90° apart at elevation
+<p>Prompt “{html.escape(s["prompt"])}”, {len(s["views"])} views {360 / len(s["views"]):g}° apart at elevation
 {cfg.sample.elevation:g}° ({cfg.sample.steps} DDIM steps, guidance {cfg.sample.guidance:g},
 {cfg.sample.resolution}² shown 4× enlarged):</p>
 <img class="pixel" src="samples.png" alt="sampled views">
