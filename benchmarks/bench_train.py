@@ -139,7 +139,11 @@ def main(argv=None) -> int:
             continue
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode or not lines:
-            results.append({"case": case, "error": proc.stderr.strip().splitlines()[-1:]})
+            tail = proc.stderr.strip().splitlines()[-1:]
+            reason = f"exit status {proc.returncode}" + (
+                " (killed by a signal: out of memory?)" if proc.returncode < 0 else ""
+            )
+            results.append({"case": case, "error": reason, "stderr_tail": tail})
         else:
             results.append({**json.loads(lines[-1]), "wall_s": round(time.time() - t0, 1)})
     print(json.dumps({"bench": "train", "device": "cpu", "threads": torch.get_num_threads(),
