@@ -32,6 +32,10 @@ def test_text_to_3d_writes_outputs_and_resumes(tmp_path, tiny_folder, capsys):
     assert main(argv) == 0
     for name in ("checkpoint.pt", "views.png", "mesh.obj", "mesh.ply", "config.json"):
         assert (out / name).exists(), name
+    from PIL import Image
+
+    with Image.open(out / "turntable.gif") as gif:
+        assert gif.n_frames == 12 and gif.size == (64, 64)
     v, f = read_obj(out / "mesh.obj")
     assert len(f) > 0 and f.max() < len(v)
     state = torch.load(out / "checkpoint.pt", weights_only=False)

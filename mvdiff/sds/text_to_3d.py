@@ -1,7 +1,7 @@
 """The text-to-3D loop: a radiance field optimised with multi-view SDS (DESIGN §6).
 
 Writes into the output folder: ``checkpoint.pt`` (field, optimiser, occupancy, step, config;
-resumable), ``views.png`` (the final 4 views side by side), ``mesh.obj`` / ``mesh.ply``
+resumable), ``views.png`` (the final 4 views side by side), ``turntable.gif``, ``mesh.obj`` / ``mesh.ply``
 (marching tetrahedra with vertex colours) and ``config.json``.
 """
 
@@ -40,6 +40,7 @@ class TextTo3DConfig:
     seed: int = 0
     occupancy_every: int = 16
     mesh_resolution: int = 128
+    turntable_frames: int = 36
     save_every: int = 1000
     field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
     sds: SDSConfig = dataclasses.field(default_factory=SDSConfig)
@@ -49,7 +50,7 @@ class TextTo3DConfig:
         """A CPU-friendly preset: small grids, 32² renders, few samples."""
         base = dict(
             steps=600, render_size=32, render_size_late=64, hires_after=400, samples=32,
-            mesh_resolution=64, field=FieldConfig(resolutions=[16, 32, 64]),
+            mesh_resolution=64, turntable_frames=12, field=FieldConfig(resolutions=[16, 32, 64]),
             sds=SDSConfig(anneal_steps=600),
         )  # fmt: skip
         base.update(kw)
@@ -73,6 +74,22 @@ def _save_png(path: Path, rgb: torch.Tensor) -> None:
         rgb.clamp(0, 1).permute(2, 0, 3, 1).reshape(rgb.shape[2], -1, 3)
     )  # (V, 3, H, W) -> (H, V*W, 3)
     Image.fromarray((img.cpu().numpy() * 255 + 0.5).astype(np.uint8)).save(path)
+
+
+@torch.no_grad()
+def _save_turntable(path: Path, fld, frames: int, size: int, samples: int) -> None:
+    from PIL import Image
+
+    from mvdiff.cameras import orbit_c2w
+
+    az = np.arange(frames) * (360.0 / frames)
+    c2w = torch.from_numpy(orbit_c2w(np.full(frames, 15.0), az, 2.2)).float()
+    rgb = torch.cat([render(fld, c, 40.0, size, samples)["rgb"] for c in c2w.split(4)])
+    arr = (rgb.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(
+        np.uint8
+    )  # (F, 3, H, W) -> (F, H, W, 3)
+    imgs = [Image.fromarray(a) for a in arr]
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=100, loop=0)
 
 
 def text_to_3d(pipe, config: TextTo3DConfig, output, resume: bool = False, log=print) -> dict:
@@ -152,6 +169,13 @@ def text_to_3d(pipe, config: TextTo3DConfig, output, resume: bool = False, log=p
     with torch.no_grad():
         final = render(fld, c2w, 40.0, config.render_size_late, config.samples)
     _save_png(output / "views.png", final["rgb"])
+    _save_turntable(
+        output / "turntable.gif",
+        fld,
+        config.turntable_frames,
+        config.render_size_late,
+        config.samples,
+    )
     verts, faces, colors = extract_mesh(fld, config.mesh_resolution)
     write_obj(output / "mesh.obj", verts, faces, colors)
     write_ply(output / "mesh.ply", verts, faces, colors)
