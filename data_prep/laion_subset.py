@@ -12,6 +12,13 @@ writes the kept rows to ``OUTPUT_DIR/filtered.parquet`` and downloads them with
 ``img2dataset`` into ``OUTPUT_DIR/{00000..}.tar`` (``KEY.jpg`` + ``KEY.txt`` + ``KEY.json``),
 the layout ``mvdiff.data`` reads. The resolved config and the filter report are saved next
 to the shards.
+
+Install: img2dataset pins ``webdataset<0.3`` and its newest dependencies want numpy 2, so
+install it without letting pip change mvdiff's stack::
+
+    pip install --no-deps img2dataset
+    pip install "pandas<3" "pyarrow<20" "opencv-python-headless<4.12" "albumentations<2" \
+        "fire<0.8" "exifread-nocycle<4" wandb fsspec
 """
 
 from __future__ import annotations
