@@ -1,0 +1,134 @@
+"""SDS step speed on CPU: iterations/s at 64² and 256² renders, and where the time goes.
+
+One SDS step = render a 4-view group (grid field, occupancy skipping, stratified samples) ->
+upsample to the model resolution -> VAE encode -> UNet (cond + uncond in one batch) -> x0
+SDS loss -> backward through the VAE encoder and the renderer -> Adam. Timed parts: render
+forward, VAE encode forward, UNet forward, backward to the renders (VAE encoder backward),
+render backward, optimiser. "outside" = everything but the UNet and the VAE (forward and
+backward), as a share of the step.
+
+``--model tiny`` (default) uses ``mvdiff.testing.tiny_components()``; ``--model full`` a
+random-weight full-size SD-2.1 multi-view UNet and SD VAE (slow on a CPU: use few steps).
+Prints one JSON line per render size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def build(model: str):
+    from mvdiff.testing import ddim_scheduler, tiny_components
+
+    if model == "tiny":
+        c = tiny_components()
+        return c["unet"], c["vae"], ddim_scheduler().alphas_cumprod, 32
+    from diffusers import AutoencoderKL
+
+    from mvdiff.models import PRESETS, MultiViewUNet2DConditionModel
+    from mvdiff.models.unet_mv import multiview_unet_config
+
+    torch.manual_seed(0)
+    unet = MultiViewUNet2DConditionModel.from_config(
+        multiview_unet_config(sample_size=32, **dict(PRESETS["sd-v2.1-base-4view"]))
+    ).eval()
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=256,
+    ).eval()
+    return unet, vae, ddim_scheduler().alphas_cumprod, 1024
+
+
+def bench(model: str, size: int, steps: int, samples: int) -> dict:
+    from mvdiff.cameras import sample_sds_group
+    from mvdiff.sds import FieldConfig, MultiViewSDS, OccupancyGrid, RadianceField, SDSConfig
+    from mvdiff.sds import render as render_views
+
+    unet, vae, ac, ctx = build(model)
+    timers = {"unet": 0.0, "encode": 0.0}
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            timers[key] += time.perf_counter() - t
+            return out
+
+        return wrapper
+
+    sds = MultiViewSDS(timed(unet, "unet"), vae, ac, SDSConfig())
+    sds.unet.config = unet.config
+    vae.encode = timed(vae.encode, "encode")
+    field = RadianceField(FieldConfig())
+    opt = torch.optim.Adam(field.parameters(), lr=0.01)
+    occ = OccupancyGrid(field.bound, 32)
+    gen = torch.Generator().manual_seed(0)
+    cond = torch.randn(1, 77, ctx)
+    uncond = torch.zeros(1, 77, ctx)
+    rows = []
+    for step in range(steps + 1):  # the first step is a warm-up
+        timers.update(unet=0.0, encode=0.0)
+        t0 = time.perf_counter()
+        if step % 16 == 0:
+            occ.update(field, gen)
+        g = sample_sds_group(gen)
+        out = render_views(
+            field, g["c2w"], g["fov_deg"], size, samples, stratified=True, generator=gen,
+            occupancy=occ,
+        )  # fmt: skip
+        t1 = time.perf_counter()
+        res = sds(out["rgb"], cond, uncond, g["camera"], step=step, generator=gen)
+        t2 = time.perf_counter()
+        (grad_rgb,) = torch.autograd.grad(res["loss"], out["rgb"], retain_graph=True)
+        t3 = time.perf_counter()
+        opt.zero_grad()
+        out["rgb"].backward(grad_rgb)
+        t4 = time.perf_counter()
+        opt.step()
+        t5 = time.perf_counter()
+        if step:
+            rows.append(
+                dict(
+                    total=t5 - t0, render_fwd=t1 - t0, encode_fwd=timers["encode"],
+                    unet_fwd=timers["unet"], vae_bwd=t3 - t2, render_bwd=t4 - t3, optim=t5 - t4,
+                )
+            )  # fmt: skip
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    model_time = med["unet_fwd"] + med["encode_fwd"] + med["vae_bwd"]
+    return {
+        "model": model,
+        "render_size": size,
+        "model_resolution": sds.resolution,
+        "samples_per_ray": samples,
+        "steps": steps,
+        "it_per_s": round(1.0 / med["total"], 3),
+        "seconds": {k: round(v, 4) for k, v in med.items()},
+        "outside_unet_vae_share": round(1.0 - model_time / med["total"], 3),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["tiny", "full"], default="tiny")
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    for size in args.sizes:
+        print(json.dumps(bench(args.model, size, args.steps, args.samples)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
