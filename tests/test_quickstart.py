@@ -18,7 +18,7 @@ import pytest
 SMALL = [
     "render.views=4", "render.resolution=32", "render.samples=4",
     "train.max_steps=12", "train.log_every=2", "train.checkpoint_every=6",
-    "sample.steps=3", "sample.resolution=16",
+    "sample.steps=3", "sample.resolution=16", "text3d.steps=4",
 ]  # fmt: skip
 
 
@@ -44,13 +44,11 @@ def test_quickstart_end_to_end(tmp_path):
     seconds = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"quickstart (reduced budget) took {seconds:.1f} s")
-    for stage in ("render", "photos", "train", "sample", "report"):
+    for stage in ("render", "photos", "train", "sample", "text3d", "report"):
         assert f"{stage}: done in" in proc.stdout, stage
     assert "quickstart finished in" in proc.stdout
-    assert "text-to-3D: not available yet" in proc.stdout
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["text_to_3d"].startswith("text-to-3D: not available yet")
 
     # multi-view shards: every bundled asset rendered, schema 1 holds
     shards = sorted((out / "renders").glob("mv-*.tar"))
@@ -88,13 +86,20 @@ def test_quickstart_end_to_end(tmp_path):
     for v in views:
         assert Image.open(v).size == (16, 16)
 
+    # text-to-3D: a mesh with vertices and faces, views and a turntable
+    t3d = summary["text3d"]
+    mesh = Path(t3d["mesh"]).read_text().splitlines()
+    assert sum(line.startswith("v ") for line in mesh) == t3d["vertices"] > 0
+    assert sum(line.startswith("f ") for line in mesh) == t3d["faces"] > 0
+    assert Image.open(t3d["turntable"]).n_frames > 1
+
     # the page references existing, loadable images; the config was saved
     page = (out / "index.html").read_text()
     sources = re.findall(r'<img[^>]* src="([^"]+)"', page)
-    assert {"renders.png", "loss.png", "samples.png"} <= set(sources)
+    assert {"renders.png", "loss.png", "samples.png", "text_to_3d/views.png",
+            "text_to_3d/turntable.gif"} <= set(sources)  # fmt: skip
     for src in sources:
         Image.open(out / src).load()
-    assert "text-to-3D: not available yet" in page
     links = re.findall(r'href="([^"]+)"', page)
     assert all((out / link).is_file() for link in links), links
     assert (out / "quickstart_config.yaml").is_file()
@@ -103,7 +108,7 @@ def test_quickstart_end_to_end(tmp_path):
     # a re-run with the same settings resumes: every finished stage is skipped
     again = _quickstart(out, *SMALL)
     assert again.returncode == 0, again.stderr[-2000:]
-    for stage in ("render", "photos", "train", "sample"):
+    for stage in ("render", "photos", "train", "sample", "text3d"):
         assert f"{stage}: already done, skipped" in again.stdout
     assert (out / "index.html").is_file()
 

@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
         help=HELP,
         description=HELP + ": renders the bundled 3D assets with Blender, writes multi-view "
         "shards and a 2D image-text shard of bundled photos, trains a tiny multi-view model "
-        "jointly on both, samples 4 views for a prompt and writes OUTPUT/index.html. "
+        "jointly on both, samples 4 views for a prompt, runs a short text-to-3D (SDS) "
+        "with it and writes OUTPUT/index.html. "
         "Re-running with the same settings resumes (finished stages are skipped); a folder "
         'holding a run with other settings is refused. Needs bpy: pip install -e ".[render]".',
     )
@@ -28,7 +29,7 @@ def add_parser(subparsers) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a config entry, e.g. --set train.max_steps=40 --set render.views=4 "
-        "(repeatable; sections: render, photos, train, sample; also seed, threads)",
+        "(repeatable; sections: render, photos, train, sample, text3d; also seed, threads)",
     )
     parser.set_defaults(run=run)
 
