@@ -31,6 +31,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--mesh-resolution", type=int, default=None, help="marching grid (default 128)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint period in steps")
+    p.add_argument(
+        "--ref-views", default=None, help="multi-view shard (.tar) with posed RGBA views"
+    )
+    p.add_argument("--ref-uid", default=None, help="sample of --ref-views to use (default: first)")
+    p.add_argument(
+        "--ref-weight", type=float, default=None, help="RGB+mask loss weight (default 1)"
+    )
+    p.add_argument(
+        "--sds-weight",
+        type=float,
+        default=None,
+        help="SDS weight (default 1; 0 = plain reconstruction)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(run=run)
@@ -61,6 +74,15 @@ def run(args: argparse.Namespace) -> int:
         if not 0 <= args.rescale <= 1:
             raise UserError(f"--rescale must be in [0, 1], got {args.rescale}")
         config.sds.rescale = args.rescale
+    config.ref_views, config.ref_uid = args.ref_views, args.ref_uid
+    for name in ("ref_weight", "sds_weight"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+            setattr(config, name, value)
+    if config.sds_weight == 0 and not config.ref_views:
+        raise UserError("--sds-weight 0 needs --ref-views (nothing to optimise otherwise)")
     if args.form is not None:
         config.sds.form = args.form
     device = args.device

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mvdiff.cameras import sample_sds_group
 from mvdiff.sds.field import FieldConfig, RadianceField
 from mvdiff.sds.guidance import MultiViewSDS, SDSConfig
 from mvdiff.sds.mesh import extract_mesh, write_obj, write_ply
+from mvdiff.sds.recon import posed_view_loss
+from mvdiff.sds.ref_views import load_ref_views
 from mvdiff.sds.render import OccupancyGrid, random_background, render
 
 __all__ = ["TextTo3DConfig", "text_to_3d"]
@@ -41,6 +44,12 @@ class TextTo3DConfig:
     occupancy_every: int = 16
     mesh_resolution: int = 128
     turntable_frames: int = 36
+    #: posed reference views (a multi-view shard; first sample or ``ref_uid``)
+    ref_views: str | None = None
+    ref_uid: str | None = None
+    ref_weight: float = 1.0
+    ref_mask_weight: float = 0.5
+    sds_weight: float = 1.0
     save_every: int = 1000
     field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
     sds: SDSConfig = dataclasses.field(default_factory=SDSConfig)
@@ -127,6 +136,10 @@ def text_to_3d(pipe, config: TextTo3DConfig, output, resume: bool = False, log=p
     cond = pipe.encode_prompt([prompt]).float()  # (1, L, D)
     uncond = pipe.encode_prompt([config.negative_prompt]).float()  # (1, L, D)
     use_camera = bool(getattr(pipe, "has_camera_mlp", True))
+    ref = None
+    if config.ref_views:
+        ref = load_ref_views(config.ref_views, config.ref_uid)
+        log(f"reference views: {ref['uid']} ({ref['rgba'].shape[0]} views)")
     sds = MultiViewSDS(pipe.unet, pipe.vae, pipe.scheduler.alphas_cumprod, config.sds)
 
     def save(step):
@@ -145,18 +158,34 @@ def text_to_3d(pipe, config: TextTo3DConfig, output, resume: bool = False, log=p
         if step % config.occupancy_every == 0:
             occ.update(fld, gen)
         size = config.render_size if step < config.hires_after else config.render_size_late
-        g = sample_sds_group(gen, num_views=config.sds.num_views)
-        bg = random_background(config.sds.num_views, gen)
-        out = render(
-            fld, g["c2w"], g["fov_deg"], size, config.samples, background=bg,
-            stratified=True, generator=gen, occupancy=occ,
-        )  # fmt: skip
-        camera = g["camera"].to(device) if use_camera else None
-        res = sds(out["rgb"], cond, uncond, camera, step=step, generator=gen)
+        loss = torch.zeros((), device=device)
+        if config.sds_weight > 0:
+            g = sample_sds_group(gen, num_views=config.sds.num_views)
+            bg = random_background(config.sds.num_views, gen)
+            out = render(
+                fld, g["c2w"], g["fov_deg"], size, config.samples, background=bg,
+                stratified=True, generator=gen, occupancy=occ,
+            )  # fmt: skip
+            camera = g["camera"].to(device) if use_camera else None
+            res = sds(out["rgb"], cond, uncond, camera, step=step, generator=gen)
+            loss = loss + config.sds_weight * res["loss"]
+            t = res["t"]
+        if ref is not None and config.ref_weight > 0:
+            n = ref["rgba"].shape[0]
+            idx = torch.randperm(n, generator=gen)[: min(4, n)]
+            target = F.interpolate(ref["rgba"][idx], size=(size, size), mode="area").to(device)
+            bg = random_background(1, gen)[0]
+            out = render(
+                fld, ref["c2w"][idx], ref["fov_deg"][idx], size, config.samples, background=bg,
+                stratified=True, generator=gen, occupancy=occ,
+            )  # fmt: skip
+            loss = loss + config.ref_weight * posed_view_loss(
+                out, target, bg, mask_weight=config.ref_mask_weight
+            )
         opt.zero_grad(set_to_none=True)
-        res["loss"].backward()
+        loss.backward()
         opt.step()
-        loss_value, t = float(res["loss"].detach()), res["t"]
+        loss_value = float(loss.detach())
         done = step + 1 - start
         bar.set_postfix(loss=f"{loss_value:.4g}", t=t, its=f"{done / (time.time() - t0):.2f}")
         if config.save_every and (step + 1) % config.save_every == 0:
