@@ -1,5 +1,7 @@
 """The multi-view UNet (diffusers UNet2DConditionModel + joined-view attention + camera MLP)."""
 
+from diffusers import ModelMixin  # noqa: F401  (looked up by name by diffusers' loader)
+
 from mvdiff.models.attention import MultiViewAttnProcessor
 from mvdiff.models.unet_mv import (
     CAMERA_DIM,

@@ -19,7 +19,10 @@ import functools
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+
+# diffusers' pipeline loader recognises a component as a model by looking `ModelMixin` up by
+# name in the module its model_index.json names, so it must be importable from here.
+from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from mvdiff.models.attention import MultiViewAttnProcessor

@@ -46,28 +46,6 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 ENTRY_FILE = str(Path(__file__).with_name("diffusers_entry.py"))
 
 
-def _expose_model_mixin() -> None:
-    """Let diffusers' loader recognise the multi-view UNet in saved model folders.
-
-    ``DiffusionPipeline.from_pretrained`` finds how to load a component by looking up base
-    classes *by name in the component's module* (``getattr(module, "ModelMixin")``). mvdiff's
-    folders name ``mvdiff.models.unet_mv`` (converter) or ``mvdiff.models`` (training export),
-    which do not import ``ModelMixin`` themselves, so the lookup fails. Exposing the name there
-    is equivalent to that missing import (the proper fix, to be made in ``mvdiff.models``).
-    """
-    from diffusers import ModelMixin
-
-    import mvdiff.models
-    import mvdiff.models.unet_mv
-
-    for module in (mvdiff.models, mvdiff.models.unet_mv):
-        if not hasattr(module, "ModelMixin"):
-            module.ModelMixin = ModelMixin
-
-
-_expose_model_mixin()
-
-
 @dataclass
 class MVDreamPipelineOutput(BaseOutput):
     """``images``: B*V views, object-major (list of PIL images, ``np`` ``[B*V, H, W, 3]`` or
