@@ -80,9 +80,8 @@ def test_text_to_3d_ref_views_reconstructs_a_shard_sample(tmp_path, tiny_folder)
         out = render(gt, c2w, fov, 32, 64, background=torch.zeros(3))
     alpha = out["opacity"]
     rgba = torch.cat([out["rgb"] / alpha.clamp(min=1e-6), alpha], 1).clamp(0, 1)
-    rgba8 = (rgba.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(
-        np.uint8
-    )  # (V, 4, H, W) -> (V, H, W, 4)
+    rgba8 = rgba.permute(0, 2, 3, 1).numpy()  # (V, 4, H, W) -> (V, H, W, 4)
+    rgba8 = (rgba8 * 255 + 0.5).astype(np.uint8)
     shard = tmp_path / "shard-000000.tar"
     with tarfile.open(shard, "w") as tar:
         write_multiview_sample(tar, "obj0", rgba8, c2w.numpy(), {"fov_deg": [fov] * 8})

@@ -105,9 +105,8 @@ class RadianceField(nn.Module):
         """Density sampled on a ``[R, R, R]`` lattice over [-bound, bound]^3, indexed [ix, iy, iz]."""
         dev = next(self.parameters()).device
         lin = torch.linspace(-self.bound, self.bound, resolution, device=dev)
-        pts = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), -1).reshape(
-            -1, 3
-        )  # (R, R, R, 3) -> (R^3, 3)
+        pts = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), -1)  # (R, R, R, 3)
+        pts = pts.reshape(-1, 3)  # (R, R, R, 3) -> (R^3, 3)
         out = torch.cat([self.density(p) for p in pts.split(chunk)])
         return out.reshape(resolution, resolution, resolution)  # (R^3,) -> (R, R, R)
 

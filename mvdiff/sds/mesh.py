@@ -32,9 +32,8 @@ def marching_tetrahedra(values: np.ndarray, level: float, bound: float = 1.0):
     v = np.asarray(values, dtype=np.float64)
     r = v.shape[0]
     flat = v.reshape(-1)  # (R, R, R) -> (R^3,)
-    base = np.stack(np.meshgrid(*[np.arange(r - 1)] * 3, indexing="ij"), -1).reshape(
-        -1, 3
-    )  # (R-1, R-1, R-1, 3) -> (C, 3)
+    base = np.stack(np.meshgrid(*[np.arange(r - 1)] * 3, indexing="ij"), -1)
+    base = base.reshape(-1, 3)  # (R-1, R-1, R-1, 3) -> (C, 3), C cubes
     corner_ids = base[:, None, :] + _CORNERS[None]  # (C, 8, 3)
     gid = (corner_ids[..., 0] * r + corner_ids[..., 1]) * r + corner_ids[..., 2]  # (C, 8)
     tets = gid[:, _TETS].reshape(-1, 4)  # (C, 6, 4) -> (C*6, 4)

@@ -53,7 +53,7 @@ class OracleUNet:
         self.target = target
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, camera=None, num_views=1):
-        t = torch.as_tensor(timestep).reshape(-1)
+        t = torch.as_tensor(timestep).reshape(-1)  # () | (N,) -> (N,)
         a = self.alphas_cumprod[t].reshape(-1, 1, 1, 1)  # (N,) -> (N, 1, 1, 1)
         reps = sample.shape[0] // self.target.shape[0]
         x0 = self.target.repeat(reps, 1, 1, 1)  # (N, C, h, w) -> (reps*N, C, h, w)

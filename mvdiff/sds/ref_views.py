@@ -50,9 +50,8 @@ def load_ref_views(path, uid: str | None = None) -> dict:
     except (KeyError, ValueError) as e:
         raise UserError(f"--ref-views {path}: sample {key} is incomplete ({e})") from None
     imgs = [np.asarray(Image.open(io.BytesIO(b)).convert("RGBA")) for b in views]
-    rgba = (
-        torch.from_numpy(np.stack(imgs)).float().permute(0, 3, 1, 2) / 255.0
-    )  # (V, H, W, 4) -> (V, 4, H, W)
+    rgba = torch.from_numpy(np.stack(imgs)).float() / 255.0  # (V, H, W, 4)
+    rgba = rgba.permute(0, 3, 1, 2)  # (V, H, W, 4) -> (V, 4, H, W)
     return {
         "uid": key,
         "rgba": rgba,

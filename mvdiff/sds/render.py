@@ -32,7 +32,7 @@ def camera_rays(c2w: torch.Tensor, fov_deg, height: int, width: int | None = Non
     width = height if width is None else width
     c2w = c2w.float()
     v = c2w.shape[0]
-    fovs = torch.as_tensor(fov_deg, dtype=torch.float64).reshape(-1).expand(v)
+    fovs = torch.as_tensor(fov_deg, dtype=torch.float64).reshape(-1).expand(v)  # () | (V,) -> (V,)
     dev = c2w.device
     j = torch.arange(width, device=dev, dtype=torch.float32) + 0.5
     i = torch.arange(height, device=dev, dtype=torch.float32) + 0.5
@@ -85,9 +85,8 @@ class OccupancyGrid:
         r, b = self.res, self.bound
         dev = _device(field, None)
         idx = torch.arange(r, device=dev, dtype=torch.float32)
-        cells = torch.stack(torch.meshgrid(idx, idx, idx, indexing="ij"), -1).reshape(
-            -1, 3
-        )  # (R, R, R, 3) -> (R^3, 3)
+        cells = torch.stack(torch.meshgrid(idx, idx, idx, indexing="ij"), -1)  # (R, R, R, 3)
+        cells = cells.reshape(-1, 3)  # (R, R, R, 3) -> (R^3, 3)
         jitter = torch.rand(cells.shape, generator=generator).to(dev)
         pts = (cells + jitter) / r * (2 * b) - b
         sigma = field.density(pts).reshape(r, r, r)  # (R^3,) -> (R, R, R)
@@ -170,12 +169,13 @@ def render(
 
     if background is None:
         background = torch.ones(3)
-    bg = torch.as_tensor(background, dtype=rgb.dtype).to(dev).reshape(-1, 3).expand(v, 3)
+    bg = torch.as_tensor(background, dtype=rgb.dtype).to(dev)
+    bg = bg.reshape(-1, 3).expand(v, 3)  # (3,) | (V, 3) -> (V, 3)
     bg = bg[:, None, :].expand(v, h * w, 3).reshape(-1, 3)  # (V, 3) -> (R, 3)
     rgb = rgb + (1.0 - opacity) * bg
 
     def image(x):  # (R, C) -> (V, C, H, W)
-        return x.reshape(v, h, w, -1).permute(0, 3, 1, 2)
+        return x.reshape(v, h, w, -1).permute(0, 3, 1, 2)  # (R, C) -> (V, H, W, C) -> (V, C, H, W)
 
     out = {
         "rgb": image(rgb),

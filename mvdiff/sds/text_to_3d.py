@@ -79,9 +79,8 @@ class TextTo3DConfig:
 def _save_png(path: Path, rgb: torch.Tensor) -> None:
     from PIL import Image
 
-    img = (
-        rgb.clamp(0, 1).permute(2, 0, 3, 1).reshape(rgb.shape[2], -1, 3)
-    )  # (V, 3, H, W) -> (H, V*W, 3)
+    img = rgb.clamp(0, 1).permute(2, 0, 3, 1)  # (V, 3, H, W) -> (H, V, W, 3)
+    img = img.reshape(rgb.shape[2], -1, 3)  # (H, V, W, 3) -> (H, V*W, 3)
     Image.fromarray((img.cpu().numpy() * 255 + 0.5).astype(np.uint8)).save(path)
 
 
@@ -94,9 +93,8 @@ def _save_turntable(path: Path, fld, frames: int, size: int, samples: int) -> No
     az = np.arange(frames) * (360.0 / frames)
     c2w = torch.from_numpy(orbit_c2w(np.full(frames, 15.0), az, 2.2)).float()
     rgb = torch.cat([render(fld, c, 40.0, size, samples)["rgb"] for c in c2w.split(4)])
-    arr = (rgb.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(
-        np.uint8
-    )  # (F, 3, H, W) -> (F, H, W, 3)
+    arr = rgb.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (F, 3, H, W) -> (F, H, W, 3)
+    arr = (arr * 255 + 0.5).astype(np.uint8)
     imgs = [Image.fromarray(a) for a in arr]
     imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=100, loop=0)
 
