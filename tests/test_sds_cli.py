@@ -96,3 +96,25 @@ def test_text_to_3d_ref_views_reconstructs_a_shard_sample(tmp_path, tiny_folder)
     end = heldout_psnr(field, gt)
     print(f"--ref-views reconstruction (60 steps): held-out PSNR {end:.1f} dB")
     assert end > 24.0
+
+
+def test_text_to_3d_config_file_and_overrides(tmp_path):
+    from mvdiff.cli import build_parser
+    from mvdiff.commands.text_to_3d import resolve_config
+    from mvdiff.errors import UserError
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("steps: 123\nsds:\n  guidance_scale: 30\n  rescale: 0.7\nfield:\n  hidden: 16\n")
+    base = ["text-to-3d", "--model", "m", "--prompt", "a corgi", "--output", "o", "--fast"]
+    parser = build_parser()
+    c = resolve_config(parser.parse_args([*base, "--config", str(cfg)]))
+    assert (c.steps, c.sds.guidance_scale, c.sds.rescale, c.field.hidden) == (123, 30, 0.7, 16)
+    assert c.render_size == 32  # from the fast preset
+    args = [*base, "--config", str(cfg), "--set", "sds.guidance_scale=10", "--guidance", "20"]
+    c = resolve_config(parser.parse_args(args))
+    assert c.sds.guidance_scale == 20  # flags beat --set, which beats the file
+    c = resolve_config(parser.parse_args([*base, "--set", "field.resolutions=[8, 16]"]))
+    assert c.field.resolutions == [8, 16]
+    for bad in ("sds.nope=1", "nope=1", "field=3", "steps"):
+        with pytest.raises(UserError):
+            resolve_config(parser.parse_args([*base, "--set", bad]))

@@ -44,20 +44,67 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="SDS weight (default 1; 0 = plain reconstruction)",
     )
+    p.add_argument("--config", default=None, help="YAML/JSON file of TextTo3DConfig values")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, dotted for nested ones (sds.guidance_scale=30); repeatable",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def _apply(values: dict, key: str, value, where: str) -> None:
+    *parents, leaf = key.split(".")
+    node = values
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise UserError(f"{where}: unknown config key {key!r}")
+        node = node[part]
+    if leaf not in node or isinstance(node[leaf], dict):
+        raise UserError(f"{where}: unknown config key {key!r}")
+    node[leaf] = value
 
-    from mvdiff.pipelines.loading import load_pipeline
-    from mvdiff.sds.text_to_3d import TextTo3DConfig, text_to_3d
+
+def resolve_config(args: argparse.Namespace):
+    """Preset (default or --fast), then --config, then --set, then the flags; checked."""
+    import yaml
+
+    from mvdiff.sds.text_to_3d import TextTo3DConfig
 
     if not args.prompt.strip():
         raise UserError("--prompt must not be empty")
-    config = TextTo3DConfig.fast() if args.fast else TextTo3DConfig()
+    values = (TextTo3DConfig.fast() if args.fast else TextTo3DConfig()).to_dict()
+    if args.config:
+        try:
+            loaded = yaml.safe_load(open(args.config).read()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(
+                f"--config {args.config}: not a readable YAML/JSON file ({e})"
+            ) from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"--config {args.config}: must hold a mapping")
+
+        def walk(d, prefix=""):
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(v, f"{prefix}{k}.")
+                else:
+                    _apply(values, f"{prefix}{k}", v, f"--config {args.config}")
+
+        walk(loaded)
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        _apply(values, key.strip(), yaml.safe_load(raw), f"--set {item}")
+    try:
+        config = TextTo3DConfig.from_dict(values)
+    except TypeError as e:
+        raise UserError(f"bad config: {e}") from None
     config.prompt, config.negative_prompt = args.prompt, args.negative_prompt
     for name in ("steps", "render_size", "samples", "lr", "seed", "mesh_resolution", "save_every"):
         value = getattr(args, name)
@@ -74,7 +121,10 @@ def run(args: argparse.Namespace) -> int:
         if not 0 <= args.rescale <= 1:
             raise UserError(f"--rescale must be in [0, 1], got {args.rescale}")
         config.sds.rescale = args.rescale
-    config.ref_views, config.ref_uid = args.ref_views, args.ref_uid
+    if args.ref_views is not None:
+        config.ref_views = args.ref_views
+    if args.ref_uid is not None:
+        config.ref_uid = args.ref_uid
     for name in ("ref_weight", "sds_weight"):
         value = getattr(args, name)
         if value is not None:
@@ -85,6 +135,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--sds-weight 0 needs --ref-views (nothing to optimise otherwise)")
     if args.form is not None:
         config.sds.form = args.form
+    if config.sds.form not in ("x0", "eps"):
+        raise UserError(f"sds.form must be x0 or eps, got {config.sds.form!r}")
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from mvdiff.pipelines.loading import load_pipeline
+    from mvdiff.sds.text_to_3d import text_to_3d
+
+    config = resolve_config(args)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
