@@ -17,6 +17,7 @@ Nested dataclasses are addressed with dots (``--set optim.lr=1e-4``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -27,6 +28,26 @@ import yaml
 from mvdiff.errors import UserError
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. ``no``/``yes``/``on``/``off`` stay strings (so that
+    ``--set mixed_precision=no`` means the string "no")."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(UserError):
@@ -60,7 +81,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return _from_dict(tp, value, where)
     if origin in (list, tuple) or tp in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = _yaml(value) if value.strip().startswith("[") else value.split(",")
         if not isinstance(value, (list, tuple)):
             value = [value]
         inner = args[0] if args else Any
@@ -125,7 +146,7 @@ def apply_overrides(cfg: T, overrides: list[str] | None, where: str = "--set") -
         if "=" not in item:
             raise ConfigError(f"{where} {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -151,7 +172,7 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
         if not isinstance(data, dict):
