@@ -138,9 +138,9 @@ def child(spec: dict) -> dict:
     }
 
 
-def run_child(spec: dict) -> dict:
+def run_child(spec: dict, threads: int) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
+        [sys.executable, __file__, "--threads", str(threads), "--child", json.dumps(spec)],
         capture_output=True,
         text=True,
     )
@@ -156,13 +156,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="half-width model, smoke run")
     parser.add_argument("--no-official", action="store_true", help="skip the official baseline")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-
-    import torch
 
     peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
     native_bf16 = peaks["bfloat16"] >= peaks["float32"]
@@ -170,11 +173,13 @@ def main() -> None:
         views=args.views, resolution=args.resolution, repeats=args.repeats, quick=args.quick
     )
     plan = []
-    for mode in ("forward", "train"):
-        if not args.no_official:
-            plan.append(dict(base, impl="official", dtype="fp32", mode=mode))
-        plan.append(dict(base, impl="mvdiff", dtype="fp32", mode=mode))
+    if not args.no_official:
+        plan.append(dict(base, impl="official", dtype="fp32", mode="forward"))
+    plan.append(dict(base, impl="mvdiff", dtype="fp32", mode="forward"))
+    plan.append(dict(base, impl="mvdiff", dtype="fp32", mode="train"))
     plan.append(dict(base, impl="mvdiff", dtype="fp32", mode="train", checkpointing=True))
+    if not args.no_official:  # last: materialised attention needs ~17 GB at full size
+        plan.append(dict(base, impl="official", dtype="fp32", mode="train"))
     if native_bf16:
         for mode in ("forward", "train"):
             plan.append(dict(base, impl="mvdiff", dtype="bf16", mode=mode))
@@ -182,7 +187,7 @@ def main() -> None:
 
     rows = []
     for spec in plan:
-        row = run_child(spec)
+        row = run_child(spec, args.threads)
         rows.append(row)
         print(f"# {json.dumps(row)}", file=sys.stderr, flush=True)
 
