@@ -115,6 +115,11 @@ def test_text_to_3d_config_file_and_overrides(tmp_path):
     assert c.sds.guidance_scale == 20  # flags beat --set, which beats the file
     c = resolve_config(parser.parse_args([*base, "--set", "field.resolutions=[8, 16]"]))
     assert c.field.resolutions == [8, 16]
-    for bad in ("sds.nope=1", "nope=1", "field=3", "steps"):
+    for bad in ("sds.nope=1", "nope=1", "field=3", "steps", "steps=many"):
         with pytest.raises(UserError):
             resolve_config(parser.parse_args([*base, "--set", bad]))
+    with pytest.raises(UserError, match="no such file"):
+        resolve_config(parser.parse_args([*base, "--config", str(tmp_path / "missing.yaml")]))
+    cfg.write_text("sds:\n  bogus: 1\n")
+    with pytest.raises(UserError, match="bogus"):
+        resolve_config(parser.parse_args([*base, "--config", str(cfg)]))

@@ -57,54 +57,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _apply(values: dict, key: str, value, where: str) -> None:
-    *parents, leaf = key.split(".")
-    node = values
-    for part in parents:
-        if not isinstance(node.get(part), dict):
-            raise UserError(f"{where}: unknown config key {key!r}")
-        node = node[part]
-    if leaf not in node or isinstance(node[leaf], dict):
-        raise UserError(f"{where}: unknown config key {key!r}")
-    node[leaf] = value
-
-
 def resolve_config(args: argparse.Namespace):
     """Preset (default or --fast), then --config, then --set, then the flags; checked."""
+    from pathlib import Path
+
     import yaml
 
+    from mvdiff import config as cfgmod
     from mvdiff.sds.text_to_3d import TextTo3DConfig
 
     if not args.prompt.strip():
         raise UserError("--prompt must not be empty")
-    values = (TextTo3DConfig.fast() if args.fast else TextTo3DConfig()).to_dict()
+    config = TextTo3DConfig.fast() if args.fast else TextTo3DConfig()
     if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UserError(f"--config {path}: no such file")
         try:
-            loaded = yaml.safe_load(open(args.config).read()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(
-                f"--config {args.config}: not a readable YAML/JSON file ({e})"
-            ) from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"--config {args.config}: must hold a mapping")
-
-        def walk(d, prefix=""):
-            for k, v in d.items():
-                if isinstance(v, dict):
-                    walk(v, f"{prefix}{k}.")
-                else:
-                    _apply(values, f"{prefix}{k}", v, f"--config {args.config}")
-
-        walk(loaded)
-    for item in args.set:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        _apply(values, key.strip(), yaml.safe_load(raw), f"--set {item}")
-    try:
-        config = TextTo3DConfig.from_dict(values)
-    except TypeError as e:
-        raise UserError(f"bad config: {e}") from None
+            data = cfgmod._yaml(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"--config {path}: not valid YAML/JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"--config {path}: expected a mapping at the top level")
+        merged = cfgmod._deep_merge(cfgmod.config_to_dict(config), data, str(path))
+        config = cfgmod._from_dict(TextTo3DConfig, merged, str(path))
+    config = cfgmod.apply_overrides(config, args.set)
     config.prompt, config.negative_prompt = args.prompt, args.negative_prompt
     for name in ("steps", "render_size", "samples", "lr", "seed", "mesh_resolution", "save_every"):
         value = getattr(args, name)
