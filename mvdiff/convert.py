@@ -430,31 +430,30 @@ def build_hfclip_text_encoder(te_sd: dict[str, torch.Tensor]):
     """SD 1.x ``FrozenCLIPEmbedder`` (an HF ``CLIPTextModel`` already) -> ``CLIPTextModel``."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    te_sd = {k.removeprefix("text_model."): v for k, v in te_sd.items()}  # transformers 4 level
     try:
         emb = te_sd["embeddings.token_embedding.weight"]
-        fc1 = te_sd["text_model.encoder.layers.0.mlp.fc1.weight"]
+        fc1 = te_sd["encoder.layers.0.mlp.fc1.weight"]
+        positions = te_sd["embeddings.position_embedding.weight"].shape[0]
     except KeyError as e:
         raise UserError(
-            f"text encoder: checkpoint lacks cond_stage_model.transformer.{e.args[0]}"
+            f"text encoder: checkpoint lacks cond_stage_model.transformer.text_model.{e.args[0]}"
         ) from None
-    layers = 1 + max(
-        int(k.split(".")[3]) for k in te_sd if k.startswith("text_model.encoder.layers.")
-    )
+    layers = 1 + max(int(k.split(".")[2]) for k in te_sd if k.startswith("encoder.layers."))
     config = CLIPTextConfig(
         vocab_size=emb.shape[0],
         hidden_size=emb.shape[1],
         intermediate_size=fc1.shape[0],
         num_hidden_layers=layers,
         num_attention_heads=max(emb.shape[1] // 64, 1),
-        max_position_embeddings=te_sd["embeddings.position_embedding.weight"].shape[0],
+        max_position_embeddings=positions,
         hidden_act="quick_gelu",
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
     )
     model = _empty(CLIPTextModel, config)
-    sd = {k.removeprefix("text_model."): v for k, v in te_sd.items()}
-    _load_text_encoder(model, sd)
+    _load_text_encoder(model, te_sd)
     return model
 
 

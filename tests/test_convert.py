@@ -325,3 +325,82 @@ def test_every_fullsize_key_is_consumed():
     )
     assert total == sum(v.numel() for k, v in sd.items() if "." in k) - dropped
     assert check_schedule(sd, sched) < 1e-6
+
+
+def test_sd15_layout_conv_projections_and_hf_clip(tmp_path):
+    """SD 1.5-style checkpoint: fixed head count, 1x1-conv proj_in/out, HF CLIP text tower."""
+    import sys
+    from pathlib import Path
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from official_unet import OfficialMultiViewUNet
+
+    params = dict(
+        model_channels=32,
+        channel_mult=[1, 2],
+        attention_resolutions=[1, 2],
+        num_res_blocks=1,
+        num_heads=2,
+        num_head_channels=-1,
+        use_linear_in_transformer=False,
+        context_dim=128,
+        camera_dim=16,
+    )
+    torch.manual_seed(0)
+    official = OfficialMultiViewUNet(**params).eval()
+    for p in official.parameters():  # the official init zeroes some layers; make every weight count
+        p.data.normal_(0, 0.05)
+    te_config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+    )
+    te = CLIPTextModel(te_config).eval()
+    sd = {f"model.diffusion_model.{k}": v for k, v in official.state_dict().items()}
+    # transformers 4 layout, as stored in official SD 1.x checkpoints
+    for k, v in te.state_dict().items():
+        key = k if k.startswith("text_model.") else f"text_model.{k}"
+        sd[f"cond_stage_model.transformer.{key}"] = v
+    g = torch.Generator().manual_seed(1)
+    for k, shape in _key_list().items():
+        if k.startswith("first_stage_model."):
+            sd[k] = _random(tuple(d // 4 if d % 128 == 0 else d for d in shape), g)
+    config = {
+        "model": {
+            "params": {
+                "unet_config": {"params": params},
+                "first_stage_config": {
+                    "params": {
+                        "embed_dim": 4,
+                        "ddconfig": {
+                            "ch": 32,
+                            "ch_mult": [1, 2, 4, 4],
+                            "num_res_blocks": 2,
+                            "z_channels": 4,
+                        },
+                    }
+                },
+                "cond_stage_config": {
+                    "target": "mvdream.ldm.modules.encoders.modules.FrozenCLIPEmbedder"
+                },
+            }
+        }
+    }
+    components, _ = convert_state_dict(sd, config)
+    x, ctx = torch.randn(8, 4, 8, 8), torch.randn(8, 5, 128)
+    t, cam = torch.randint(0, 1000, (8,)), torch.randn(8, 16)
+    with torch.no_grad():
+        ref = official(x, t, ctx, camera=cam, num_frames=4)
+        out = components["unet"](x, t, ctx, camera=cam, num_views=4).sample
+        ids = torch.randint(0, 49408, (2, 77))
+        te_ref = te(ids).last_hidden_state
+        te_out = components["text_encoder"](ids).last_hidden_state
+    assert (out - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(te_out, te_ref, atol=1e-5, rtol=1e-5)
+    assert components["tokenizer"].pad_token == "<|endoftext|>"
