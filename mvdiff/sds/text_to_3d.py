@@ -121,7 +121,7 @@ def text_to_3d(pipe, config: TextTo3DConfig, output, resume: bool = False, log=p
     occ = OccupancyGrid(fld.bound, 32, threshold=0.5)
     start = 0
     if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
         fld.load_state_dict(state["field"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
