@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -39,3 +40,15 @@ def reference_unet_sd(reference):
     tensors, _ = reference
     prefix = "checkpoint.model.diffusion_model."
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+@pytest.fixture
+def objaverse_mirror(tmp_path, monkeypatch):
+    """A tiny Objaverse mirror served from loopback only: (base_url, cache_dir)."""
+    path = FIXTURES / "render" / "objaverse_mirror.py"
+    spec = importlib.util.spec_from_file_location("render_objaverse_mirror", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with module.serve_objaverse_mirror(tmp_path) as (url, cache):
+        yield url, cache

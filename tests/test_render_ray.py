@@ -1,11 +1,9 @@
 """The Ray backend on a local 2-CPU cluster, fed from a loopback Objaverse mirror, writing to
 an fsspec URL: same samples, same manifest, same resume as the local backend."""
 
-import importlib.util
 import io
 import json
 import tarfile
-from pathlib import Path
 
 import pytest
 
@@ -18,21 +16,6 @@ import fsspec  # noqa: E402
 from mvdiff.render.config import RenderConfig  # noqa: E402
 from mvdiff.render.runner import render_objects  # noqa: E402
 from mvdiff.render.shards import check_shard  # noqa: E402
-
-
-def _load_mirror_helpers():
-    path = Path(__file__).parent / "fixtures" / "render" / "objaverse_mirror.py"
-    spec = importlib.util.spec_from_file_location("render_objaverse_mirror", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def objaverse_mirror(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with _load_mirror_helpers().serve_objaverse_mirror(tmp_path) as (url, cache):
-        yield url, cache
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Render pipeline pieces that need no Blender: rigs, samples, shards, manifest, sources, CLI."""
 
-import importlib.util
 import io
 import json
 import os
@@ -173,22 +172,6 @@ def test_local_sources_and_captions(tmp_path):
     assert load_captions(str(csv))["monkey"] == "a monkey head, grey"
     cfg = RenderConfig(output="x", inputs=[str(ASSETS / "monkey.glb")], captions=str(csv))
     assert discover(cfg)[0]["caption"] == "a monkey head, grey"
-
-
-def _load_mirror_helpers():
-    path = Path(__file__).parent / "fixtures" / "render" / "objaverse_mirror.py"
-    spec = importlib.util.spec_from_file_location("render_objaverse_mirror", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def objaverse_mirror(tmp_path, monkeypatch):
-    """A tiny Objaverse mirror served from loopback only: (base_url, cache_dir)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with _load_mirror_helpers().serve_objaverse_mirror(tmp_path) as (url, cache):
-        yield url, cache
 
 
 def test_objaverse_through_a_loopback_mirror(objaverse_mirror):
