@@ -8,15 +8,19 @@ Bad input (:class:`mvdiff.errors.UserError`) ends as one line on stderr and exit
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 import sys
 
+import mvdiff.commands
 from mvdiff import __version__
-from mvdiff.commands import convert, quickstart, render, sample, shard_info
-from mvdiff.commands import text_to_3d as text_to_3d_command
-from mvdiff.commands import train as train_command
 from mvdiff.errors import UserError
 
-COMMANDS = [convert, render, shard_info, train_command, sample, quickstart, text_to_3d_command]
+
+def _command_modules() -> list:
+    """Every module of ``mvdiff/commands`` (alphabetical): adding a file adds a subcommand."""
+    names = sorted(m.name for m in pkgutil.iter_modules(mvdiff.commands.__path__))
+    return [importlib.import_module(f"mvdiff.commands.{name}") for name in names]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mvdiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMANDS:
+    for module in _command_modules():
         module.add_parser(sub)
     return parser
 
