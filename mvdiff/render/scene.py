@@ -206,7 +206,29 @@ class Scene:
         for obj in bpy.data.objects:
             if obj.name not in self.keep and not obj.users_scene:
                 self.scene.collection.objects.link(obj)
-        self.scene.frame_set(0)  # frame 0 of animated assets
+        self._color_attribute_materials()
+        # Frame 0 of animated assets: glTF time 0 is frame 0; the FBX importer shifts time 0 to
+        # frame 1, and frame 0 then holds the first key (constant extrapolation).
+        self.scene.frame_set(0)
+
+    def _color_attribute_materials(self) -> None:
+        """Meshes with a colour attribute but no material (PLY scans, vertex-painted OBJ/FBX)
+        render with those colours instead of Blender's default grey."""
+        for obj in self.scene.objects:
+            if obj.type != "MESH" or not obj.data.color_attributes:
+                continue
+            if any(slot.material for slot in obj.material_slots):
+                continue
+            attrs = obj.data.color_attributes
+            attr = attrs.active_color or attrs[0]
+            mat = bpy.data.materials.new("mvdiff_color_attribute")  # 5.0: always node based
+            nodes = mat.node_tree.nodes
+            color = nodes.new("ShaderNodeVertexColor")
+            color.layer_name = attr.name
+            bsdf = nodes["Principled BSDF"]
+            mat.node_tree.links.new(color.outputs["Color"], bsdf.inputs["Base Color"])
+            obj.data.materials.clear()
+            obj.data.materials.append(mat)
 
     def geometry_points(self) -> np.ndarray:
         """World-space points of every visible geometry object at the current frame, [N, 3]."""
