@@ -1,6 +1,8 @@
 """Saving and loading MVDreamPipeline: its own folders, diffusers' loader, other writers'."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -51,6 +53,26 @@ def test_plain_diffusers_loader_with_the_entry_file(tmp_path):
         tmp_path / "model", custom_pipeline=ENTRY_FILE, trust_remote_code=True
     )
     assert type(pipe) is MVDreamPipeline
+
+
+def test_plain_diffusers_loader_without_arguments(tmp_path):
+    """Once mvdiff's pipeline is imported, DiffusionPipeline.from_pretrained(folder) needs no
+    custom_pipeline and no trust_remote_code (a fresh interpreter, so nothing is cached)."""
+    MVDreamPipeline(**tiny_components(0)).save_pretrained(tmp_path / "model")
+    code = (
+        "import sys; from diffusers import DiffusionPipeline\n"
+        "from mvdiff.pipelines import MVDreamPipeline\n"
+        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1])\n"
+        "assert type(pipe) is MVDreamPipeline, type(pipe)\n"
+        "print(type(pipe.unet).__name__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "model")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "MultiViewUNet2DConditionModel"
 
 
 def test_loads_a_training_export_folder(tmp_path):

@@ -42,7 +42,9 @@ from mvdiff.errors import UserError
 DEFAULT_PROMPT_SUFFIX = ", 3d asset"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
-#: For ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=ENTRY_FILE, trust_remote_code=True)``.
+#: For ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=ENTRY_FILE, trust_remote_code=True)``
+#: in a process that has not imported mvdiff (after ``from mvdiff.pipelines import MVDreamPipeline``
+#: plain ``DiffusionPipeline.from_pretrained(folder)`` works, see ``_register_with_diffusers``).
 ENTRY_FILE = str(Path(__file__).with_name("diffusers_entry.py"))
 
 
@@ -360,3 +362,22 @@ class MVDreamPipeline(DiffusionPipeline):
         if not return_dict:
             return (images, camera)
         return MVDreamPipelineOutput(images=images, cameras=camera)
+
+
+def _register_with_diffusers() -> None:
+    """Make ``DiffusionPipeline.from_pretrained(folder)`` work without ``custom_pipeline``.
+
+    diffusers resolves the ``_class_name`` of ``model_index.json`` with
+    ``getattr(diffusers, name)``; publishing the class there (once mvdiff's pipeline module is
+    imported) is all it needs; the UNet's module is imported too, because diffusers loads
+    components only from libraries already imported. Nothing of diffusers' own is replaced.
+    """
+    import diffusers
+
+    import mvdiff.models.unet_mv  # noqa: F401  (the library model_index.json names)
+
+    if "MVDreamPipeline" not in vars(diffusers):
+        diffusers.MVDreamPipeline = MVDreamPipeline
+
+
+_register_with_diffusers()
