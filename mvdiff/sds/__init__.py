@@ -2,7 +2,7 @@
 
 from mvdiff.sds.field import FieldConfig, RadianceField
 from mvdiff.sds.guidance import MultiViewSDS, SDSConfig, timestep_bounds
-from mvdiff.sds.recon import posed_view_loss
+from mvdiff.sds.recon import posed_view_loss, reconstruct_from_views
 from mvdiff.sds.render import OccupancyGrid, camera_rays, random_background, render
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "camera_rays",
     "posed_view_loss",
     "random_background",
+    "reconstruct_from_views",
     "render",
     "timestep_bounds",
 ]

@@ -100,6 +100,22 @@ class RadianceField(nn.Module):
             (g,) = torch.autograd.grad(sigma.sum(), x, create_graph=create_graph)
         return -F.normalize(g, dim=-1, eps=1e-6)
 
+    def forward_with_normals(self, x: torch.Tensor, create_graph: bool = False):
+        """(density ``[N]``, colour ``[N, 3]``, unit normals ``[N, 3]``) in one field pass.
+
+        ``create_graph`` keeps the normals differentiable (needed when shading is trained)."""
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            h = self.trunk(self.encoding(xg))
+            raw = self.density_head(h).squeeze(-1) + self.blob_bias(xg)  # (N, 1) -> (N,)
+            sigma = self.config.density_scale * F.softplus(raw)
+            color = torch.sigmoid(self.color_head(h))
+            (g,) = torch.autograd.grad(sigma.sum(), xg, create_graph=create_graph)
+        normals = -F.normalize(g, dim=-1, eps=1e-6)
+        if not create_graph:
+            sigma, color = sigma.detach(), color.detach()
+        return sigma, color, normals
+
     @torch.no_grad()
     def density_grid(self, resolution: int = 64, chunk: int = 65536) -> torch.Tensor:
         """Density sampled on a ``[R, R, R]`` lattice over [-bound, bound]^3, indexed [ix, iy, iz]."""

@@ -14,7 +14,15 @@ import torch.nn.functional as F
 
 from mvdiff.cameras import intrinsics_from_fov
 
-__all__ = ["OccupancyGrid", "camera_rays", "ray_box", "render", "random_background"]
+__all__ = [
+    "OccupancyGrid",
+    "camera_rays",
+    "ray_box",
+    "render",
+    "render_rays",
+    "random_background",
+    "sample_light",
+]
 
 
 def _device(field, fallback) -> torch.device:
@@ -111,34 +119,63 @@ def random_background(num: int, generator: torch.Generator | None = None, p_rand
     return torch.ones(num, 3)
 
 
-def render(
+def sample_light(c2w: torch.Tensor, generator: torch.Generator | None = None, jitter=0.5):
+    """Unit light directions ``[V, 3]`` (towards the light) near each camera's direction,
+    jittered (DreamFusion-style random point light seen as a directional one)."""
+    to_cam = F.normalize(c2w[:, :3, 3].float(), dim=-1)  # (V, 4, 4) -> (V, 3)
+    noise = torch.randn(to_cam.shape, generator=generator).to(to_cam.device)
+    return F.normalize(to_cam + jitter * noise, dim=-1)
+
+
+SHADING_MODES = ("albedo", "lambertian", "textureless")
+
+
+def _background_rays(background, d: torch.Tensor, per_ray_rows: int, dtype) -> torch.Tensor:
+    """Background colours ``[R, 3]``: from a callable (directions -> colours), a colour ``[3]``,
+    per-ray colours ``[R, 3]``, or per-group colours ``[G, 3]`` repeated over ``per_ray_rows``."""
+    n = d.shape[0]
+    if background is None:
+        return torch.ones(n, 3, device=d.device, dtype=dtype)
+    if callable(background) and not isinstance(background, torch.Tensor):
+        return background(d).to(dtype)
+    bg = torch.as_tensor(background, dtype=dtype).to(d.device).reshape(-1, 3)  # (G, 3)
+    if bg.shape[0] == n:
+        return bg
+    bg = bg.expand(n // per_ray_rows, 3) if bg.shape[0] == 1 else bg  # (1, 3) -> (G, 3)
+    return bg.repeat_interleave(per_ray_rows, dim=0)  # (G, 3) -> (R, 3)
+
+
+def render_rays(
     field,
-    c2w: torch.Tensor,
-    fov_deg,
-    resolution: int,
+    o: torch.Tensor,
+    d: torch.Tensor,
     num_samples: int = 64,
     background=None,
     stratified: bool = False,
     generator: torch.Generator | None = None,
     occupancy: OccupancyGrid | None = None,
     return_normals: bool = False,
+    shading: str = "albedo",
+    light: torch.Tensor | None = None,
+    ambient: float = 0.3,
+    rays_per_group: int | None = None,
 ) -> dict:
-    """Render V views of ``field``.
+    """Render rays ``o``, ``d`` ``[R, 3]`` (unit directions). Returns per-ray ``rgb`` ``[R, 3]``
+    (over ``background``), ``opacity`` / ``depth`` ``[R, 1]``, ``background`` ``[R, 3]``,
+    optionally ``normal`` ``[R, 3]``, and ``num_evaluated``.
 
-    Returns ``rgb`` ``[V, 3, H, W]`` (composited over ``background``: a colour ``[3]`` or
-    ``[V, 3]``, default white), ``opacity`` ``[V, 1, H, W]``, ``depth`` ``[V, 1, H, W]``
-    (expected ray distance of the visible surface, 0 where empty), optionally ``normal``
-    ``[V, 3, H, W]`` (world frame, from the density gradient), and ``num_evaluated`` (points
-    sent through the field).
+    ``background``: None (white), a colour ``[3]``, colours ``[R, 3]`` or ``[G, 3]`` (one per
+    group of ``rays_per_group`` consecutive rays), or a callable directions -> colours.
+    ``shading``: "albedo" (none), "lambertian" (colour * (ambient + (1 - ambient) * max(0,
+    n.l))) or "textureless" (the same with white albedo), with normals from the density
+    gradient and ``light`` ``[R, 3]`` unit directions towards the light.
     """
-    dev = _device(field, c2w)
-    c2w = c2w.to(dev)
-    v, h, w, s = c2w.shape[0], resolution, resolution, num_samples
-    o, d = camera_rays(c2w, fov_deg, h, w)
-    o = o.reshape(-1, 3)  # (V, H, W, 3) -> (R, 3)
-    d = d.reshape(-1, 3)  # (V, H, W, 3) -> (R, 3)
+    if shading not in SHADING_MODES:
+        raise ValueError(f"shading must be one of {SHADING_MODES}, got {shading!r}")
+    dev = _device(field, o)
+    o, d = o.to(dev), d.to(dev)
+    n_rays, s = o.shape[0], num_samples
     near, far, hit = ray_box(o, d, field.bound)
-    n_rays = o.shape[0]
     steps = torch.arange(s, device=dev, dtype=torch.float32)
     if stratified:
         u = torch.rand(n_rays, s, generator=generator).to(dev)
@@ -154,7 +191,23 @@ def render(
     if occupancy is not None:
         keep = keep & occupancy.query(flat)
     sel = keep.nonzero().squeeze(1)  # (K, 1) -> (K,)
-    sigma_k, color_k = field(flat[sel])
+    need_normals = return_normals or shading != "albedo"
+    normal_k = None
+    if need_normals:
+        create = torch.is_grad_enabled()
+        if hasattr(field, "forward_with_normals"):
+            sigma_k, color_k, normal_k = field.forward_with_normals(flat[sel], create_graph=create)
+        else:
+            sigma_k, color_k = field(flat[sel])
+            normal_k = field.normals(flat[sel], create_graph=create)
+    else:
+        sigma_k, color_k = field(flat[sel])
+    if shading != "albedo":
+        ray_of = torch.div(sel, s, rounding_mode="floor")  # sample index -> ray index
+        lam = (normal_k * light.to(dev)[ray_of]).sum(-1, keepdim=True).clamp(min=0.0)
+        shade = ambient + (1.0 - ambient) * lam  # (K, 1)
+        albedo = torch.ones_like(color_k) if shading == "textureless" else color_k
+        color_k = albedo * shade
     sigma = torch.zeros(n_rays * s, device=dev, dtype=sigma_k.dtype).index_put((sel,), sigma_k)
     color = torch.zeros(n_rays * s, 3, device=dev, dtype=color_k.dtype).index_put((sel,), color_k)
     sigma = sigma.reshape(n_rays, s)  # (R*S,) -> (R, S)
@@ -166,26 +219,68 @@ def render(
     opacity = weights.sum(1, keepdim=True)  # (R, 1)
     rgb = (weights[..., None] * color).sum(1)  # (R, S, 3) -> (R, 3)
     depth = (weights * t).sum(1, keepdim=True)  # (R, 1)
+    bg = _background_rays(background, d, rays_per_group or n_rays, rgb.dtype)
+    out = {
+        "rgb": rgb + (1.0 - opacity) * bg,
+        "opacity": opacity,
+        "depth": depth,
+        "background": bg,
+        "num_evaluated": int(sel.numel()),
+    }
+    if return_normals:
+        n = torch.zeros(n_rays * s, 3, device=dev, dtype=normal_k.dtype)
+        n = n.index_put((sel,), normal_k)
+        n = (weights[..., None] * n.reshape(n_rays, s, 3)).sum(1)  # (R*S, 3) -> (R, S, 3) -> (R, 3)
+        out["normal"] = F.normalize(n, dim=-1, eps=1e-6)
+    return out
 
-    if background is None:
-        background = torch.ones(3)
-    bg = torch.as_tensor(background, dtype=rgb.dtype).to(dev)
-    bg = bg.reshape(-1, 3).expand(v, 3)  # (3,) | (V, 3) -> (V, 3)
-    bg = bg[:, None, :].expand(v, h * w, 3).reshape(-1, 3)  # (V, 3) -> (R, 3)
-    rgb = rgb + (1.0 - opacity) * bg
+
+def render(
+    field,
+    c2w: torch.Tensor,
+    fov_deg,
+    resolution: int,
+    num_samples: int = 64,
+    background=None,
+    stratified: bool = False,
+    generator: torch.Generator | None = None,
+    occupancy: OccupancyGrid | None = None,
+    return_normals: bool = False,
+    shading: str = "albedo",
+    light: torch.Tensor | None = None,
+    ambient: float = 0.3,
+) -> dict:
+    """Render V views of ``field``.
+
+    Returns ``rgb`` ``[V, 3, H, W]`` (composited over ``background``: a colour ``[3]`` or
+    ``[V, 3]``, a callable ray directions ``[N, 3]`` -> colours ``[N, 3]`` such as an
+    environment map, default white), ``opacity`` ``[V, 1, H, W]``, ``depth`` ``[V, 1, H, W]``
+    (expected ray distance of the visible surface, 0 where empty), ``background``
+    ``[V, 3, H, W]``, optionally ``normal`` ``[V, 3, H, W]`` (world frame, from the density
+    gradient), and ``num_evaluated`` (points sent through the field). ``shading`` and
+    ``light`` (``[V, 3]`` unit directions towards the light, see :func:`sample_light`) as in
+    :func:`render_rays`.
+    """
+    dev = _device(field, c2w)
+    c2w = c2w.to(dev)
+    v, h, w = c2w.shape[0], resolution, resolution
+    o, d = camera_rays(c2w, fov_deg, h, w)
+    o = o.reshape(-1, 3)  # (V, H, W, 3) -> (R, 3)
+    d = d.reshape(-1, 3)  # (V, H, W, 3) -> (R, 3)
+    if light is not None:
+        light = light.to(dev).reshape(-1, 3).expand(v, 3)  # (3,) | (V, 3) -> (V, 3)
+        light = light.repeat_interleave(h * w, dim=0)  # (V, 3) -> (R, 3)
+    elif shading != "albedo":
+        raise ValueError(f"shading {shading!r} needs a light direction")
+    out = render_rays(
+        field, o, d, num_samples, background=background, stratified=stratified,
+        generator=generator, occupancy=occupancy, return_normals=return_normals,
+        shading=shading, light=light, ambient=ambient, rays_per_group=h * w,
+    )  # fmt: skip
 
     def image(x):  # (R, C) -> (V, C, H, W)
         return x.reshape(v, h, w, -1).permute(0, 3, 1, 2)  # (R, C) -> (V, H, W, C) -> (V, C, H, W)
 
-    out = {
-        "rgb": image(rgb),
-        "opacity": image(opacity),
-        "depth": image(depth),
-        "num_evaluated": int(sel.numel()),
-    }
-    if return_normals:
-        n = torch.zeros(n_rays * s, 3, device=dev)
-        n = n.index_put((sel,), field.normals(flat[sel], create_graph=torch.is_grad_enabled()))
-        n = (weights[..., None] * n.reshape(n_rays, s, 3)).sum(1)  # (R, S, 3) -> (R, 3)
-        out["normal"] = image(F.normalize(n, dim=-1, eps=1e-6))
-    return out
+    res = {k: image(val) for k, val in out.items() if isinstance(val, torch.Tensor)}
+    res["num_evaluated"] = out["num_evaluated"]
+    return res
