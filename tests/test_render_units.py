@@ -70,6 +70,30 @@ def test_orbit_rig_azimuth_zero_is_on_minus_y_and_counter_clockwise():
     assert np.allclose(forward, -centres / np.linalg.norm(centres, axis=1, keepdims=True))
 
 
+def test_fixed_rig_puts_cameras_at_the_listed_angles():
+    cfg = RenderConfig(output="x", rig="fixed", views=3, elevations=[0.0, 30.0, -10.0],
+                       azimuths=[0.0, 45.0, 300.0], fov=30.0, distance_factor=1.2).validate()  # fmt: skip
+    rig = make_rig(cfg, "any")
+    el, az, dist = spherical_from_c2w(rig["c2w"])
+    assert np.allclose(el, [0, 30, -10]) and np.allclose(az, [0, 45, 300])
+    assert np.allclose(dist, rig["distance"]) and rig["fov_deg"] == [30.0] * 3
+    # The unit cube's bounding sphere just fits a 30 degree frame at distance factor 1.
+    assert np.allclose(dist, 1.2 * (3**0.5 / 2) / np.sin(np.radians(15)))
+    forward = -rig["c2w"][:, :3, 2]
+    centres = rig["c2w"][:, :3, 3]
+    assert np.allclose(forward, -centres / np.linalg.norm(centres, axis=1, keepdims=True))
+    # One elevation for all views also works; the rig does not depend on the uid.
+    one = RenderConfig(output="x", rig="fixed", views=2, elevations=[10.0], azimuths=[0.0, 180.0])
+    assert np.allclose(spherical_from_c2w(make_rig(one, "a")["c2w"])[0], 10)
+    assert np.array_equal(make_rig(one, "a")["c2w"], make_rig(one, "b")["c2w"])
+
+
+def test_orbit_rig_is_a_turntable():
+    cfg = RenderConfig(output="x", rig="orbit", views=8, elevations=[25.0]).validate()
+    el, az, _ = spherical_from_c2w(make_rig(cfg, "x")["c2w"])
+    assert np.allclose(el, 25) and np.allclose(az, np.arange(8) * 45.0)
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(Exception, match="--views"):
         RenderConfig(output="x", views=0).validate()
@@ -172,23 +196,44 @@ def test_local_sources_and_captions(tmp_path):
     assert load_captions(str(csv))["monkey"] == "a monkey head, grey"
     cfg = RenderConfig(output="x", inputs=[str(ASSETS / "monkey.glb")], captions=str(csv))
     assert discover(cfg)[0]["caption"] == "a monkey head, grey"
+    # Objects the CSV does not name keep the fallback built from the file name.
+    cfg = RenderConfig(output="x", inputs=[str(ASSETS)], captions=str(csv))
+    captions = {o["uid"]: o["caption"] for o in discover(cfg)}
+    assert captions["BoxTextured"] == "Box Textured" and captions["rabbit"] == "a pink rabbit"
+    with pytest.raises(Exception, match="--captions .*nope.csv"):
+        discover(
+            RenderConfig(output="x", inputs=[str(ASSETS)], captions=str(tmp_path / "nope.csv"))
+        )
 
 
-def test_objaverse_through_a_loopback_mirror(objaverse_mirror):
+def test_objaverse_through_a_loopback_mirror(objaverse_mirror, tmp_path):
     pytest.importorskip("objaverse")
     mirror, cache = objaverse_mirror
     cfg = RenderConfig(output="x", objaverse_lvis=["crate"], objaverse_mirror=mirror,
                        objaverse_cache=cache)  # fmt: skip
     objs = discover(cfg)
     assert [o["uid"] for o in objs] == ["0a1b2c", "9f8e7d"]
-    assert (
-        objs[0]["caption"] == "Box 0, crate"
-    )  # name + tags not already in it and objs[0]["license"] == "by"
+    assert objs[0]["caption"] == "Box 0, crate"  # name + the tags not already in it
+    assert objs[0]["license"] == "by" and objs[0]["source"] == "objaverse:0a1b2c"
     path = objs[0]["fetch"]()
     assert os.path.getsize(path) == os.path.getsize(ASSETS / "BoxTextured.glb")
     assert path.startswith(cache)
     with pytest.raises(Exception, match="no such LVIS category"):
         discover(RenderConfig(output="x", objaverse_lvis=["nope"], objaverse_mirror=mirror,
+                              objaverse_cache=cache))  # fmt: skip
+    # By uid: on the command line (objaverse:UID), as a list, or a file of uids; captions
+    # from a Cap3D-layout CSV keyed by Objaverse uid, the name + tags fallback otherwise.
+    uid_file = tmp_path / "uids.txt"
+    uid_file.write_text("9f8e7d\n\n")
+    captions = tmp_path / "cap3d.csv"
+    captions.write_text("uid,caption\n9f8e7d,a wooden crate with metal corners\n")
+    cfg = RenderConfig(output="x", inputs=["objaverse:0a1b2c"], objaverse_uids=[str(uid_file)],
+                       captions=str(captions), objaverse_mirror=mirror, objaverse_cache=cache)  # fmt: skip
+    objs = discover(cfg)
+    assert [(o["uid"], o["caption"]) for o in objs] == [
+        ("9f8e7d", "a wooden crate with metal corners"), ("0a1b2c", "Box 0, crate")]  # fmt: skip
+    with pytest.raises(Exception, match="--objaverse-uids: 'ffffff' is not an Objaverse uid"):
+        discover(RenderConfig(output="x", objaverse_uids=["ffffff"], objaverse_mirror=mirror,
                               objaverse_cache=cache))  # fmt: skip
 
 

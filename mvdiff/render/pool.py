@@ -29,6 +29,10 @@ import time
 from pathlib import Path
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding `mvdiff/`
+#: How a worker process starts (the options JSON is appended). Tests swap in a stand-in that
+#: speaks the same protocol without Blender (tests/fixtures/render/fake_worker.py).
+DEFAULT_WORKER_COMMAND = (sys.executable, "-m", "mvdiff.render.worker")
+WORKER_COMMAND = DEFAULT_WORKER_COMMAND
 
 
 def worker_options(cfg) -> dict:
@@ -67,7 +71,7 @@ class WorkerHandle:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
         self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mvdiff.render.worker", json.dumps(self.opts)],
+            [*WORKER_COMMAND, json.dumps(self.opts)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import importlib.util
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -87,11 +88,11 @@ def _make_backend(cfg: RenderConfig, num_objects: int):
         from mvdiff.render.pool import RayBackend
 
         return RayBackend(cfg, min(workers, num_objects) if cfg.workers else 0)
-    if importlib.util.find_spec("bpy") is None:
-        raise UserError("rendering needs Blender's bpy (Python 3.11): pip install 'mvdiff[render]'")
-    from mvdiff.render.pool import LocalBackend
+    from mvdiff.render import pool
 
-    return LocalBackend(cfg, min(workers, num_objects))
+    if pool.WORKER_COMMAND == pool.DEFAULT_WORKER_COMMAND and not importlib.util.find_spec("bpy"):
+        raise UserError("rendering needs Blender's bpy (Python 3.11): pip install 'mvdiff[render]'")
+    return pool.LocalBackend(cfg, min(workers, num_objects))
 
 
 def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
@@ -124,8 +125,10 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
     queue = collections.deque((obj, 0) for obj in todo)
     in_flight: dict[cf.Future, tuple[int, dict, int]] = {}
     free = list(range(backend.num_slots))
+    # objects/s always as a rate (tqdm would flip to s/obj below 1/s), views/s, failures, ETA
     bar = tqdm(total=len(todo), unit="obj", disable=not progress, dynamic_ncols=True,
-               desc="render", smoothing=0.1)  # fmt: skip
+               desc="render", smoothing=0.1, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+               "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")  # fmt: skip
     t_render = time.monotonic()
     try:
         while queue or in_flight:
@@ -170,11 +173,11 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
                     manifest.append({**record, "status": "failed", "shard": "", "reason": reason})
                     summary["failed"] += 1
                     if progress:
-                        tqdm.write(f"failed {obj['uid']}: {reason}")
+                        tqdm.write(f"failed {obj['uid']}: {reason}", file=sys.stderr)
                 bar.update(1)
                 elapsed = max(time.monotonic() - t_render, 1e-6)
-                bar.set_postfix(
-                    views_s=f"{summary['views'] / elapsed:.2f}", failed=summary["failed"]
+                bar.set_postfix_str(
+                    f"{summary['views'] / elapsed:.2f} views/s, {summary['failed']} failed"
                 )
     finally:
         bar.close()
