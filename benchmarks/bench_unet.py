@@ -81,10 +81,12 @@ def child(spec: dict) -> dict:
     params = unet_params(spec["quick"])
     official = OfficialMultiViewUNet(**params)
     if spec["impl"] == "mvdiff":
-        model = build_unet(
-            {k: v.detach().clone() for k, v in official.state_dict().items()}, params
-        )
+        # The same weights, handed over rather than cloned: a cloned copy would put a second
+        # set of weights into the process's peak RSS (ru_maxrss is a lifetime maximum).
+        weights = official.state_dict()
         del official
+        model = build_unet(weights, params)
+        del weights
     else:
         model = official
     model.train(spec["mode"] == "train")
