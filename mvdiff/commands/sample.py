@@ -47,12 +47,13 @@ class SampleSettings:
     dtype: str = "auto"
     device: str = "auto"
     original_config: str | None = None
+    lora: str | None = None
 
 
 # flag -> (field, type, help); defaults come from SampleSettings
 _FLAGS = {
     "--model": ("model", str, "diffusers folder, official checkpoint (.pt, converted and "
-                "cached) or hub id"),
+                "cached), hub id, or a LoRA adapter folder from `mvdiff dreambooth --lora`"),
     "--prompt": ("prompt", str, "text prompt"),
     "--negative-prompt": ("negative_prompt", str, "negative prompt (default: empty)"),
     "--prompt-suffix": ("prompt_suffix", str, "appended to the prompt (default ', 3d asset'; "
@@ -72,6 +73,7 @@ _FLAGS = {
     "--dtype": ("dtype", str, "auto | float32 | float16 | bfloat16 (auto: fp16 on GPU, fp32 on CPU)"),
     "--device": ("device", str, "auto | cpu | cuda | cuda:N | mps"),
     "--original-config": ("original_config", str, "official-style YAML for a .pt checkpoint"),
+    "--lora": ("lora", str, "LoRA adapter folder (mvdiff dreambooth --lora) applied on --model"),
 }  # fmt: skip
 
 
@@ -221,6 +223,10 @@ def run(args: argparse.Namespace) -> int:
 
     s = resolve_settings(args)
     model_kind(s.model)  # fail fast on a wrong path, before importing torch
+    if s.lora:
+        from mvdiff.pipelines.loading import read_adapter_meta
+
+        read_adapter_meta(s.lora)
     out = Path(args.output)
     if (out / "settings.json").exists() and not args.overwrite:
         raise UserError(f"--output {out} already holds a sample; use --overwrite or a new folder")
@@ -236,11 +242,13 @@ def run(args: argparse.Namespace) -> int:
     print("settings:", json.dumps(dataclasses.asdict(s)), flush=True)
     t0 = time.perf_counter()
     pipe, model_info = load_pipeline(
-        s.model, getattr(torch, dtype_name), s.original_config, args.cache_dir
+        s.model, getattr(torch, dtype_name), s.original_config, args.cache_dir, lora=s.lora
     )
     pipe.scheduler = make_scheduler(s.scheduler, pipe.scheduler.config)
     pipe.to(device)
-    print(f"loaded {model_info.get('folder', s.model)} on {device} ({dtype_name})", flush=True)
+    adapter = model_info.get("adapter", {}).get("folder")
+    print(f"loaded {model_info.get('folder', s.model)}{f' + LoRA {adapter}' if adapter else ''} "
+          f"on {device} ({dtype_name})", flush=True)  # fmt: skip
 
     t1 = time.perf_counter()
     result = pipe(

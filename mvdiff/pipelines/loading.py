@@ -4,7 +4,11 @@
 * an official checkpoint (``.pt`` / ``.ckpt`` / ``.safetensors``) -> converted once with
   :func:`mvdiff.convert.convert_mvdream_checkpoint` into a cache folder keyed by the file's
   path, size and modification time (and the original config), then loaded from there;
-* anything else that looks like ``org/name`` -> the Hugging Face hub (when online).
+* anything else that looks like ``org/name`` -> the Hugging Face hub (when online);
+* a LoRA adapter folder written by ``mvdiff dreambooth --lora`` (``adapter_config.json``,
+  ``adapter_model.safetensors`` and ``mvdiff_adapter.json``, which records the base model)
+  -> the base model, loaded as above, with the adapter merged into its UNet. ``lora=DIR``
+  applies an adapter on top of any ``model`` instead.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from pathlib import Path
 from mvdiff.errors import UserError
 
 CHECKPOINT_SUFFIXES = (".pt", ".ckpt", ".pth", ".safetensors")
+ADAPTER_META = "mvdiff_adapter.json"
+ADAPTER_FORMAT = "mvdiff-lora/1"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def default_cache_dir() -> Path:
@@ -82,7 +89,7 @@ def fingerprint(folder: str | Path) -> str:
 
 
 def model_kind(model: str) -> str:
-    """ "checkpoint" | "folder" | "hub" for a ``--model`` value, or a one-line UserError.
+    """ "checkpoint" | "folder" | "adapter" | "hub" for a ``--model`` value, or a one-line UserError.
 
     Cheap (no torch import), so that the command can fail fast on a wrong path.
     """
@@ -95,6 +102,8 @@ def model_kind(model: str) -> str:
             )
         return "checkpoint"
     if path.is_dir():
+        if (path / ADAPTER_META).is_file():
+            return "adapter"
         if not (path / "model_index.json").is_file():
             raise UserError(f"--model {model}: folder has no model_index.json (not a pipeline)")
         return "folder"
@@ -109,17 +118,49 @@ def load_pipeline(
     original_config: str | None = None,
     cache_dir: str | Path | None = None,
     log=print,
+    lora: str | None = None,
 ):
-    """``(MVDreamPipeline, info)`` for a folder, an official checkpoint or a hub id.
+    """``(MVDreamPipeline, info)`` for a folder, an official checkpoint, a hub id or a LoRA
+    adapter folder (its base model + the adapter); ``lora`` = an adapter folder to apply on
+    top of ``model``.
 
-    ``info`` records where the weights came from: ``kind`` (folder | checkpoint | hub),
-    ``folder`` and a ``fingerprint`` of it (folders and checkpoints).
+    ``info`` records where the weights came from: ``kind`` (folder | checkpoint | hub |
+    adapter), ``folder`` and a ``fingerprint`` of it (folders and checkpoints), ``adapter``.
     """
+    if model_kind(model) == "adapter":
+        if lora:
+            raise UserError(f"--model {model} is itself an adapter; give its base with --lora")
+        meta = read_adapter_meta(model)
+        base = meta["base_model"]
+        if base != "tiny":
+            try:
+                model_kind(base)
+            except UserError:
+                raise UserError(
+                    f"--model {model}: the adapter's base model {base} is not available; "
+                    f"use --model BASE --lora {model}"
+                ) from None
+        pipe, info = load_pipeline(base, torch_dtype, original_config, cache_dir, log, lora=model)
+        return pipe, {**info, "model": model, "kind": "adapter", "base_model": base}
+    pipe, info = _load_base(model, torch_dtype, original_config, cache_dir, log)
+    if lora:
+        info["adapter"] = apply_lora_adapter(pipe.unet, lora, base_info=info, log=log)
+    return pipe, info
+
+
+def _load_base(model, torch_dtype, original_config, cache_dir, log):
     import torch
 
     from mvdiff.pipelines.pipeline_mvdream import MVDreamPipeline
 
     torch_dtype = torch_dtype or torch.float32
+    if model == "tiny":  # the base of adapters trained on mvdiff.testing.tiny_components()
+        from mvdiff.testing import tiny_components
+
+        return MVDreamPipeline(**tiny_components(0)).to(dtype=torch_dtype), {
+            "model": "tiny",
+            "kind": "tiny",
+        }
     kind = model_kind(model)
     info = {"model": model, "kind": kind}
     folder = None
@@ -146,3 +187,87 @@ def load_pipeline(
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UserError(f"--model {model}: cannot load the pipeline ({first})") from None
     return pipe, info
+
+
+# ---- LoRA adapters (mvdiff dreambooth --lora) -----------------------------------------------
+
+
+def read_adapter_meta(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / ADAPTER_META
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--lora {folder}: no readable {ADAPTER_META} ({e})") from None
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise UserError(f"{path}: unknown adapter format {meta.get('format')!r}")
+    for name in ("adapter_config.json", ADAPTER_WEIGHTS):
+        if not (folder / name).is_file():
+            raise UserError(f"--lora {folder}: {name} is missing")
+    return meta
+
+
+def save_lora_adapter(unet, lora_config, folder: str | Path, meta: dict) -> Path:
+    """Write only the LoRA weights of ``unet`` (peft layers), its ``peft.LoraConfig`` and
+    ``mvdiff_adapter.json`` (``meta`` + format; ``meta["base_model"]`` names the base) into
+    ``folder``, atomically (temporary folder, then rename)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = get_peft_model_state_dict(unet)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    save_file(state, str(tmp / ADAPTER_WEIGHTS))
+    lora_config.save_pretrained(str(tmp))
+    record = {"format": ADAPTER_FORMAT, **meta, "num_tensors": len(state)}
+    (tmp / ADAPTER_META).write_text(json.dumps(record, indent=1) + "\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def apply_lora_adapter(unet, folder: str | Path, merge: bool = True, base_info=None, log=print):
+    """Add the adapter in ``folder`` to ``unet`` (in place) and, with ``merge``, fold it into
+    the base weights and remove the LoRA layers (a plain UNet, base speed). Returns a record
+    for ``info``. A base whose fingerprint differs from the one the adapter was trained on
+    is loaded with a warning."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--lora {folder}: no such folder")
+    meta = read_adapter_meta(folder)
+    trained_on = meta.get("base_fingerprint")
+    if base_info and trained_on and base_info.get("fingerprint") not in (None, trained_on):
+        log(f"warning: {folder} was trained on another version of the base model "
+            f"({meta.get('base_model')})")  # fmt: skip
+    config = LoraConfig.from_pretrained(str(folder))
+    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    try:
+        inject_adapter_in_model(config, unet)
+        result = set_peft_model_state_dict(unet, state)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise UserError(
+            f"--lora {folder}: does not fit this model ({str(e).splitlines()[0][:200]})"
+        ) from None
+    unexpected = getattr(result, "unexpected_keys", []) or []
+    if unexpected:
+        raise UserError(f"--lora {folder}: weights for no layer of this model: {unexpected[:3]}")
+    if merge:
+        import torch
+
+        with torch.no_grad():
+            for name, module in list(unet.named_modules()):
+                if isinstance(module, BaseTunerLayer) and hasattr(module, "base_layer"):
+                    module.merge()
+                    parent_name, _, child = name.rpartition(".")
+                    parent = unet.get_submodule(parent_name) if parent_name else unet
+                    setattr(parent, child, module.get_base_layer())
+    return {"folder": str(folder.resolve()), "fingerprint": fingerprint(folder),
+            "merged": merge, "base_model": meta.get("base_model")}  # fmt: skip

@@ -8,7 +8,8 @@ tokenizer/ scheduler/``) of either
   (:func:`mvdiff.models.add_camera_mlp`), so training starts from exactly the 2D model; or
 * a multi-view model (its ``unet/config.json`` has ``class_embed_type: projection``);
 
-or ``"tiny"`` for :func:`mvdiff.testing.tiny_components` (tests, quickstart, benchmarks).
+or ``"tiny"`` for :func:`mvdiff.testing.tiny_components` (tests, quickstart, benchmarks), or an
+official checkpoint file (``.pt`` ...), converted once into the cache (as ``mvdiff sample``).
 Weights are read from safetensors (or ``torch.load(weights_only=True)`` for ``.bin``).
 """
 
@@ -53,6 +54,14 @@ def load_components(pretrained: str) -> Components:
     if not pretrained:
         raise UserError("model.pretrained is empty: give a diffusers model folder or 'tiny'")
     folder = Path(pretrained).expanduser()
+    if folder.is_file():
+        from mvdiff.pipelines.loading import CHECKPOINT_SUFFIXES, converted_folder
+
+        if folder.suffix not in CHECKPOINT_SUFFIXES:
+            raise UserError(
+                f"model.pretrained={pretrained}: not a folder or an official checkpoint"
+            )
+        folder = converted_folder(folder, log=lambda msg: print(msg, flush=True))
     if not folder.is_dir():
         raise UserError(f"model.pretrained={pretrained}: not a directory")
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel

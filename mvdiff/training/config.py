@@ -9,8 +9,12 @@ from mvdiff.data.loader import DataConfig
 
 __all__ = [
     "CheckpointConfig",
+    "DreamBoothConfig",
+    "DreamBoothTrainConfig",
+    "LoraSettings",
     "ModelConfig",
     "OptimConfig",
+    "PriorConfig",
     "TrainConfig",
     "ValidationConfig",
 ]
@@ -97,3 +101,104 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+# ---- MVDreamBooth (DESIGN §6): the same loop, photos instead of shards ---------------------
+
+
+@dataclass
+class PriorConfig:
+    """Prior preservation: class objects generated once by the starting model (multi-view)."""
+
+    enabled: bool = False
+    #: "" = the instance prompt without the identifier ("a photo of sks dog" -> "a photo of dog")
+    class_prompt: str = ""
+    #: appended to the class prompt for generation and training (the multi-view caption style)
+    prompt_suffix: str = ", 3d asset"
+    #: class objects to generate (each num_views images); cached and reused across runs
+    num_objects: int = 25
+    num_views: int = 4
+    elevation: float = 15.0
+    steps: int = 50
+    guidance_scale: float = 7.5
+    #: class objects per training step
+    batch_size: int = 1
+    #: weight of the class (prior) loss
+    weight: float = 1.0
+    #: cache folder; "" = OUTPUT_DIR/class_images (a subfolder per model + settings)
+    cache_dir: str = ""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the UNet through peft; only the adapter is saved (OUTPUT_DIR/adapter)."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 16.0
+    #: learning rate of the adapter (replaces optim.lr when LoRA is on)
+    lr: float = 1.0e-4
+    #: module names (suffix match). Self-attention q/k/v are left out: the multi-view attention
+    #: processor reads their weights directly (fused q/k/v), which bypasses a LoRA wrapper.
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "attn1.to_out.0",
+            "attn2.to_q",
+            "attn2.to_k",
+            "attn2.to_v",
+            "attn2.to_out.0",
+            "ff.net.0.proj",
+            "ff.net.2",
+        ]
+    )
+
+
+@dataclass
+class DreamBoothConfig:
+    #: folder of 3-10 photos of the subject (jpg/png/webp, any size); optional masks as
+    #: NAME_mask.png next to NAME.jpg or masks/NAME.png (background becomes white)
+    images: str = ""
+    #: instance prompt containing the identifier, e.g. "a photo of sks dog"
+    prompt: str = ""
+    #: the rare token that names the subject; must appear as a word in the prompt
+    identifier: str = "sks"
+    #: lambda of the parameter-preservation term lambda * mean(|theta - theta_0|); 0 = off
+    param_preservation: float = 1.0
+    #: photo crop after resizing the shorter side to data.resolution
+    crop: Literal["center", "random"] = "center"
+    #: random horizontal flips of the photos
+    flip: bool = True
+    #: fewer photos than this is an error
+    min_images: int = 3
+    #: suffix of the validation prompt (the instance prompt rendered as 4 views)
+    validation_suffix: str = ", 3d asset"
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class DreamBoothTrainConfig(TrainConfig):
+    """:class:`TrainConfig` with a ``dreambooth`` section and consumer-GPU defaults (one 24 GB
+    card, SD-2.1-size model): ``mvdiff dreambooth`` / ``train/dreambooth.py``. The loop is
+    :func:`mvdiff.training.trainer.train`; ``data`` only uses ``resolution`` and ``batch_size``
+    (photos per step)."""
+
+    output_dir: str = "runs/dreambooth"
+    max_steps: int = 600
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    caption_dropout: float = 0.0
+    log_every: int = 10
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(gradient_checkpointing=True))
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(resolution=256, batch_size=1, num_workers=0)
+    )
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1.0e-5, weight_decay=0.0, warmup_steps=0)
+    )
+    checkpoint: CheckpointConfig = field(
+        default_factory=lambda: CheckpointConfig(every=200, keep=2)
+    )
+    validation: ValidationConfig = field(
+        default_factory=lambda: ValidationConfig(every=200, prompts=[], steps=30)
+    )
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)

@@ -6,6 +6,13 @@ DeepSpeed / FSDP configs in ``train/`` work too). Reproducibility: every random 
 choice of the batch) comes from a generator seeded with ``(seed, r, i)``, the data streams are
 seeded per rank and worker, and the learning rate is a pure function of the step — so
 "N steps" and "N/2 steps, kill, ``--resume latest``, N/2 steps" give the same weights.
+
+MVDreamBooth is a mode of this loop, chosen by the config type
+(:class:`~mvdiff.training.config.DreamBoothTrainConfig`, which has a ``dreambooth`` section):
+the batches come from the subject photos (2D mode) instead of the shards, the loss gains the
+prior-preservation and parameter-preservation terms, LoRA optionally replaces full
+fine-tuning, and the export is the adapter or the model folder. The pieces live in
+:mod:`mvdiff.training.dreambooth`.
 """
 
 from __future__ import annotations
@@ -32,25 +39,35 @@ from mvdiff.training.loss import diffusion_loss, encode_images, encode_prompts
 
 log = logging.getLogger("mvdiff.train")
 
-__all__ = ["NonFiniteLossError", "learning_rate", "train"]
+__all__ = ["NonFiniteLossError", "base_lr", "learning_rate", "train"]
+
+#: extra loss terms logged in MVDreamBooth mode
+TERMS = ("instance_loss", "prior_loss", "preservation")
 
 
 class NonFiniteLossError(UserError):
     """The loss or the gradient became NaN/inf and ``nan_policy`` says stop."""
 
 
+def base_lr(cfg: TrainConfig) -> float:
+    """``optim.lr``, or ``dreambooth.lora.lr`` when training a LoRA adapter."""
+    db = getattr(cfg, "dreambooth", None)
+    return db.lora.lr if db is not None and db.lora.enabled else cfg.optim.lr
+
+
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then constant / cosine / linear decay to ``lr * min_lr_ratio``."""
     o = cfg.optim
+    lr = base_lr(cfg)
     if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
+        return lr * (step + 1) / o.warmup_steps
     if o.schedule == "constant":
-        return o.lr
+        return lr
     progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.max_steps - o.warmup_steps))
-    floor = o.lr * o.min_lr_ratio
+    floor = lr * o.min_lr_ratio
     if o.schedule == "cosine":
-        return floor + (o.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return o.lr + (floor - o.lr) * progress
+        return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr + (floor - lr) * progress
 
 
 def _checksum(model: torch.nn.Module) -> float:
@@ -68,11 +85,17 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm.auto import tqdm
 
     # ---- setup: check the data first (cheap), accelerator, output folder, resolved config ----
-    if not cfg.data.mv_shards and not cfg.data.shards_2d:
-        raise UserError("no training data: set data.mv_shards and/or data.shards_2d")
-    for key in ("mv_shards", "shards_2d"):
-        if getattr(cfg.data, key):
-            expand_urls(getattr(cfg.data, key), f"data.{key}")  # names a missing file now
+    db = getattr(cfg, "dreambooth", None)  # MVDreamBooth mode (DreamBoothTrainConfig)
+    if db is not None:
+        from mvdiff.training import dreambooth as dbm
+
+        photos, photo_warnings = dbm.check_inputs(cfg)
+    else:
+        if not cfg.data.mv_shards and not cfg.data.shards_2d:
+            raise UserError("no training data: set data.mv_shards and/or data.shards_2d")
+        for key in ("mv_shards", "shards_2d"):
+            if getattr(cfg.data, key):
+                expand_urls(getattr(cfg.data, key), f"data.{key}")  # names a missing file now
     out = Path(cfg.output_dir)
     tb = _tensorboard_available()
     accelerator = Accelerator(
@@ -87,7 +110,10 @@ def train(cfg: TrainConfig) -> dict:
         print(dump_config(cfg), flush=True)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     set_seed(cfg.seed)  # initial weights of anything created below are the same on all ranks
-    if cfg.data.p_2d > 0 and not cfg.data.shards_2d and cfg.data.mv_shards:
+    if db is not None:
+        for warning in photo_warnings:
+            log.warning("--images: %s", warning)
+    elif cfg.data.p_2d > 0 and not cfg.data.shards_2d and cfg.data.mv_shards:
         log.warning("data.p_2d=%s but data.shards_2d is empty: training on 3D only", cfg.data.p_2d)
 
     # ---- model: trainable multi-view UNet, frozen VAE + text encoder ------------------------
@@ -99,16 +125,23 @@ def train(cfg: TrainConfig) -> dict:
     ]
     freeze(vae).to(accelerator.device, dtype=frozen_dtype)
     freeze(text_encoder).to(accelerator.device, dtype=frozen_dtype)
+    class_images, lora_config, class_generated = None, None, 0
+    if db is not None and db.prior.enabled:
+        # class objects from the *starting* model, generated once (main process) and cached
+        unet.to(accelerator.device)
+        class_images, class_generated = dbm.class_images_for(cfg, parts, accelerator, out)
+    if db is not None and db.lora.enabled:
+        lora_config = dbm.add_lora(unet, db.lora)
     unet.train()
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    log.info("model: %s (%s), %.1fM trainable parameters", cfg.model.pretrained, parts.source,
-             sum(p.numel() for p in unet.parameters()) / 1e6)  # fmt: skip
+    log.info("model: %s (%s), %.2fM trainable parameters", cfg.model.pretrained, parts.source,
+             sum(p.numel() for p in unet.parameters() if p.requires_grad) / 1e6)  # fmt: skip
 
     # ---- optimizer (lr is set every step from learning_rate(step)) -------------------------
     params = [p for p in unet.parameters() if p.requires_grad]
     optim_kwargs = dict(
-        lr=cfg.optim.lr,
+        lr=base_lr(cfg),
         betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
         eps=cfg.optim.eps,
@@ -122,12 +155,16 @@ def train(cfg: TrainConfig) -> dict:
     else:
         optimizer = torch.optim.AdamW(params, **optim_kwargs)
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    trainable = [p for p in accelerator.unwrap_model(unet).parameters() if p.requires_grad]
+    # theta_0 for the parameter-preservation term: the starting weights (taken before a resume)
+    anchor = None
+    if db is not None and db.param_preservation > 0:
+        anchor = dbm.ParamAnchor(trainable)
     ema = None
     if cfg.ema:
         from diffusers.training_utils import EMAModel
 
-        base = accelerator.unwrap_model(unet)
-        ema = EMAModel(base.parameters(), decay=cfg.ema_decay)
+        ema = EMAModel(trainable, decay=cfg.ema_decay)
         accelerator.register_for_checkpointing(ema)
 
     # ---- resume ---------------------------------------------------------------------------
@@ -143,29 +180,41 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- data: multi-view + 2D streams for this rank, mixed per batch ----------------------
     accum = cfg.gradient_accumulation_steps
-    data_seed = cfg.seed
-    if start_step and cfg.checkpoint.resume_data == "reseed":
-        data_seed = make_seed("reseed", cfg.seed, start_step)
-    mv = build_loader(cfg.data, "mv", data_seed, rank, world) if cfg.data.mv_shards else None
-    d2 = build_loader(cfg.data, "2d", data_seed, rank, world) if cfg.data.shards_2d else None
-    if mv is None and d2 is None:
-        raise UserError("no training data: set data.mv_shards and/or data.shards_2d")
-    mixer = BatchMixer(
-        mv,
-        d2,
-        p_2d=cfg.data.p_2d,
-        seed=data_seed,
-        rank=rank,
-        start=start_step * accum if cfg.checkpoint.resume_data == "skip" else 0,
-    )
-    batches = iter(mixer)
+    if db is not None:
+        # photos (2D) + class objects: batch i is a pure function of (seed, rank, i)
+        batches = iter(dbm.DreamBoothBatches(
+            photos, db.prompt, cfg.data.resolution, cfg.data.batch_size, crop=db.crop,
+            flip=db.flip, seed=cfg.seed, rank=rank, prior=class_images,
+            prior_batch_size=db.prior.batch_size, start=start_step * accum,
+        ))  # fmt: skip
+    else:
+        data_seed = cfg.seed
+        if start_step and cfg.checkpoint.resume_data == "reseed":
+            data_seed = make_seed("reseed", cfg.seed, start_step)
+        mv = build_loader(cfg.data, "mv", data_seed, rank, world) if cfg.data.mv_shards else None
+        d2 = build_loader(cfg.data, "2d", data_seed, rank, world) if cfg.data.shards_2d else None
+        if mv is None and d2 is None:
+            raise UserError("no training data: set data.mv_shards and/or data.shards_2d")
+        mixer = BatchMixer(
+            mv,
+            d2,
+            p_2d=cfg.data.p_2d,
+            seed=data_seed,
+            rank=rank,
+            start=start_step * accum if cfg.checkpoint.resume_data == "skip" else 0,
+        )
+        batches = iter(mixer)
+    val_prompts = list(cfg.validation.prompts)
+    if db is not None and not val_prompts:
+        val_prompts = [db.prompt + db.validation_suffix]  # 4 views of the subject
 
     # ---- the loop ---------------------------------------------------------------------------
     step = start_step
     consecutive_nan = 0
     window = {"loss": 0.0, "n": 0, "images": 0, "data_s": 0.0, "t0": time.perf_counter(),
-              "skipped": 0, "n2d": 0, "nb": 0}  # fmt: skip
+              "skipped": 0, "n2d": 0, "nb": 0, **dict.fromkeys(TERMS, 0.0)}  # fmt: skip
     last_loss = float("nan")
+    check_lora = lora_config is not None
     bar = tqdm(
         total=cfg.max_steps, initial=start_step, desc="train",
         disable=not accelerator.is_main_process, dynamic_ncols=True,
@@ -180,6 +229,7 @@ def train(cfg: TrainConfig) -> dict:
             group["lr"] = lr
         bad = False
         step_loss = 0.0
+        step_terms = dict.fromkeys(TERMS, 0.0)
         for micro in range(accum):
             index = step * accum + micro
             gen = torch.Generator().manual_seed(make_seed("step", cfg.seed, rank, index))
@@ -211,6 +261,28 @@ def train(cfg: TrainConfig) -> dict:
                     mlp = accelerator.unwrap_model(unet).class_embedding
                     if mlp is not None:
                         loss = loss + 0.0 * sum(p.sum() for p in mlp.parameters())
+                if db is not None:
+                    terms = {"instance_loss": loss.detach()}
+                    prior = batch.get("prior")
+                    if prior is not None:  # class objects, multi-view with cameras
+                        bp, vp = prior["pixels"].shape[:2]
+                        prior_latents = encode_images(
+                            vae, prior["pixels"].to(accelerator.device), gen
+                        )
+                        prior_text = encode_prompts(tokenizer, text_encoder, prior["caption"])
+                        # (Bp, V, 16) -> (Bp*V, 16)
+                        prior_camera = prior["camera"].reshape(bp * vp, -1).to(accelerator.device)
+                        prior_loss = diffusion_loss(
+                            unet, noise_scheduler, prior_latents, prior_text.float(),
+                            prior_camera, vp, gen, snr_gamma=cfg.snr_gamma,
+                            noise_offset=cfg.noise_offset,
+                        )  # fmt: skip
+                        terms["prior_loss"] = prior_loss.detach()
+                        loss = loss + db.prior.weight * prior_loss
+                    if anchor is not None:  # lambda * mean(|theta - theta_0|)
+                        preservation = anchor.loss(db.param_preservation)
+                        terms["preservation"] = preservation.detach()
+                        loss = loss + preservation
                 if step == cfg.debug_nan_step:
                     loss = loss * float("nan")
                 # all ranks must agree to skip, or DDP would hang waiting for gradients
@@ -220,11 +292,17 @@ def train(cfg: TrainConfig) -> dict:
                     continue
                 accelerator.backward(loss / accum)
             step_loss += loss.detach().float().item() / accum
+            if db is not None:
+                for name, value in terms.items():
+                    step_terms[name] += float(value) / accum
             window["images"] += b * v
             window["skipped"] += int(batch.get("skipped", 0))
             window["n2d"] += int(camera is None)
             window["nb"] += 1
         grad_norm = float("nan")
+        if check_lora and not bad:
+            dbm.check_lora_gradients(accelerator.unwrap_model(unet))
+            check_lora = False
         if not bad:
             if cfg.optim.max_grad_norm > 0:
                 grad_norm = float(accelerator.clip_grad_norm_(unet.parameters(),
@@ -250,10 +328,12 @@ def train(cfg: TrainConfig) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.step(accelerator.unwrap_model(unet).parameters())
+                ema.step(trainable)
             last_loss = step_loss
             window["loss"] += step_loss
             window["n"] += 1
+            for name in TERMS:
+                window[name] += step_terms[name]
         step += 1
         bar.update(1)
 
@@ -261,7 +341,7 @@ def train(cfg: TrainConfig) -> dict:
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             seconds = time.perf_counter() - window["t0"]
             stats = torch.tensor(
-                [window[k] for k in ("loss", "n", "images", "skipped", "n2d", "nb")],
+                [window[k] for k in ("loss", "n", "images", "skipped", "n2d", "nb", *TERMS)],
                 dtype=torch.float64,
                 device=accelerator.device,
             )
@@ -276,6 +356,11 @@ def train(cfg: TrainConfig) -> dict:
                 "frac_2d_batches": stats[4] / max(1.0, stats[5]),
                 "nan_skips": nan_skips_total,
             }
+            if db is not None:
+                for i, name in enumerate(TERMS):
+                    logs[name] = stats[6 + i] / max(1.0, stats[1])
+                if anchor is not None:
+                    logs["theta_distance"] = anchor.distance()  # mean(|theta - theta_0|)
             if tracker_started:
                 accelerator.log(logs, step=step)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}",
@@ -284,7 +369,8 @@ def train(cfg: TrainConfig) -> dict:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, **logs}) + "\n")
             window = {"loss": 0.0, "n": 0, "images": 0, "data_s": 0.0,
-                      "t0": time.perf_counter(), "skipped": 0, "n2d": 0, "nb": 0}  # fmt: skip
+                      "t0": time.perf_counter(), "skipped": 0, "n2d": 0, "nb": 0,
+                      **dict.fromkeys(TERMS, 0.0)}  # fmt: skip
 
         # ---- checkpoint -----------------------------------------------------------------------
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.max_steps:
@@ -294,7 +380,8 @@ def train(cfg: TrainConfig) -> dict:
         # ---- validation samples ---------------------------------------------------------------
         if cfg.validation.every and (step % cfg.validation.every == 0 or step == cfg.max_steps):
             if accelerator.is_main_process:
-                _validate(accelerator, unet, ema, parts, vae, text_encoder, cfg, step, out)
+                _validate(accelerator, unet, ema, trainable, parts, vae, text_encoder, cfg,
+                          val_prompts, step, out)  # fmt: skip
             accelerator.wait_for_everyone()
     bar.close()
 
@@ -310,19 +397,34 @@ def train(cfg: TrainConfig) -> dict:
         "ranks_in_sync": len(set(checksums)) == 1,
         "nan_skips": nan_skips_total,
     }
+    if db is not None:
+        summary["class_images_generated"] = class_generated
+        if class_images is not None:
+            summary["class_images"] = str(class_images.folder)
     if accelerator.is_main_process:
         if cfg.export:
             from mvdiff.training.export import export_pipeline_folder
 
             if ema is not None:
-                ema.store(base.parameters())
-                ema.copy_to(base.parameters())
-            export_pipeline_folder(
-                out / "model", base, vae.float(), text_encoder.float(), tokenizer, parts.scheduler
-            )
+                ema.store(trainable)
+                ema.copy_to(trainable)
+            if lora_config is not None:  # only the adapter; it records its base model
+                from mvdiff.pipelines.loading import save_lora_adapter
+
+                save_lora_adapter(base, lora_config, out / "adapter", dbm.adapter_meta(cfg))
+                summary["adapter"] = str(out / "adapter")
+            else:
+                export_pipeline_folder(
+                    out / "model", base, vae.float(), text_encoder.float(), tokenizer,
+                    parts.scheduler,
+                )  # fmt: skip
+                summary["model"] = str(out / "model")
             if ema is not None:
-                ema.restore(base.parameters())
-            summary["model"] = str(out / "model")
+                ema.restore(trainable)
+            if db is not None:
+                result = summary.get("adapter") or summary["model"]
+                log.info("sample the subject: mvdiff sample --model %s --prompt %r --output "
+                         "%s/samples-final", result, db.prompt, out)  # fmt: skip
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         log.info("done: %s", json.dumps(summary))
     accelerator.wait_for_everyone()
@@ -331,26 +433,27 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def _validate(accelerator, unet, ema, parts, vae, text_encoder, cfg, step, out):
+def _validate(accelerator, unet, ema, trainable, parts, vae, text_encoder, cfg, prompts, step,
+              out):  # fmt: skip
     from PIL import Image
 
     from mvdiff.training.validation import validation_grid
 
     base = accelerator.unwrap_model(unet)
     if ema is not None:
-        ema.store(base.parameters())
-        ema.copy_to(base.parameters())
+        ema.store(trainable)
+        ema.copy_to(trainable)
     base.eval()
     try:
         with accelerator.autocast():
             grid = validation_grid(
                 base, vae, text_encoder, parts.tokenizer, parts.scheduler,
-                cfg.validation.prompts, cfg.data.resolution, cfg.validation,
+                prompts, cfg.data.resolution, cfg.validation,
             )  # fmt: skip
     finally:
         base.train()
         if ema is not None:
-            ema.restore(base.parameters())
+            ema.restore(trainable)
     path = out / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)

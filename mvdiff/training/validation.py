@@ -1,8 +1,9 @@
 """Validation samples during training: a grid of ``num_views`` views per prompt.
 
-Uses :class:`mvdiff.pipelines.MVDreamPipeline` when it is importable, else a plain DDIM
-loop with classifier-free guidance (:func:`sample_views`) on the same components, so the
-training loop never depends on the pipeline package.
+Prompts are used verbatim (no ", 3d asset" is appended). Uses
+:class:`mvdiff.pipelines.MVDreamPipeline` when it is importable, else a plain DDIM loop with
+classifier-free guidance (:func:`sample_views`) on the same components, so the training loop
+never depends on the pipeline package.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from mvdiff.cameras import get_camera
 
-__all__ = ["image_grid", "sample_views", "validation_grid"]
+__all__ = ["image_grid", "render_views", "sample_views", "validation_grid"]
 
 
 @torch.no_grad()
@@ -29,6 +30,7 @@ def sample_views(
     steps: int = 20,
     guidance_scale: float = 7.5,
     generator: torch.Generator | None = None,
+    azimuth_start: float = 0.0,
 ) -> np.ndarray:
     """DDIM + CFG sampling of ``num_views`` views of one prompt -> uint8 ``[V, H, W, 3]``."""
     from diffusers import DDIMScheduler
@@ -41,7 +43,8 @@ def sample_views(
     sched.set_timesteps(steps)
     text = encode_prompts(tokenizer, text_encoder, ["", prompt]).to(device, dtype)  # (2, L, D)
     text = text.repeat_interleave(num_views, dim=0)  # (2, L, D) -> (2*V, L, D)
-    camera = get_camera(num_views, elevation).to(device, dtype).repeat(2, 1)  # (V,16)->(2V,16)
+    camera = get_camera(num_views, elevation, azimuth_start).to(device, dtype)
+    camera = camera.repeat(2, 1)  # (V, 16) -> (2V, 16)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     shape = (num_views, unet.config.in_channels, resolution // scale, resolution // scale)
     latents = torch.randn(shape, generator=generator).to(device, dtype) * sched.init_noise_sigma
@@ -61,59 +64,101 @@ def image_grid(rows: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
 
 
+def _pipeline(unet, vae, text_encoder, tokenizer, scheduler):
+    """An MVDreamPipeline on these components, or None (not importable / incompatible)."""
+    try:
+        from mvdiff.pipelines import MVDreamPipeline
+
+        pipe = MVDreamPipeline(
+            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    except Exception:  # noqa: BLE001 - an incompatible pipeline must not stop training
+        return None
+
+
+def render_views(
+    unet,
+    vae,
+    text_encoder,
+    tokenizer,
+    scheduler,
+    prompt: str,
+    *,
+    num_views: int = 4,
+    elevation: float = 15.0,
+    azimuth_start: float = 0.0,
+    resolution: int = 256,
+    steps: int = 20,
+    guidance_scale: float = 7.5,
+    generator: torch.Generator | None = None,
+    pipe=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``num_views`` views of ``prompt`` (used verbatim, no suffix) -> uint8 ``[V, H, W, 3]``
+    and the camera vectors ``[V, 16]`` (MVDreamPipeline if available, else
+    :func:`sample_views`). Validation grids and MVDreamBooth class images both come from here.
+    """
+    camera = get_camera(num_views, elevation, azimuth_start).numpy()
+    if pipe is None:
+        pipe = _pipeline(unet, vae, text_encoder, tokenizer, scheduler)
+    if pipe is not None:
+        out = pipe(
+            prompt,
+            num_views=num_views,
+            elevation=elevation,
+            azimuth_start=azimuth_start,
+            height=resolution,
+            width=resolution,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            prompt_suffix="",
+            output_type="np",
+        )
+        images = np.asarray(out.images)
+        if images.dtype != np.uint8:
+            images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+        return images, camera
+    images = sample_views(
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        prompt,
+        num_views=num_views,
+        elevation=elevation,
+        azimuth_start=azimuth_start,
+        resolution=resolution,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        generator=generator,
+    )
+    return images, camera
+
+
 def validation_grid(
     unet, vae, text_encoder, tokenizer, scheduler, prompts, resolution, cfg
 ) -> np.ndarray:
-    """Sample every prompt (MVDreamPipeline if available, else :func:`sample_views`)."""
+    """Sample every prompt (verbatim) at seed ``cfg.seed + i``; one row of views per prompt."""
+    pipe = _pipeline(unet, vae, text_encoder, tokenizer, scheduler)
     rows = []
-    try:
-        from mvdiff.pipelines import MVDreamPipeline
-    except ImportError:
-        MVDreamPipeline = None
-    pipe = None
-    if MVDreamPipeline is not None:
-        try:
-            pipe = MVDreamPipeline(
-                unet=unet,
-                vae=vae,
-                text_encoder=text_encoder,
-                tokenizer=tokenizer,
-                scheduler=scheduler,
-            )
-            pipe.set_progress_bar_config(disable=True)
-        except Exception:  # noqa: BLE001 - an incompatible pipeline must not stop training
-            pipe = None
     for i, prompt in enumerate(prompts):
-        generator = torch.Generator().manual_seed(cfg.seed + i)
-        if pipe is not None:
-            out = pipe(
-                prompt,
-                num_views=cfg.num_views,
-                elevation=cfg.elevation,
-                height=resolution,
-                width=resolution,
-                num_inference_steps=cfg.steps,
-                guidance_scale=cfg.guidance_scale,
-                generator=generator,
-                output_type="np",
-            )
-            images = np.asarray(out.images)
-            if images.dtype != np.uint8:
-                images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-        else:
-            images = sample_views(
-                unet,
-                vae,
-                text_encoder,
-                tokenizer,
-                scheduler,
-                prompt,
-                num_views=cfg.num_views,
-                elevation=cfg.elevation,
-                resolution=resolution,
-                steps=cfg.steps,
-                guidance_scale=cfg.guidance_scale,
-                generator=generator,
-            )
+        images, _ = render_views(
+            unet,
+            vae,
+            text_encoder,
+            tokenizer,
+            scheduler,
+            prompt,
+            num_views=cfg.num_views,
+            elevation=cfg.elevation,
+            resolution=resolution,
+            steps=cfg.steps,
+            guidance_scale=cfg.guidance_scale,
+            generator=torch.Generator().manual_seed(cfg.seed + i),
+            pipe=pipe,
+        )
         rows.append(images)
     return image_grid(rows)
