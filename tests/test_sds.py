@@ -234,21 +234,120 @@ def test_marching_tetrahedra_ellipsoid_is_closed_oriented_and_accurate():
     assert abs(volume / (4 / 3 * np.pi * axes.prod()) - 1) < 0.02  # positive: faces outwards
 
 
-def test_extract_mesh_and_write_files(tmp_path):
-    from mvdiff.sds.mesh import extract_mesh, write_obj, write_ply
+def test_extract_mesh_and_export_glb_obj_ply(tmp_path):
+    import trimesh
+
+    from mvdiff.sds.mesh import Z_UP_TO_Y_UP, export_mesh, extract_mesh, to_trimesh
 
     field = small_field()
     v, f, c = extract_mesh(field, resolution=24)
     assert len(f) > 100 and c.shape == v.shape and c.min() >= 0 and c.max() <= 1
     radius = np.linalg.norm(v, axis=1)
     assert 0.15 < radius.mean() < 0.45 and radius.std() < 0.05  # the centred blob
-    obj = write_obj(tmp_path / "m.obj", v, f, c)
-    rows = obj.read_text().splitlines()
-    assert sum(r.startswith("v ") for r in rows) == len(v)
-    assert sum(r.startswith("f ") for r in rows) == len(f)
-    assert len(rows[0].split()) == 7  # v x y z r g b
-    ply = write_ply(tmp_path / "m.ply", v, f, c)
-    data = ply.read_bytes()
-    head, body = data.split(b"end_header\n", 1)
-    assert f"element vertex {len(v)}".encode() in head
-    assert len(body) == len(v) * 15 + len(f) * 13
+    c = np.random.default_rng(0).random(v.shape)  # distinct colours to check the round trip
+    mesh = to_trimesh(v, f, c)
+    want_rgb = np.clip(c * 255 + 0.5, 0, 255).astype(np.uint8)
+    for name in ("m.glb", "m.obj", "m.ply"):
+        path = export_mesh(mesh, tmp_path / name)
+        back = trimesh.load(path, process=False)
+        if isinstance(back, trimesh.Scene):
+            (back,) = back.geometry.values()
+        assert len(back.vertices) == len(v) and len(back.faces) == len(f), name
+        np.testing.assert_allclose(back.vertices, v @ Z_UP_TO_Y_UP.T, atol=1e-5)  # +Y up
+        assert back.visual.kind == "vertex", name
+        got = np.asarray(back.visual.vertex_colors)[:, :3].astype(int)
+        assert np.abs(got - want_rgb).max() <= 1, name
+        assert back.is_watertight and back.volume > 0, name  # closed, faces outwards
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ValueError, match="format"):
+        export_mesh(mesh, tmp_path / "m.stl")
+
+
+# --- background and shading ----------------------------------------------------------------
+
+
+def test_solid_background_random_augmentation():
+    from mvdiff.sds.background import Background, BackgroundConfig
+
+    bg = Background(BackgroundConfig(color=[0.0, 0.5, 1.0], random_prob=0.5))
+    gen = torch.Generator().manual_seed(0)
+    draws = [bg.sample(4, gen) for _ in range(40)]
+    plain = [d for d in draws if torch.equal(d, torch.tensor([[0.0, 0.5, 1.0]] * 4))]
+    assert 5 < len(plain) < 35  # about half the steps keep the configured colour
+    rand = [d for d in draws if not torch.equal(d, torch.tensor([[0.0, 0.5, 1.0]] * 4))]
+    assert all(torch.equal(d, d[:1].expand(4, 3)) for d in rand)  # one colour per view group
+    per_ray = next(d for d in (bg.sample(64, gen, per_item=True) for _ in range(20)) if d.std() > 0)
+    assert per_ray[:, 0].unique().numel() == 64  # independent colours per ray
+    assert all(torch.equal(bg.sample(4, gen, training=False), plain[0]) for _ in range(10))
+
+
+def test_environment_background_is_learnable_and_direction_dependent():
+    from mvdiff.sds.background import Background, BackgroundConfig
+
+    bg = Background(BackgroundConfig(mode="env", random_prob=0.0))
+    env = bg.sample(4, torch.Generator().manual_seed(0))
+    assert env is bg.env and callable(env)
+    # Far from the object, the render is the environment map along each ray.
+    empty = small_field()
+    g = sample_sds_group(torch.Generator().manual_seed(0))
+    out = render(empty, g["c2w"], g["fov_deg"], 8, 8, background=env)
+    torch.nn.init.normal_(bg.env.mlp[2].weight, std=1.0)  # make it direction dependent
+    out = render(empty, g["c2w"], g["fov_deg"], 8, 8, background=env)
+    corner = out["rgb"][:, :, 0, 0]  # (V, 3) — empty space, pure background
+    assert torch.allclose(corner, out["background"][:, :, 0, 0], atol=1e-3)
+    assert out["background"].std(dim=(2, 3)).mean() > 1e-3  # varies across the image
+    out["rgb"].mean().backward()
+    assert bg.env.mlp[0].weight.grad.abs().sum() > 0  # trained with the field
+    with pytest.raises(ValueError, match="mode"):
+        Background(BackgroundConfig(mode="sky"))
+
+
+def test_normals_of_a_blob_point_outwards():
+    field = small_field()
+    gen = torch.Generator().manual_seed(0)
+    dirs = F.normalize(torch.randn(200, 3, generator=gen), dim=-1)
+    pts = dirs * 0.3  # on a sphere inside the blob, where the density falls off outwards
+    n = field.normals(pts)
+    assert (n * dirs).sum(-1).min() > 0.9
+    sigma, color, n2 = field.forward_with_normals(pts)
+    s_ref, c_ref = field(pts)
+    torch.testing.assert_close(n2, n)
+    torch.testing.assert_close(sigma, s_ref)
+    torch.testing.assert_close(color, c_ref)
+
+
+def test_shading_changes_the_render_and_is_differentiable():
+    from mvdiff.sds.render import sample_light
+
+    field = small_field()
+    gen = torch.Generator().manual_seed(0)
+    g = sample_sds_group(gen)
+    assert torch.allclose(sample_light(g["c2w"], gen).norm(dim=-1), torch.ones(4))
+    light = sample_light(g["c2w"], gen, jitter=0.0)  # exactly towards each camera
+    args = (field, g["c2w"], g["fov_deg"], 16, 24)
+    with torch.no_grad():
+        albedo = render(*args)
+        lam = render(*args, shading="lambertian", light=light, ambient=0.2)
+        flat = render(*args, shading="textureless", light=light, ambient=0.2)
+        dark = render(*args, shading="lambertian", light=-light, ambient=0.2)
+    fg = albedo["opacity"] > 0.99  # (V, 1, H, W) object pixels
+    fg3 = fg.expand_as(albedo["rgb"])
+    assert (albedo["rgb"] - lam["rgb"]).abs()[fg3].mean() > 0.02  # shading changes the image
+    assert (lam["rgb"] <= albedo["rgb"] + 1e-5)[fg3].all()  # lambertian only darkens
+    # Textureless is grey (white albedo), lit from the camera side brighter than from behind.
+    grey = (
+        flat["rgb"][fg3].reshape(3, -1) if False else flat["rgb"].permute(1, 0, 2, 3)[:, fg[:, 0]]
+    )
+    assert (grey.max(0).values - grey.min(0).values).max() < 1e-5
+    assert lam["rgb"][fg3].mean() > dark["rgb"][fg3].mean() + 0.1
+    # Lit from behind: the visible side gets the ambient term only.
+    assert torch.allclose(dark["rgb"][fg3], 0.2 * albedo["rgb"][fg3], atol=0.03)
+    # Gradients reach the geometry through the normals.
+    field.zero_grad()
+    out = render(*args, shading="textureless", light=light, stratified=True)
+    out["rgb"][fg3].mean().backward()
+    assert field.density_head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="light"):
+        render(*args, shading="lambertian")
+    with pytest.raises(ValueError, match="shading"):
+        render(*args, shading="phong", light=light)

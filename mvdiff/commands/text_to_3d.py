@@ -12,9 +12,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "text-to-3d",
         help="optimise a 3D asset from a text prompt with multi-view SDS",
         description="Optimise a radiance field with multi-view score distillation from a "
-        "multi-view model; writes checkpoint.pt (resumable), views.png, mesh.obj, mesh.ply.",
+        "multi-view model (and/or posed reference views). Writes into --output: mesh.glb, "
+        "mesh.obj, mesh.ply (vertex colours, +Y up), turntable.gif, views.png and "
+        "view_00..03.png (the final 4 views), checkpoint.pt (--resume continues), config.json, "
+        "summary.json. Settings: a preset (default: 24 GB GPU; --fast: CPU), then --config "
+        "FILE, then --set KEY=VALUE, then the flags below.",
     )
-    p.add_argument("--model", required=True, help="diffusers folder, official checkpoint or hub id")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="diffusers folder, official checkpoint or hub id (not needed with --sds-weight 0)",
+    )
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
     p.add_argument("--output", required=True, help="output folder")
@@ -32,7 +40,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mesh-resolution", type=int, default=None, help="marching grid (default 128)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint period in steps")
     p.add_argument(
-        "--ref-views", default=None, help="multi-view shard (.tar) with posed RGBA views"
+        "--ref-views",
+        default=None,
+        help="posed views: a multi-view shard (.tar; RGBA) or an `mvdiff sample` output folder "
+        "(view_XX.png + cameras.json; RGB, mask from the background colour)",
+    )
+    p.add_argument(
+        "--ref-fov",
+        type=float,
+        default=None,
+        help="field of view (deg) for --ref-views folders whose cameras.json has none (default 40)",
+    )
+    p.add_argument(
+        "--ref-mask",
+        choices=["auto", "none"],
+        default=None,
+        help="mask loss on --ref-views: auto (alpha, or estimated for RGB views) | none",
+    )
+    p.add_argument(
+        "--shading",
+        choices=["albedo", "lambertian", "textureless", "random"],
+        default=None,
+        help="shading of the SDS renders (default albedo; random = DreamFusion-style mix)",
+    )
+    p.add_argument(
+        "--background",
+        choices=["solid", "env"],
+        default=None,
+        help="background: solid colour with random-colour augmentation | env (direction MLP)",
     )
     p.add_argument("--ref-uid", default=None, help="sample of --ref-views to use (default: first)")
     p.add_argument(
@@ -54,6 +89,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
@@ -112,8 +148,24 @@ def resolve_config(args: argparse.Namespace):
         raise UserError("--sds-weight 0 needs --ref-views (nothing to optimise otherwise)")
     if args.form is not None:
         config.sds.form = args.form
-    if config.sds.form not in ("x0", "eps"):
-        raise UserError(f"sds.form must be x0 or eps, got {config.sds.form!r}")
+    if args.ref_fov is not None:
+        if not 0 < args.ref_fov < 180:
+            raise UserError(f"--ref-fov must be in (0, 180), got {args.ref_fov}")
+        config.ref_fov_deg = args.ref_fov
+    if args.ref_mask is not None:
+        config.ref_mask = args.ref_mask
+    if args.shading is not None:
+        config.shading = args.shading
+    if args.background is not None:
+        config.background.mode = args.background
+    if config.sds_weight > 0 and not args.model:
+        raise UserError("--model is required (unless --sds-weight 0 with --ref-views)")
+    if config.ref_views and not Path(config.ref_views).exists():
+        raise UserError(f"--ref-views {config.ref_views}: no such shard file or sample folder")
+    try:
+        config.check()
+    except ValueError as e:
+        raise UserError(f"text-to-3d config: {e}") from None
     return config
 
 
@@ -127,9 +179,13 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe, _ = load_pipeline(args.model, torch.float32)
-    pipe.to(device)
-    summary = text_to_3d(pipe, config, args.output, resume=args.resume)
+    pipe = None
+    if config.sds_weight > 0:
+        pipe, _ = load_pipeline(args.model, torch.float32)
+        pipe.to(device)
+    summary = text_to_3d(
+        pipe, config, args.output, resume=args.resume, progress=not args.no_progress, device=device
+    )
     print(
         f"wrote {args.output}: mesh {summary['vertices']} vertices / {summary['faces']} faces, "
         f"{summary['steps']} steps in {summary['seconds']} s"

@@ -1,10 +1,15 @@
-"""Mesh export from a density grid: marching tetrahedra in numpy (no extra dependency).
+"""Mesh export from a density grid: marching tetrahedra in numpy, files written with trimesh.
 
 Each grid cube is split into 6 tetrahedra (Kuhn split along the 0-7 diagonal); every
 tetrahedron whose corners straddle ``level`` contributes one triangle (1 or 3 corners inside)
 or two (2 inside), with vertices interpolated linearly on the crossing edges and shared
 between neighbours (one vertex per grid edge), so closed surfaces come out watertight.
 Triangles are oriented outwards (counter-clockwise seen from outside).
+
+Files (GLB, OBJ, PLY; :func:`export_mesh`) carry per-vertex colours and use the interchange
+convention **+Y up** (glTF's rule, and what Blender's importers expect by default): a world
+point ``(x, y, z)`` (z up, DESIGN §4) is written as ``(x, z, -y)``, so the front of the object
+(seen from -y, azimuth 0) faces +Z as glTF viewers expect.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["extract_mesh", "marching_tetrahedra", "write_obj", "write_ply"]
+__all__ = ["Z_UP_TO_Y_UP", "export_mesh", "extract_mesh", "marching_tetrahedra", "to_trimesh"]
 
 _CORNERS = np.array([[(i >> 0) & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)])
 # Kuhn split: the path 0 -> e_a -> e_a + e_b -> 7 for every permutation (a, b, c) of axes.
@@ -104,38 +109,32 @@ def extract_mesh(field, resolution: int = 64, level: float | None = None):
     return verts, faces, colors
 
 
-def write_obj(path, verts, faces, colors=None) -> Path:
-    """OBJ with optional per-vertex colours (the common ``v x y z r g b`` extension)."""
-    path = Path(path)
-    lines = []
-    for i, p in enumerate(verts):
-        c = "" if colors is None else " {:.4f} {:.4f} {:.4f}".format(*colors[i])
-        lines.append(f"v {p[0]:.6f} {p[1]:.6f} {p[2]:.6f}{c}")
-    lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+#: world (z up) -> file (y up): (x, y, z) -> (x, z, -y); a rotation, so winding is kept
+Z_UP_TO_Y_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 
 
-def write_ply(path, verts, faces, colors=None) -> Path:
-    """Binary little-endian PLY with optional uchar vertex colours."""
+def to_trimesh(verts, faces, colors=None, y_up: bool = True):
+    """A ``trimesh.Trimesh`` (vertex colours as uint8 RGBA) from world-frame arrays."""
+    import trimesh
+
+    v = np.asarray(verts, dtype=np.float64)
+    if y_up:
+        v = v @ Z_UP_TO_Y_UP.T  # (N, 3) -> (N, 3)
+    vc = None
+    if colors is not None:
+        vc = np.clip(np.asarray(colors, dtype=np.float64) * 255 + 0.5, 0, 255).astype(np.uint8)
+    return trimesh.Trimesh(v, np.asarray(faces, dtype=np.int64), vertex_colors=vc, process=False)
+
+
+def export_mesh(mesh, path) -> Path:
+    """Write ``mesh`` (a trimesh) to ``path``; the format from the suffix (.glb, .obj, .ply);
+    written under a temporary name and renamed."""
     path = Path(path)
-    n, m = len(verts), len(faces)
-    header = ["ply", "format binary_little_endian 1.0", f"element vertex {n}"]
-    header += [f"property float {a}" for a in "xyz"]
-    fields = [("xyz", "<f4", (3,))]
-    if colors is not None:
-        header += [f"property uchar {a}" for a in ("red", "green", "blue")]
-        fields.append(("rgb", "u1", (3,)))
-    header += [f"element face {m}", "property list uchar int vertex_indices", "end_header"]
-    vdata = np.zeros(n, dtype=fields)
-    vdata["xyz"] = verts
-    if colors is not None:
-        vdata["rgb"] = np.clip(np.asarray(colors) * 255 + 0.5, 0, 255).astype(np.uint8)
-    fdata = np.zeros(m, dtype=[("n", "u1"), ("idx", "<i4", (3,))])
-    fdata["n"] = 3
-    fdata["idx"] = faces
-    with open(path, "wb") as f:
-        f.write(("\n".join(header) + "\n").encode())
-        f.write(vdata.tobytes())
-        f.write(fdata.tobytes())
+    kind = path.suffix.lower().lstrip(".")
+    if kind not in ("glb", "obj", "ply"):
+        raise ValueError(f"{path}: mesh format must be .glb, .obj or .ply")
+    data = mesh.export(file_type=kind)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
+    tmp.replace(path)
     return path
