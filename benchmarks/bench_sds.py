@@ -9,13 +9,17 @@ backward), as a share of the step.
 
 ``--model tiny`` (default) uses ``mvdiff.testing.tiny_components()``; ``--model full`` a
 random-weight full-size SD-2.1 multi-view UNet and SD VAE (slow on a CPU: use few steps).
-Prints one JSON line per render size.
+Prints one JSON line per render size, then one for posed-view reconstruction
+(:func:`mvdiff.sds.recon.reconstruct_from_views`: 4 views at 64², random ray batches, the loop
+of ``mvdiff text-to-3d --ref-views ... --sds-weight 0``; ``--recon-steps 0`` skips it). Each
+line carries the 1-minute load average: on a shared machine the numbers are lower bounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -114,6 +118,52 @@ def bench(model: str, size: int, steps: int, samples: int) -> dict:
         "seconds": {k: round(v, 4) for k, v in med.items()},
         "outside_unet_vae_share": round(1.0 - model_time / med["total"], 3),
         "threads": torch.get_num_threads(),
+        "load_avg_1min": _load(),
+    }
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def bench_recon(steps: int) -> dict:
+    import math
+
+    import numpy as np
+
+    from mvdiff.cameras import orbit_c2w
+    from mvdiff.sds.oracle import ReferenceObject
+    from mvdiff.sds.recon import reconstruct_from_views
+    from mvdiff.sds.render import render
+
+    fov, res = 40.0, 64
+    dist = (math.sqrt(3) / 2) / math.sin(math.radians(fov) / 2)
+    el, az = np.array([15.0] * 4 + [30.0]), np.array([0.0, 90.0, 180.0, 270.0, 45.0])
+    c2w = torch.from_numpy(orbit_c2w(el, az, dist)).float()
+    with torch.no_grad():
+        out = render(ReferenceObject(), c2w, fov, res, 64, background=torch.zeros(3))
+    a = out["opacity"]
+    rgba = torch.cat([out["rgb"] / a.clamp(min=1e-6), a], 1).clamp(0, 1)  # straight alpha
+    t0 = time.perf_counter()
+    r = reconstruct_from_views(rgba, c2w, fov, steps=steps, holdout=[4])
+    seconds = time.perf_counter() - t0
+    cfg = r["config"]
+    return {
+        "mode": "reconstruct_from_views",
+        "views": 4,
+        "resolution": res,
+        "rays_per_step": cfg.ref_rays,
+        "samples_per_ray": cfg.samples,
+        "steps": steps,
+        "seconds_total": round(seconds, 2),
+        "it_per_s": round(steps / seconds, 2),
+        "psnr_train": round(r["psnr_train"], 2),
+        "psnr_holdout": round(r["psnr_holdout"], 2),
+        "threads": torch.get_num_threads(),
+        "load_avg_1min": _load(),
     }
 
 
@@ -124,10 +174,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--recon-steps", type=int, default=200, help="0: skip the reconstruction line")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     for size in args.sizes:
         print(json.dumps(bench(args.model, size, args.steps, args.samples)), flush=True)
+    if args.recon_steps > 0:
+        print(json.dumps(bench_recon(args.recon_steps)), flush=True)
 
 
 if __name__ == "__main__":

@@ -209,3 +209,25 @@ def test_text_to_3d_help_lists_the_options(capsys):
                  "--resume", "--ref-views", "--sds-weight", "--shading", "--background",
                  "--ref-mask", "--guidance", "--rescale", "--form", "mesh.glb"):  # fmt: skip
         assert flag in text, flag
+
+
+def test_text_to_3d_env_background_random_shading_and_resume(tmp_path, tiny_folder):
+    """The optional background MLP and random shading run in the loop, are checkpointed and
+    resume (shading_probs without albedo so that lambertian/textureless are drawn)."""
+    out = tmp_path / "run"
+    argv = ["text-to-3d", "--model", str(tiny_folder), "--prompt", "a corgi", "--output",
+            str(out), "--fast", "--steps", "2", "--mesh-resolution", "16", "--samples", "8",
+            "--render-size", "16", "--background", "env", "--shading", "random",
+            "--set", "shading_probs=[0, 1, 1]", "--set", "turntable_frames=2",
+            "--set", "render_size_late=16", "--set", "background.random_prob=0",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    env = {k: v.clone() for k, v in state["background"].items()}
+    assert any(k.startswith("env.") for k in env)
+    assert json.loads((out / "config.json").read_text())["background"]["mode"] == "env"
+    argv[argv.index("--steps") + 1] = "4"
+    assert main([*argv, "--resume"]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4
+    assert any(not torch.equal(env[k], state["background"][k]) for k in env)  # env trained

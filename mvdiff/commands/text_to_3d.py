@@ -23,8 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="diffusers folder, official checkpoint or hub id (not needed with --sds-weight 0)",
     )
-    p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
+    p.add_argument("--prompt", default=None, help="text prompt (not needed with --sds-weight 0)")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt (default: empty)")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument(
         "--fast", action="store_true", help="CPU-friendly preset (600 steps, 32² renders)"
@@ -102,8 +102,6 @@ def resolve_config(args: argparse.Namespace):
     from mvdiff import config as cfgmod
     from mvdiff.sds.text_to_3d import TextTo3DConfig
 
-    if not args.prompt.strip():
-        raise UserError("--prompt must not be empty")
     config = TextTo3DConfig.fast() if args.fast else TextTo3DConfig()
     if args.config:
         path = Path(args.config)
@@ -118,7 +116,10 @@ def resolve_config(args: argparse.Namespace):
         merged = cfgmod._deep_merge(cfgmod.config_to_dict(config), data, str(path))
         config = cfgmod._from_dict(TextTo3DConfig, merged, str(path))
     config = cfgmod.apply_overrides(config, args.set)
-    config.prompt, config.negative_prompt = args.prompt, args.negative_prompt
+    if args.prompt is not None:
+        config.prompt = args.prompt
+    if args.negative_prompt is not None:
+        config.negative_prompt = args.negative_prompt
     for name in ("steps", "render_size", "samples", "lr", "seed", "mesh_resolution", "save_every"):
         value = getattr(args, name)
         if value is not None:
@@ -160,6 +161,8 @@ def resolve_config(args: argparse.Namespace):
         config.background.mode = args.background
     if config.sds_weight > 0 and not args.model:
         raise UserError("--model is required (unless --sds-weight 0 with --ref-views)")
+    if config.sds_weight > 0 and not config.prompt.strip():
+        raise UserError("--prompt is required and must not be empty (unless --sds-weight 0)")
     if config.ref_views and not Path(config.ref_views).exists():
         raise UserError(f"--ref-views {config.ref_views}: no such shard file or sample folder")
     try:

@@ -1,20 +1,35 @@
-"""Score distillation and reconstruction (issue 7): radiance field, renderer, SDS guidance."""
+"""Score distillation and reconstruction (issue 7): radiance field, renderer, SDS guidance,
+the shared optimisation loop, posed-view reconstruction and mesh export."""
 
+from mvdiff.sds.background import Background, BackgroundConfig
+from mvdiff.sds.config import TextTo3DConfig
 from mvdiff.sds.field import FieldConfig, RadianceField
 from mvdiff.sds.guidance import MultiViewSDS, SDSConfig, timestep_bounds
 from mvdiff.sds.recon import posed_view_loss, reconstruct_from_views
-from mvdiff.sds.render import OccupancyGrid, camera_rays, random_background, render
+from mvdiff.sds.render import (
+    OccupancyGrid,
+    camera_rays,
+    random_background,
+    render,
+    render_rays,
+    sample_light,
+)
 
 __all__ = [
+    "Background",
+    "BackgroundConfig",
     "FieldConfig",
     "MultiViewSDS",
     "OccupancyGrid",
     "RadianceField",
     "SDSConfig",
+    "TextTo3DConfig",
     "camera_rays",
     "posed_view_loss",
     "random_background",
     "reconstruct_from_views",
     "render",
+    "render_rays",
+    "sample_light",
     "timestep_bounds",
 ]
