@@ -231,3 +231,22 @@ def test_text_to_3d_env_background_random_shading_and_resume(tmp_path, tiny_fold
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 4
     assert any(not torch.equal(env[k], state["background"][k]) for k in env)  # env trained
+
+
+def test_text_to_3d_shipped_configs_load():
+    from pathlib import Path
+
+    from mvdiff.cli import build_parser
+    from mvdiff.commands.text_to_3d import resolve_config
+    from mvdiff.sds.config import TextTo3DConfig
+
+    root = Path(__file__).resolve().parents[1] / "infer" / "configs"
+    parser = build_parser()
+    base = ["text-to-3d", "--model", "m", "--prompt", "a corgi", "--output", "o", "--config"]
+    gpu = resolve_config(parser.parse_args([*base, str(root / "text_to_3d.yaml")]))
+    assert gpu == TextTo3DConfig(prompt="a corgi")  # the file spells out the defaults
+    recon = resolve_config(
+        parser.parse_args([*base, str(root / "reconstruct_cpu.yaml"), "--ref-views", str(root)])
+    )
+    want = TextTo3DConfig.reconstruction(prompt="a corgi", ref_views=str(root), save_every=100)
+    assert recon == want  # ... and the reconstruction preset
