@@ -81,7 +81,7 @@ class Background(nn.Module):
         p = self.config.random_prob if training else 0.0
         if p > 0 and float(torch.rand((), generator=generator)) < p:
             n = num if per_item else 1
-            return torch.rand(n, 3, generator=generator).expand(num, 3)
+            return torch.rand(n, 3, generator=generator).expand(num, 3)  # (1|N, 3) -> (N, 3)
         if self.env is not None:
             return self.env
-        return torch.tensor(self.config.color, dtype=torch.float32).expand(num, 3)
+        return torch.tensor(self.config.color, dtype=torch.float32).expand(num, 3)  # (3,) -> (N, 3)

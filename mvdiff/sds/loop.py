@@ -86,7 +86,7 @@ def ref_view_loss(fit: FitState, rays: dict, config: TextTo3DConfig) -> torch.Te
     o, d, target = o.to(dev), d.to(dev), target.to(dev)
     fixed = rays.get("background")
     if fixed is not None:
-        bg = torch.as_tensor(fixed, dtype=torch.float32).to(dev).reshape(1, 3)
+        bg = torch.as_tensor(fixed, dtype=torch.float32).to(dev).reshape(1, 3)  # (3,) -> (1, 3)
     else:
         bg = fit.background.sample(o.shape[0], gen, training=True, per_item=True)
         if isinstance(bg, torch.Tensor):

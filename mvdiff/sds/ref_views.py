@@ -109,7 +109,7 @@ def load_shard_sample(path, uid: str | None = None) -> dict:
         meta = json.loads(m["json"])
         c2w = np.load(io.BytesIO(m["cameras.npy"]))
         views = [m[f"rgba.{v:03d}.png"] for v in range(int(meta["num_views"]))]
-        fov = np.asarray(meta["fov_deg"], dtype=np.float32).reshape(-1)
+        fov = np.asarray(meta["fov_deg"], dtype=np.float32).reshape(-1)  # () | (V,) -> (1|V,)
     except (KeyError, ValueError) as e:
         raise UserError(f"--ref-views {path}: sample {key} is incomplete ({e})") from None
     imgs = [_read_png(b) for b in views]
@@ -150,7 +150,7 @@ def load_sample_folder(path, fov_deg: float = 40.0) -> dict:
             raise UserError(f"--ref-views {path}: missing {view['file']}")
         imgs.append(_read_png(img_path))
         fov = float(view.get("fov_deg", record.get("fov_deg", fov_deg)))
-        c2w = np.asarray(view["c2w"], dtype=np.float64).reshape(4, 4)
+        c2w = np.asarray(view["c2w"], dtype=np.float64).reshape(4, 4)  # nested list -> (4, 4)
         dist = view.get("distance", (math.sqrt(3) / 2) / math.sin(math.radians(fov) / 2))
         norm = np.linalg.norm(c2w[:3, 3])
         if norm < 1e-6:

@@ -115,7 +115,7 @@ class OccupancyGrid:
 def random_background(num: int, generator: torch.Generator | None = None, p_random: float = 0.5):
     """Background colours ``[num, 3]``: white, or (with probability ``p_random``) random."""
     if float(torch.rand((), generator=generator)) < p_random:
-        return torch.rand(1, 3, generator=generator).expand(num, 3)
+        return torch.rand(1, 3, generator=generator).expand(num, 3)  # (1, 3) -> (N, 3)
     return torch.ones(num, 3)
 
 
