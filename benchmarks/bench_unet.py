@@ -216,6 +216,11 @@ def main() -> None:
         )
         if off and ours:
             summary[f"speedup_vs_official_fp32_{mode}"] = round(off / ours, 2)
+        if off and flops.get(mode):
+            # The most any implementation of these FLOPs could gain here: all of them at the
+            # measured fp32 matmul peak (convolutions and matmuls are the same in both).
+            at_peak = flops[mode] / peaks["float32"]
+            summary[f"speedup_bound_at_fp32_matmul_peak_{mode}"] = round(off / at_peak, 2)
     result = {
         "benchmark": "bench_unet",
         "model": "sd-v2.1-base-4view" + (" (half width, --quick)" if args.quick else ""),
