@@ -432,7 +432,34 @@ def test_cli_end_to_end_then_sample(base, photos, tmp_path, capsys):
     views = [np.asarray(PIL.Image.open(sample / f"view_{v:02d}.png")) for v in range(4)]
     assert all(v.shape == (32, 32, 3) for v in views)
 
+    # --model BASE --lora ADAPTER is the same model
+    again = tmp_path / "again"
+    assert main(["sample", "--model", str(base), "--lora", str(out / "adapter"), "--prompt",
+                 "a sks cat", "--output", str(again), "--height", "32", "--width", "32",
+                 "--steps", "3"]) == 0  # fmt: skip
+    for v in range(4):
+        assert np.array_equal(views[v], np.asarray(PIL.Image.open(again / f"view_{v:02d}.png")))
+
+    # text-to-3d takes the adapter too (2 steps: loading and running, not quality)
+    mesh = tmp_path / "t3d"
+    assert main(["text-to-3d", "--model", str(out / "adapter"), "--prompt", "a sks cat",
+                 "--output", str(mesh), "--fast", "--steps", "2", "--mesh-resolution", "16",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    assert (mesh / "mesh.obj").is_file()
+
     # the entry script is the same command
     res = subprocess.run([sys.executable, str(ROOT / "train" / "dreambooth.py"), "--help"],
                          env=_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 0 and "--lora" in res.stdout
+
+
+def test_lora_on_a_bypassed_layer_is_an_error(base, photos, tmp_path):
+    """The multi-view processor fuses self-attention q/k/v by reading ``.weight``, which
+    bypasses a peft wrapper: such a target would silently never train, so it is an error."""
+    from mvdiff.training.trainer import train
+
+    cfg = db_config(base, photos, tmp_path / "bad", "max_steps=1", "export=false",
+                    "checkpoint.every=0", "dreambooth.lora.enabled=true",
+                    "dreambooth.lora.target_modules=[attn1.to_q, attn2.to_q]")  # fmt: skip
+    with pytest.raises(UserError, match="never get a gradient.*attn1.to_q"):
+        train(cfg)

@@ -414,6 +414,7 @@ def add_lora(unet, settings):
             f"dreambooth.lora.target_modules {list(settings.target_modules)}: "
             f"{str(e).splitlines()[0][:200]}"
         ) from None
+    check_lora_gradients(unet)
     return config
 
 
@@ -422,12 +423,24 @@ def lora_parameters(unet) -> dict[str, torch.nn.Parameter]:
 
 
 def check_lora_gradients(unet) -> None:
-    """After the first backward: every LoRA weight must have a gradient. One that has none
-    sits on a layer the model bypasses (e.g. self-attention q/k/v that the multi-view
-    processor fuses by reading ``.weight``) and would silently never train."""
-    dead = sorted(
-        {n.split(".lora_")[0] for n, p in lora_parameters(unet).items() if p.grad is None}
-    )
+    """Every LoRA weight must get a gradient from the UNet's output. One that gets none sits on
+    a layer the model bypasses (e.g. self-attention q/k/v, which the multi-view processor fuses
+    by reading ``.weight``) and would silently never train: an error naming the layers. One
+    small forward/backward (8x8 latents)."""
+    params = list(unet.parameters())
+    device, dtype = params[0].device, params[0].dtype
+    width = unet.config.cross_attention_dim
+    width = width[0] if isinstance(width, (list, tuple)) else width
+    lora = lora_parameters(unet)
+    for p in lora.values():
+        p.grad = None
+    x = torch.randn(1, unet.config.in_channels, 8, 8, device=device, dtype=dtype)
+    text = torch.randn(1, 4, width, device=device, dtype=dtype)
+    t = torch.tensor([500], device=device)
+    unet(x, t, text, camera=None, num_views=1).sample.float().square().mean().backward()
+    dead = sorted({n.split(".lora_")[0] for n, p in lora.items() if p.grad is None})
+    for p in lora.values():
+        p.grad = None
     if dead:
         raise UserError(
             f"LoRA layers that never get a gradient (the model bypasses them): {dead[:4]}"

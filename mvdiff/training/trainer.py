@@ -214,7 +214,6 @@ def train(cfg: TrainConfig) -> dict:
     window = {"loss": 0.0, "n": 0, "images": 0, "data_s": 0.0, "t0": time.perf_counter(),
               "skipped": 0, "n2d": 0, "nb": 0, **dict.fromkeys(TERMS, 0.0)}  # fmt: skip
     last_loss = float("nan")
-    check_lora = lora_config is not None
     bar = tqdm(
         total=cfg.max_steps, initial=start_step, desc="train",
         disable=not accelerator.is_main_process, dynamic_ncols=True,
@@ -300,9 +299,6 @@ def train(cfg: TrainConfig) -> dict:
             window["n2d"] += int(camera is None)
             window["nb"] += 1
         grad_norm = float("nan")
-        if check_lora and not bad:
-            dbm.check_lora_gradients(accelerator.unwrap_model(unet))
-            check_lora = False
         if not bad:
             if cfg.optim.max_grad_norm > 0:
                 grad_norm = float(accelerator.clip_grad_norm_(unet.parameters(),
