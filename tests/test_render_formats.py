@@ -30,14 +30,18 @@ _spec = importlib.util.spec_from_file_location(
 mf = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(mf)
 
-FILES = ["frustum.fbx", "frustum.ply", "frustum.stl", "spinner.glb", "spinner.fbx"]
+FILES = ["frustum.fbx", "frustum.ply", "frustum.stl", "lamp.glb", "spinner.glb", "spinner.fbx"]
 UIDS = {"frustum.fbx": "frustum_fbx", "frustum.ply": "frustum_ply", "frustum.stl": "frustum_stl",
-        "spinner.glb": "spinner_glb", "spinner.fbx": "spinner_fbx"}  # fmt: skip
+        "lamp.glb": "lamp_glb", "spinner.glb": "spinner_glb", "spinner.fbx": "spinner_fbx"}  # fmt: skip
 
 
 def expected_points(uid: str) -> np.ndarray:
     """World vertices [8, 3] of the fixture as it must be rendered (animations: frame 0)."""
-    return mf.world_vertices(mf.STATIC_POSE if uid.startswith("frustum") else mf.KEYS[0])
+    if uid.startswith("frustum"):
+        return mf.world_vertices(mf.STATIC_POSE)
+    if uid == "lamp_glb":
+        return mf.world_vertices(((0, 0, 0), (0, 0, 0), 1.0))
+    return mf.world_vertices(mf.KEYS[0])
 
 
 def linear_from_srgb(srgb_bytes):
@@ -79,10 +83,10 @@ def test_fixtures_are_small_and_animation_moves():
 
 def test_every_format_renders_into_a_valid_shard(rendered):
     out, summary, samples = rendered
-    assert summary["done"] == 5 and summary["failed"] == 0, summary
+    assert summary["done"] == 6 and summary["failed"] == 0, summary
     assert sorted(samples) == sorted(UIDS.values())
     reports = [check_shard(p) for p in out.glob("*.tar")]
-    assert sum(r["samples"] for r in reports) == 5 and all(not r["errors"] for r in reports)
+    assert sum(r["samples"] for r in reports) == 6 and all(not r["errors"] for r in reports)
     assert all(Manifest(out / "manifest.jsonl").done(u) for u in UIDS.values())
     for sample in samples.values():
         meta = json.loads(sample["json"])
@@ -138,12 +142,13 @@ def _opaque_mean(sample) -> np.ndarray:
 @pytest.mark.parametrize(
     "uid, albedo",
     [("frustum_fbx", mf.BASE_COLOR), ("spinner_glb", mf.BASE_COLOR),
-     ("frustum_ply", linear_from_srgb(mf.VERTEX_COLOR))],
+     ("frustum_ply", linear_from_srgb(mf.VERTEX_COLOR)), ("lamp_glb", mf.BASE_COLOR)],
 )  # fmt: skip
 def test_standard_view_transform_even_light_and_colours(rendered, uid, albedo):
     # A convex object under a uniform white world of strength 1 reflects its albedo (plus the
     # Principled BSDF's ~4% specular layer): with the Standard view transform the pixels are
-    # the sRGB encoding of that. Filmic or AgX would compress and desaturate them.
+    # the sRGB encoding of that. Filmic or AgX would compress and desaturate them; a light
+    # shipped with the asset (lamp_glb) would brighten one side.
     _, _, samples = rendered
     means = _opaque_mean(samples[uid])
     expected = np.asarray(albedo) + 0.035

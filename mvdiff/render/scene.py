@@ -206,6 +206,10 @@ class Scene:
         for obj in bpy.data.objects:
             if obj.name not in self.keep and not obj.users_scene:
                 self.scene.collection.objects.link(obj)
+            # Lights shipped with the asset would break the even lighting; hidden, not
+            # deleted (deleting a parent would move its children).
+            if obj.type == "LIGHT" and obj.name not in self.keep:
+                obj.hide_render = True
         self._color_attribute_materials()
         # Frame 0 of animated assets: glTF time 0 is frame 0; the FBX importer shifts time 0 to
         # frame 1, and frame 0 then holds the first key (constant extrapolation).
@@ -281,14 +285,14 @@ class Scene:
         bpy.context.view_layer.update()
         return scale, [float(x) for x in offset]
 
-    def render_views(self, c2w: list, fov_deg: list, out_dir: str) -> tuple[list, list, list]:
+    def render_views(self, c2w: list, fov_deg: list, out_dir: str) -> tuple[list, list, list, list]:
         """Render one RGBA PNG per camera to ``out_dir/rgba.VVV.png``.
 
         ``c2w``: V row-major 4x4 camera-to-world matrices (OpenGL frame, Blender's
         ``matrix_world``). Returns the matrices and fields of view Blender used (read back),
-        and the CPU seconds of each view's render call (this process, all threads).
+        and the CPU seconds (this process, all threads) and wall seconds of each view.
         """
-        used_c2w, used_fov, cpu = [], [], []
+        used_c2w, used_fov, cpu, wall = [], [], [], []
         for v, (m, fov) in enumerate(zip(c2w, fov_deg)):
             self.camera.data.angle = math.radians(fov)
             self.camera.matrix_world = Matrix(m)
@@ -299,9 +303,10 @@ class Scene:
             if self.passes is not None:
                 self.passes.directory = out_dir
                 self.passes.file_name = f"pass{v:03d}_"
-            t0 = time.process_time()
+            t0, w0 = time.process_time(), time.perf_counter()
             bpy.ops.render.render(write_still=True)
             if self.passes is not None:
                 self._convert_passes(out_dir, v)
             cpu.append(time.process_time() - t0)
-        return used_c2w, used_fov, cpu
+            wall.append(time.perf_counter() - w0)
+        return used_c2w, used_fov, cpu, wall

@@ -7,7 +7,8 @@ own process group and kills the whole group when an object exceeds its timeout.
 
 Job:    {"uid", "path", "out_dir", "c2w": [V][4][4], "fov_deg": [V]}
 Answer: {"uid", "ok": true, "c2w", "fov_deg", "scale", "offset", "seconds", "cpu",
-         "view_cpu": [V]}   (cpu: CPU seconds of the whole job, view_cpu: of each render call)
+         "view_cpu": [V], "view_wall": [V]}   (cpu: CPU seconds of the whole job;
+         view_cpu / view_wall: CPU / wall seconds of each render call)
      or {"uid", "ok": false, "reason", "retry": bool, "seconds"}
 
 Test hook: if the environment variable ``MVDIFF_RENDER_TEST_HANG`` is a substring of a job's
@@ -63,10 +64,11 @@ def main() -> None:
             scene.clear()
             scene.load(job["path"])
             scale, offset = scene.normalize()
-            c2w, fov, view_cpu = scene.render_views(job["c2w"], job["fov_deg"], job["out_dir"])
-            answer.update(
-                ok=True, c2w=c2w, fov_deg=fov, scale=scale, offset=offset, view_cpu=view_cpu
+            c2w, fov, view_cpu, view_wall = scene.render_views(
+                job["c2w"], job["fov_deg"], job["out_dir"]
             )
+            answer.update(ok=True, c2w=c2w, fov_deg=fov, scale=scale, offset=offset,
+                          view_cpu=view_cpu, view_wall=view_wall)  # fmt: skip
         except AssetError as e:
             answer.update(ok=False, reason=str(e), retry=False)
         except Exception as e:  # anything else may be transient: let the parent retry
