@@ -231,6 +231,9 @@ def test_text_to_3d_env_background_random_shading_and_resume(tmp_path, tiny_fold
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 4
     assert any(not torch.equal(env[k], state["background"][k]) for k in env)  # env trained
+    # Resuming with another field or background is a one-line error, not a state-dict trace.
+    assert main([*argv, "--resume", "--background", "solid"]) == 2
+    assert main([*argv, "--resume", "--set", "field.hidden=8"]) == 2
 
 
 def test_text_to_3d_shipped_configs_load():

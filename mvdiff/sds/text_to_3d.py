@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mvdiff.cameras import orbit_c2w, sample_sds_group
+from mvdiff.errors import UserError
 from mvdiff.sds.config import TextTo3DConfig
 from mvdiff.sds.guidance import MultiViewSDS
 from mvdiff.sds.loop import FitState, render_size, run_steps
@@ -163,6 +164,14 @@ def text_to_3d(
     start = 0
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        now = config.to_dict()
+        for key in ("field", "background"):
+            saved = state.get("config", {}).get(key)
+            if saved is not None and saved != now[key]:
+                raise UserError(
+                    f"--resume {ckpt_path}: saved with {key} {saved}, now {now[key]}; "
+                    "use the same settings or a new --output"
+                )
         fit.load_state_dict(state)
         start = int(state["step"])
         log(f"resumed from {ckpt_path} at step {start}")
