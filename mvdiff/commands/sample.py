@@ -247,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
     pipe.scheduler = make_scheduler(s.scheduler, pipe.scheduler.config)
     pipe.to(device)
     adapter = model_info.get("adapter", {}).get("folder")
-    print(f"loaded {model_info.get('folder', s.model)}{f' + LoRA {adapter}' if adapter else ''} "
+    base = model_info.get("folder") or model_info.get("base_model") or s.model
+    print(f"loaded {base}{f' + LoRA {adapter}' if adapter else ''} "
           f"on {device} ({dtype_name})", flush=True)  # fmt: skip
 
     t1 = time.perf_counter()

@@ -127,7 +127,7 @@ def load_pipeline(
     ``info`` records where the weights came from: ``kind`` (folder | checkpoint | hub |
     adapter), ``folder`` and a ``fingerprint`` of it (folders and checkpoints), ``adapter``.
     """
-    if model_kind(model) == "adapter":
+    if model != "tiny" and model_kind(model) == "adapter":
         if lora:
             raise UserError(f"--model {model} is itself an adapter; give its base with --lora")
         meta = read_adapter_meta(model)
