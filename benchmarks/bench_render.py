@@ -6,7 +6,12 @@ load on a shared machine affects all settings alike. All numbers are CPU seconds
 time:
 
 * per view: the median over views of the CPU time of each render call, measured inside the
-  worker (``time.process_time``: all threads of the worker process);
+  worker (``time.process_time``: all threads of the worker process); next to it the wall time
+  of the same calls, which a busy machine inflates far more;
+* per view, whole process: the worker's CPU time from ready to exit (psutil: user + system,
+  its children included; all jobs, so import/normalise overhead is spread over the measured
+  views), divided by the views it rendered; cross-checked against
+  ``getrusage(RUSAGE_CHILDREN)`` of this process over the whole run;
 * per-object overhead: what a job costs beyond its render calls (clear the previous asset,
   import, normalise) plus the first view's extra over the others (BVH build, shader sync),
   medians over objects;
@@ -16,7 +21,8 @@ time:
 
 Objects/hour per core for the default recipe (32 views, 32 samples, denoiser) follow from
 these. A baseline worker with Blender's stock Cycles settings (same samples, denoiser on)
-gives a load-independent ratio, ``speedup_vs_stock_cycles``. The machine may be shared: ``load_average`` is reported with the numbers.
+gives a load-independent ratio, ``speedup_vs_stock_cycles``. The machine may be shared:
+the load averages before and after are reported with the numbers.
 Targets: <= 0.8 CPU-s per view at the default recipe, <= 0.3 s per-object overhead.
 
     python benchmarks/bench_render.py [--quick]
@@ -50,6 +56,18 @@ def rusage_cpu(who) -> float:
     return r.ru_utime + r.ru_stime
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds of a live process and its waited-for children (psutil, else /proc)."""
+    try:
+        import psutil
+
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+    except ImportError:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def _deciles(values: list) -> tuple:
     qs = statistics.quantiles(values, n=10) if len(values) > 1 else [values[0]] * 9
     return qs[0], qs[-1]
@@ -68,8 +86,10 @@ def run_settings(configs: dict, rounds: int = 1) -> dict:
         for key, cfg in configs.items()
     }
     c0 = rusage_cpu(resource.RUSAGE_CHILDREN)
-    stats = {key: {"view_cpu": [], "job_cpu": [], "job_views": [], "validate_cpu": [],
-                   "per_asset": {}} for key in configs}  # fmt: skip
+    stats = {key: {"view_cpu": [], "view_wall": [], "job_cpu": [], "job_views": [],
+                   "validate_cpu": [], "per_asset": {}, "proc_cpu": 0.0, "views": 0}
+             for key in configs}  # fmt: skip
+    ready_cpu = {}  # worker CPU once it is up (bpy imported, scene set up)
     for r in range(rounds):
         for path in ASSETS:
             for key, cfg in configs.items():
@@ -77,6 +97,9 @@ def run_settings(configs: dict, rounds: int = 1) -> dict:
                 rig = make_rig(cfg, uid)
                 job = {"uid": uid, "path": str(path), "c2w": rig["c2w"].tolist(),
                        "fov_deg": rig["fov_deg"]}  # fmt: skip
+                if handles[key].proc is None:
+                    handles[key]._start()
+                    ready_cpu[key] = process_cpu(handles[key].proc.pid)
                 answer = run_job(handles[key], job)
                 if not answer.get("ok"):
                     raise RuntimeError(f"{path.name}: {answer.get('reason')}")
@@ -85,15 +108,22 @@ def run_settings(configs: dict, rounds: int = 1) -> dict:
                 build_sample({"uid": uid}, answer, cfg)
                 st["validate_cpu"].append(rusage_cpu(resource.RUSAGE_SELF) - s0)
                 st["view_cpu"] += answer["view_cpu"]
+                st["view_wall"] += answer["view_wall"]
+                st["views"] += len(answer["view_cpu"])
                 st["job_cpu"].append(answer["cpu"])
                 st["job_views"].append(answer["view_cpu"])
                 st["per_asset"].setdefault(path.name, []).extend(answer["view_cpu"])
-    for handle in handles.values():
+    for key, handle in handles.items():
+        stats[key]["proc_cpu"] = process_cpu(handle.proc.pid) - ready_cpu[key]
         handle.close()
+    children = rusage_cpu(resource.RUSAGE_CHILDREN) - c0  # every worker, start to exit
     all_jobs = sum(sum(st["job_cpu"]) for st in stats.values())
-    per_worker = (rusage_cpu(resource.RUSAGE_CHILDREN) - c0 - all_jobs) / len(handles)
+    per_worker = (children - all_jobs) / len(handles)
     for st in stats.values():
+        st["children_cpu_total"] = children
         st["per_view"] = statistics.median(st["view_cpu"])
+        st["per_view_wall"] = statistics.median(st["view_wall"])
+        st["per_view_process"] = st["proc_cpu"] / st["views"]
         st["per_view_p10_p90"] = [round(x, 3) for x in _deciles(st["view_cpu"])]
         # Beyond the render calls: clear the previous asset, import, normalise, reply.
         st["overhead"] = statistics.median(
@@ -113,7 +143,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 view per object (a smoke run)")
     args = parser.parse_args()
     t_start = time.monotonic()
-    load_before = os.getloadavg()[0]
+    load_before = os.getloadavg()
     views = 1 if args.quick else args.views
     default = RenderConfig(resolution=args.resolution, output="unused", views=views)
     configs = {
@@ -133,7 +163,10 @@ def main() -> None:
     stats = run_settings(configs)
     ref = stats[f"spp{default.samples}_{'denoise' if default.denoise else 'raw'}"]
     grid = {
-        key: {"cpu_s_per_view": round(st["per_view"], 3), "overhead_cpu_s": round(st["overhead"], 3),
+        key: {"cpu_s_per_view": round(st["per_view"], 3),
+              "cpu_s_per_view_process": round(st["per_view_process"], 3),
+              "wall_s_per_view": round(st["per_view_wall"], 3),
+              "overhead_cpu_s": round(st["overhead"], 3),
               "first_view_extra_cpu_s": round(st["first_view_extra"], 3)}
         for key, st in stats.items()
     }  # fmt: skip
@@ -150,6 +183,10 @@ def main() -> None:
                            "noise_threshold": default.noise_threshold},
         "cpu_s_per_view": round(ref["per_view"], 3),
         "cpu_s_per_view_p10_p90": ref["per_view_p10_p90"],
+        "cpu_s_per_view_process": round(ref["per_view_process"], 3),
+        "wall_s_per_view": round(ref["per_view_wall"], 3),
+        "children_cpu_s_all_workers": round(ref["children_cpu_total"], 1),
+        "views_rendered_all_workers": sum(st["views"] for st in stats.values()),
         "cpu_s_per_view_by_asset": {a: round(statistics.median(v), 3) for a, v in ref["per_asset"].items()},
         "per_object_overhead_cpu_s": round(overhead, 3),
         "per_object_overhead_parts": {"import_normalise_clear": round(ref["overhead"], 3),
@@ -163,7 +200,8 @@ def main() -> None:
         "speedup_vs_stock_cycles": round(stats["spp32_denoise_stock"]["per_view"] / ref["per_view"], 2),
         "targets": {"cpu_s_per_view": 0.8, "per_object_overhead_cpu_s": 0.3},
         "meets_targets": ref["per_view"] <= 0.8 and overhead <= 0.3,
-        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
+                                "after": [round(x, 2) for x in os.getloadavg()]},
         "cpu_cores": os.cpu_count(),
         "wall_s": round(time.monotonic() - t_start, 1),
     }))  # fmt: skip

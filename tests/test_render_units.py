@@ -187,6 +187,21 @@ def test_check_shard_reports_schema_problems(tmp_path):
     assert Image.open(tmp_path / "sheet.png").size[0] > 0
 
 
+def test_shard_info_cli(tmp_path, capsys):
+    write_samples(tmp_path / "ok", ["a", "b", "c"], max_samples=2)[0].close_shard()
+    sheet = tmp_path / "sheet.png"
+    assert main(["shard-info", str(tmp_path / "ok"), "--json", "--contact-sheet", str(sheet)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["shards"], report["samples"], report["views"], report["errors"]) == (2, 3, 9, 0)
+    assert report["contact_sheet_rows"] == 3 and Image.open(sheet).size == (3 * 128, 3 * 128)
+    # A truncated shard is reported (exit status 1), with the problem named.
+    good = tmp_path / "ok" / "mv-000000.tar"
+    (tmp_path / "cut.tar").write_bytes(good.read_bytes()[:1500])
+    assert main(["shard-info", str(tmp_path / "cut.tar"), str(good)]) == 1
+    out = capsys.readouterr().out
+    assert "cut.tar" in out and "problem" in out and "total: 2 shards" in out
+
+
 def test_local_sources_and_captions(tmp_path):
     objs = local_objects([str(ASSETS)])
     assert sorted(o["uid"] for o in objs) == ["BoxTextured", "capsule", "monkey", "rabbit"]
