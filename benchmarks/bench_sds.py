@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -177,10 +178,14 @@ def main() -> None:
     p.add_argument("--recon-steps", type=int, default=200, help="0: skip the reconstruction line")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    result = {"bench": "sds", "model": args.model, "sds": []}
     for size in args.sizes:
-        print(json.dumps(bench(args.model, size, args.steps, args.samples)), flush=True)
+        row = bench(args.model, size, args.steps, args.samples)
+        print(f"# {json.dumps(row)}", file=sys.stderr, flush=True)
+        result["sds"].append(row)
     if args.recon_steps > 0:
-        print(json.dumps(bench_recon(args.recon_steps)), flush=True)
+        result["reconstruction"] = bench_recon(args.recon_steps)
+    print(json.dumps(result), flush=True)  # one JSON line, like every benchmark
 
 
 if __name__ == "__main__":

@@ -83,10 +83,18 @@ def _sample(r: dict) -> str:
 
 
 def _sds(r: dict) -> str:
-    return (
-        f"{r['model']} UNet, {r['render_size']}² renders: {r['it_per_s']} steps/s, "
-        f"{100 * r['outside_unet_vae_share']:.1f}% outside UNet+VAE"
-    )
+    parts = [
+        f"{x['model']} UNet, {x['render_size']}² renders: {x['it_per_s']} steps/s "
+        f"({100 * x['outside_unet_vae_share']:.0f}% outside UNet+VAE)"
+        for x in r["sds"]
+    ]
+    if "reconstruction" in r:
+        x = r["reconstruction"]
+        parts.append(
+            f"posed-view reconstruction, {x['views']} views at {x['resolution']}²: "
+            f"{x['it_per_s']} steps/s, held-out PSNR {x['psnr_holdout']} dB after {x['steps']}"
+        )
+    return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -143,8 +151,8 @@ BENCHES = [
     Bench(
         "bench_sds.py",
         "multi-view SDS steps/s",
-        ("--sizes", "64", "--steps", "3"),
-        ("--sizes", "64"),
+        ("--sizes", "64", "--steps", "3", "--recon-steps", "100"),
+        (),
         _sds,
     ),
 ]
