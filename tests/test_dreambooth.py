@@ -455,15 +455,34 @@ def test_cli_end_to_end_then_sample(base, photos, tmp_path, capsys):
 
 
 def test_lora_on_a_bypassed_layer_is_an_error(base, photos, tmp_path):
-    """The multi-view processor fuses self-attention q/k/v by reading ``.weight``, which
-    bypasses a peft wrapper: such a target would silently never train, so it is an error."""
+    """A LoRA target that DreamBooth's 2D mode never calls (the camera MLP: no camera on the
+    photos) would silently never train, so it is an error naming it."""
     from mvdiff.training.trainer import train
 
     cfg = db_config(base, photos, tmp_path / "bad", "max_steps=1", "export=false",
                     "checkpoint.every=0", "dreambooth.lora.enabled=true",
-                    "dreambooth.lora.target_modules=[attn1.to_q, attn2.to_q]")  # fmt: skip
-    with pytest.raises(UserError, match="never get a gradient.*attn1.to_q"):
+                    "dreambooth.lora.target_modules=[class_embedding.linear_1, attn2.to_q]")  # fmt: skip
+    with pytest.raises(UserError, match="never get a gradient.*class_embedding.linear_1"):
         train(cfg)
+
+
+def test_lora_on_self_attention_trains(base, photos, tmp_path):
+    """The multi-view processor fuses q/k/v only for plain nn.Linear layers, so LoRA-wrapped
+    self-attention projections are called and their adapters learn."""
+    from safetensors.torch import load_file
+
+    from mvdiff.training.trainer import train
+
+    cfg = db_config(base, photos, tmp_path / "sa", "max_steps=2", "checkpoint.every=0",
+                    "dreambooth.lora.enabled=true",
+                    "dreambooth.lora.target_modules=[attn1.to_q, attn1.to_k, attn1.to_v]")  # fmt: skip
+    summary = train(cfg)
+    weights = load_file(str(Path(summary["adapter"]) / "adapter_model.safetensors"))
+    for proj in ("to_q", "to_k", "to_v"):
+        b = [w for k, w in weights.items() if f"attn1.{proj}.lora_B" in k]
+        assert b and any(w.abs().max() > 0 for w in b), proj  # B starts at 0: it trained
+    defaults = type(cfg.dreambooth.lora)().target_modules
+    assert {"attn1.to_q", "attn1.to_k", "attn1.to_v"} <= set(defaults)
 
 
 def test_adapter_on_the_builtin_tiny_model(photos, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+from torch import nn
 
 try:  # optional extra
     import xformers.ops as _xops
@@ -51,8 +52,9 @@ class MultiViewAttnProcessor:
             hidden_states = hidden_states.reshape(bv // num_views, num_views * length, channels)
         context = hidden_states if is_self else encoder_hidden_states
 
-        if is_self and attn.to_q.weight.shape == attn.to_k.weight.shape:
-            # One matmul for q, k and v (the weights are tiny next to the activations).
+        if is_self and _plain_linears(attn.to_q, attn.to_k, attn.to_v):
+            # One matmul for q, k and v (the weights are tiny next to the activations). Only
+            # for plain nn.Linear: a wrapped projection (e.g. a peft LoRA layer) must be called.
             weight = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
             bias = None
             if attn.to_q.bias is not None:
@@ -90,3 +92,8 @@ class MultiViewAttnProcessor:
         if _xops is None or t.device.type != "cuda":
             return False
         return self.use_xformers is not False
+
+
+def _plain_linears(*layers: nn.Module) -> bool:
+    """True when every layer is exactly ``nn.Linear`` with the same weight shape."""
+    return all(type(m) is nn.Linear for m in layers) and len({m.weight.shape for m in layers}) == 1

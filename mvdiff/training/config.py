@@ -138,10 +138,12 @@ class LoraSettings:
     alpha: float = 16.0
     #: learning rate of the adapter (replaces optim.lr when LoRA is on)
     lr: float = 1.0e-4
-    #: module names (suffix match). Self-attention q/k/v are left out: the multi-view attention
-    #: processor reads their weights directly (fused q/k/v), which bypasses a LoRA wrapper.
+    #: module names (suffix match): every attention projection and the feed-forward layers
     target_modules: list[str] = field(
         default_factory=lambda: [
+            "attn1.to_q",
+            "attn1.to_k",
+            "attn1.to_v",
             "attn1.to_out.0",
             "attn2.to_q",
             "attn2.to_k",

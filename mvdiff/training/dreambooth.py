@@ -423,10 +423,10 @@ def lora_parameters(unet) -> dict[str, torch.nn.Parameter]:
 
 
 def check_lora_gradients(unet) -> None:
-    """Every LoRA weight must get a gradient from the UNet's output. One that gets none sits on
-    a layer the model bypasses (e.g. self-attention q/k/v, which the multi-view processor fuses
-    by reading ``.weight``) and would silently never train: an error naming the layers. One
-    small forward/backward (8x8 latents)."""
+    """Every LoRA weight must get a gradient from the UNet's output in the 2D mode DreamBooth
+    trains in. One that gets none sits on a layer that mode bypasses (e.g. the camera MLP, or
+    a processor that reads ``.weight`` instead of calling the layer) and would silently never
+    train: an error naming the layers. One small forward/backward (8x8 latents)."""
     params = list(unet.parameters())
     device, dtype = params[0].device, params[0].dtype
     width = unet.config.cross_attention_dim
