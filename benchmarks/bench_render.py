@@ -18,6 +18,9 @@ time:
 * per worker: ``getrusage(RUSAGE_CHILDREN)`` over the worker's life minus its jobs (bpy
   import, scene set-up, exit); a worker serves ``recycle_every`` (50) objects;
 * main-process validation of a 32-view sample (``getrusage(RUSAGE_SELF)``).
+* quality: PSNR of each setting's views against 256-sample renders (denoised with albedo and
+  normal guides, accurate prefilter) from the same cameras, ``psnr_db_vs_ref``; the grid also
+  holds the other denoiser guide choices at the default samples.
 
 Objects/hour per core for the default recipe (32 views, 32 samples, denoiser) follow from
 these. A baseline worker with Blender's stock Cycles settings (same samples, denoiser on)
@@ -31,6 +34,7 @@ Targets: <= 0.8 CPU-s per view at the default recipe, <= 0.3 s per-object overhe
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import resource
@@ -38,6 +42,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,12 +74,34 @@ def process_cpu(pid: int) -> float:
         return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+def _rgba(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    a = np.asarray(Image.open(io.BytesIO(data)), dtype=np.float64) / 255  # [H, W, 4]
+    return np.concatenate([a[..., :3] * a[..., 3:], a[..., 3:]], axis=-1)  # premultiplied
+
+
+def psnr(images: dict, reference: dict) -> float:
+    """Mean PSNR (dB) of premultiplied RGBA views against the reference renders, over the
+    pixels covered in either image (the empty background would inflate it)."""
+    values = []
+    for uid, files in images.items():
+        for name, data in files.items():
+            a, b = _rgba(data), _rgba(reference[uid][name])
+            covered = (a[..., 3] > 0) | (b[..., 3] > 0)
+            values.append(-10 * np.log10(max(((a - b)[covered] ** 2).mean(), 1e-12)))
+    return float(np.mean(values))
+
+
 def _deciles(values: list) -> tuple:
     qs = statistics.quantiles(values, n=10) if len(values) > 1 else [values[0]] * 9
     return qs[0], qs[-1]
 
 
 SETTINGS = [(samples, denoise) for samples in (16, 32, 64) for denoise in (True, False)]
+# Image quality: PSNR of every setting against 256-sample renders denoised with every guide
+# and the accurate prefilter, same cameras (a near-converged stand-in for the true image).
+REFERENCE = "ref_spp256"
 
 
 def run_settings(configs: dict, rounds: int = 1) -> dict:
@@ -90,6 +118,7 @@ def run_settings(configs: dict, rounds: int = 1) -> dict:
                    "validate_cpu": [], "per_asset": {}, "proc_cpu": 0.0, "views": 0}
              for key in configs}  # fmt: skip
     ready_cpu = {}  # worker CPU once it is up (bpy imported, scene set up)
+    images = {key: {} for key in configs}  # key -> uid -> {"rgba.VVV.png": bytes}
     for r in range(rounds):
         for path in ASSETS:
             for key, cfg in configs.items():
@@ -113,13 +142,15 @@ def run_settings(configs: dict, rounds: int = 1) -> dict:
                 st["job_cpu"].append(answer["cpu"])
                 st["job_views"].append(answer["view_cpu"])
                 st["per_asset"].setdefault(path.name, []).extend(answer["view_cpu"])
+                images[key][uid] = answer["files"]
     for key, handle in handles.items():
         stats[key]["proc_cpu"] = process_cpu(handle.proc.pid) - ready_cpu[key]
         handle.close()
     children = rusage_cpu(resource.RUSAGE_CHILDREN) - c0  # every worker, start to exit
     all_jobs = sum(sum(st["job_cpu"]) for st in stats.values())
     per_worker = (children - all_jobs) / len(handles)
-    for st in stats.values():
+    for key, st in stats.items():
+        st["psnr"] = psnr(images[key], images[REFERENCE]) if key != REFERENCE else None
         st["children_cpu_total"] = children
         st["per_view"] = statistics.median(st["view_cpu"])
         st["per_view_wall"] = statistics.median(st["view_wall"])
@@ -160,12 +191,23 @@ def main() -> None:
     configs["spp32_denoise_stock"] = RenderConfig(
         resolution=args.resolution, output="unused", views=views, samples=32, tuned=False
     )
+    # Alternatives to the default denoiser guides, same samples (which one is cheaper / better).
+    for passes in ("RGB", "RGB_ALBEDO", "RGB_ALBEDO_NORMAL"):
+        if passes != default.denoise_passes:
+            configs[f"spp32_denoise_{passes.lower()}"] = RenderConfig(
+                resolution=args.resolution, output="unused", views=views, denoise_passes=passes
+            )
+    configs[REFERENCE] = RenderConfig(
+        resolution=args.resolution, output="unused", views=views, samples=256,
+        denoise_quality="HIGH", denoise_passes="RGB_ALBEDO_NORMAL", denoise_prefilter="ACCURATE",
+    )  # fmt: skip
     stats = run_settings(configs)
     ref = stats[f"spp{default.samples}_{'denoise' if default.denoise else 'raw'}"]
     grid = {
         key: {"cpu_s_per_view": round(st["per_view"], 3),
               "cpu_s_per_view_process": round(st["per_view_process"], 3),
               "wall_s_per_view": round(st["per_view_wall"], 3),
+              "psnr_db_vs_ref": None if st["psnr"] is None else round(st["psnr"], 2),
               "overhead_cpu_s": round(st["overhead"], 3),
               "first_view_extra_cpu_s": round(st["first_view_extra"], 3)}
         for key, st in stats.items()
@@ -180,10 +222,12 @@ def main() -> None:
         "assets": [p.name for p in ASSETS],
         "default_recipe": {"views": 32, "samples": default.samples, "denoise": default.denoise,
                            "denoise_quality": default.denoise_quality,
+                           "denoise_passes": default.denoise_passes,
                            "noise_threshold": default.noise_threshold},
         "cpu_s_per_view": round(ref["per_view"], 3),
         "cpu_s_per_view_p10_p90": ref["per_view_p10_p90"],
         "cpu_s_per_view_process": round(ref["per_view_process"], 3),
+        "psnr_db_vs_256spp_ref": round(ref["psnr"], 2),
         "wall_s_per_view": round(ref["per_view_wall"], 3),
         "children_cpu_s_all_workers": round(ref["children_cpu_total"], 1),
         "views_rendered_all_workers": sum(st["views"] for st in stats.values()),

@@ -154,3 +154,34 @@ def test_standard_view_transform_even_light_and_colours(rendered, uid, albedo):
     expected = np.asarray(albedo) + 0.035
     assert np.abs(means - expected).max() < 0.03, (uid, means.round(3), expected)
     assert np.ptp(means, axis=0).max() < 0.03, means.round(3)  # even lighting: views agree
+
+
+def _render_one(tmp_path, name: str, **overrides) -> dict:
+    """Render one fixture with the module's orbit rig (+ overrides); its shard members."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / name).write_bytes((FORMATS / name).read_bytes())
+    cfg = RenderConfig(inputs=[str(inputs)], output=str(tmp_path / "out"), rig="orbit", views=4,
+                       elevations=[20.0], fov=40.0, resolution=64, samples=4, workers=1,
+                       timeout=60.0, **overrides)  # fmt: skip
+    assert render_objects(cfg, progress=False)["done"] == 1
+    (shard,) = (tmp_path / "out").glob("*.tar")
+    assert check_shard(shard)["errors"] == []
+    with tarfile.open(shard) as tar:
+        return {m.name.partition(".")[2]: tar.extractfile(m).read() for m in tar}
+
+
+def test_sun_option_lights_the_front(rendered, tmp_path):
+    # sun_strength adds a sun from above-front (-y): the front view (azimuth 0) gets brighter,
+    # the back view (azimuth 180) barely changes.
+    _, _, samples = rendered
+    without = _opaque_mean(samples["frustum_stl"]).mean(1)
+    with_sun = _opaque_mean(_render_one(tmp_path, "frustum.stl", sun_strength=3.0)).mean(1)
+    assert with_sun[0] > without[0] + 0.1, (with_sun, without)  # (clips at 1)
+    assert with_sun[0] - without[0] > 2 * (with_sun[2] - without[2]), (with_sun, without)
+
+
+def test_workbench_engine_option(tmp_path):
+    sample = _render_one(tmp_path, "frustum.stl", engine="workbench")
+    meta = json.loads(sample["json"])
+    assert meta["engine"] == "BLENDER_WORKBENCH" and meta["num_views"] == 4

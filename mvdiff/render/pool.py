@@ -43,6 +43,8 @@ def worker_options(cfg) -> dict:
         "samples": cfg.samples,
         "denoise": cfg.denoise,
         "denoise_quality": cfg.denoise_quality,
+        "denoise_passes": cfg.denoise_passes,
+        "denoise_prefilter": cfg.denoise_prefilter,
         "noise_threshold": cfg.noise_threshold,
         "max_bounces": cfg.max_bounces,
         "world_strength": cfg.world_strength,

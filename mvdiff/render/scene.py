@@ -68,8 +68,8 @@ class Scene:
             cy.adaptive_threshold = float(opts["noise_threshold"])
             # Albedo guided, fast prefilter: ~0.15 s at 256^2 instead of ~2 s for the
             # default three-pass "accurate" prefilter, with no visible loss on objects.
-            cy.denoising_input_passes = "RGB_ALBEDO"
-            cy.denoising_prefilter = "FAST"
+            cy.denoising_input_passes = opts.get("denoise_passes", "RGB_ALBEDO")
+            cy.denoising_prefilter = opts.get("denoise_prefilter", "FAST")
             cy.denoising_quality = opts["denoise_quality"]
             # Under a uniform environment one indirect diffuse/glossy bounce is enough; glass
             # and alpha-blended materials keep max_bounces.
