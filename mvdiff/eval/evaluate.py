@@ -100,11 +100,14 @@ def evaluate_views(
     match_tolerance_deg: float = 5.0,
     clip=None,
     recon_config=None,
+    fit_all: bool = True,
 ) -> tuple[dict, list, torch.Tensor | None]:
     """Score one set of views (a dict like :func:`mvdiff.eval.views.load_sample`'s).
 
-    Returns (record for results.json, strip rows for the report, the matched ground-truth
-    views ``[V, 3, H, W]`` or None).
+    ``recon_config`` (a :class:`mvdiff.sds.config.TextTo3DConfig`) and ``fit_all`` go to
+    :func:`~mvdiff.eval.consistency.reconstruction_consistency`. Returns (record for
+    results.json, strip rows for the report, the matched ground-truth views ``[V, 3, H, W]``
+    or None).
     """
     from mvdiff.eval.consistency import gt_agreement, match_views, reconstruction_consistency
     from mvdiff.eval.views import composite_white
@@ -114,7 +117,7 @@ def evaluate_views(
     res = recon_resolution or min(h, 64)
     cons = reconstruction_consistency(
         sample["rgba"], sample["c2w"], sample["fov_deg"], steps=recon_steps, holdout=holdout,
-        resolution=res, seed=seed, config=recon_config,
+        resolution=res, seed=seed, config=recon_config, fit_all=fit_all,
     )  # fmt: skip
     record = {
         "name": sample["name"],
