@@ -182,3 +182,18 @@ def test_data_prep_render_script(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["done"] == 1
     assert script.main(["--set", "views=0", "--set", f"output={tmp_path}", "-q"]) == 2
     assert "--views" in capsys.readouterr().err
+
+
+def test_resume_refuses_to_mix_recipes_in_one_output(tmp_path, capsys):
+    folder = assets(tmp_path / "in", "ok1.glb", "ok2.glb")
+    out = tmp_path / "out"
+    args = ["render", str(folder), "--output", str(out), "--views", "2", "--resolution", "16",
+            "--workers", "1", "--limit", "1", "-q"]  # fmt: skip
+    assert main(args) == 0
+    # Other views or resolution would put differently made samples next to the first one.
+    assert main([*args[:4], "--views", "3", *args[6:]]) == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and "views 2 -> 3" in err and len(err.strip().splitlines()) == 1
+    # Settings that do not change the samples (workers, limit, retries) may change.
+    assert main([*args[:-5], "--workers", "2", "--retries", "3", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["done"] == 1

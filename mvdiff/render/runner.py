@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mvdiff.config import save_config
+from mvdiff.config import load_config, save_config
 from mvdiff.errors import UserError
 from mvdiff.render.config import RenderConfig
 from mvdiff.render.rigs import make_rig
@@ -71,6 +71,36 @@ class _Output:
                 f.write(Path(self.local / "render_config.yaml").read_text())
 
 
+# Fields that change what a sample looks like. A resumed run must not mix recipes in one output.
+RECIPE_FIELDS = (
+    "rig", "views", "elevation_range", "fov_range", "distance_factor_range", "elevations",
+    "azimuths", "fov", "distance_factor", "seed", "resolution", "engine", "samples", "denoise",
+    "denoise_quality", "denoise_passes", "denoise_prefilter", "noise_threshold", "max_bounces",
+    "tuned", "world_strength", "sun_strength", "depth", "normal",
+)  # fmt: skip
+
+
+def _check_same_recipe(cfg: RenderConfig, saved: Path, manifest: Manifest) -> None:
+    """Refuse to add samples rendered with another recipe to an output that holds some."""
+    if not saved.is_file() or not manifest.counts().get("done"):
+        return
+    try:
+        old = load_config(RenderConfig, saved).validate()
+    except UserError:
+        return  # written by another version: nothing reliable to compare with
+
+    def norm(v):
+        return [float(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    changed = [f"{name} {norm(getattr(old, name))} -> {norm(getattr(cfg, name))}"
+               for name in RECIPE_FIELDS if norm(getattr(old, name)) != norm(getattr(cfg, name))]  # fmt: skip
+    if changed:
+        raise UserError(
+            f"--output {cfg.output}: holds samples rendered with other settings "
+            f"({'; '.join(changed[:3])}); resume with the same settings or use a new output"
+        )
+
+
 def _lock(folder: Path):
     """One run per output folder: a second concurrent run would corrupt the shards."""
     f = open(folder / ".render.lock", "w")
@@ -104,8 +134,14 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
         raise UserError("no objects to render (give files, folders or Objaverse uids)")
     out = _Output(cfg)
     lock = _lock(out.local)
-    save_config(cfg, out.local / "render_config.yaml")
     manifest = Manifest(out.local / MANIFEST)
+    try:
+        _check_same_recipe(cfg, out.local / "render_config.yaml", manifest)
+    except UserError:
+        manifest.close()
+        lock.close()
+        raise
+    save_config(cfg, out.local / "render_config.yaml")
     writer = ShardWriter(
         out.local, manifest, cfg.shard_prefix, cfg.shard_max_samples, cfg.shard_max_bytes,
         on_close=out.publish,
