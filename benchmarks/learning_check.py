@@ -1,0 +1,732 @@
+"""Does training teach multi-view consistency? A CPU-sized learning experiment (issue 9).
+
+1. **Objects**: a few dozen procedural objects (cube / sphere / cylinder / cone) with a main
+   colour and an accent pattern that differs around the object ("a red cube with a blue
+   front", "a green sphere with yellow stripes", ...), written as PLY meshes with per-face
+   colours (rendered with those colours, no material needed).
+2. **Render** them with our renderer (:func:`mvdiff.render.runner.render_objects`, Blender
+   Cycles, orbit rig: 8 views 45° apart at 15° elevation, fov 40°, 32²) into multi-view
+   shards (DESIGN §3); plus a **2D image-text shard** of single random views and the bundled
+   photos.
+3. **Train** three small models jointly on both (30% 2D batches, ring of 4 views 90° apart):
+   ``full`` (3D self-attention + camera MLP), ``no_3d_attention`` (the same UNet whose
+   self-attention runs per view: every attention processor replaced with one that ignores
+   ``num_views``) and ``no_camera`` (no camera MLP, ``camera=None`` in training and sampling),
+   each for every seed. The model works in pixel space through an exact, invertible "VAE"
+   (pixel-unshuffle by 2: 32² RGB <-> 16² x 12 latents) so that the tiny model learns images,
+   not the noise of a random VAE. The UNet: 2 levels (16², 8²) of 32/64 channels, attention
+   (self + cross) at 8² and in the middle block.
+4. **Sample** 4 views (azimuth 0/90/180/270, elevation 15) for captions of rendered objects
+   with :class:`mvdiff.pipelines.MVDreamPipeline` and **evaluate** them with
+   :func:`mvdiff.eval.evaluate_views` (what ``mvdiff eval`` runs): reconstruction
+   consistency (one radiance field fitted to the 4 views; PSNR on all views and on a held-out
+   view) and ground-truth agreement (PSNR / SSIM against the renders at the same cameras).
+   Reference rows: the renders themselves (the ceiling) and 4 views of 4 different objects
+   (the floor).
+
+Prints a markdown table (mean ± std over seeds) and, last, one JSON line. ``--quick`` is a
+smoke run (a few objects, few steps, one seed; minutes, not meaningful numbers).
+
+    python benchmarks/learning_check.py [--quick] [--work-dir DIR] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mvdiff.config import apply_overrides, dump_config  # noqa: E402
+from mvdiff.errors import UserError  # noqa: E402
+
+VARIANTS = ("full", "no_3d_attention", "no_camera")
+SHAPES = ("cube", "sphere", "cylinder", "cone")
+COLOURS = {
+    "red": (215, 35, 35),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 215, 40),
+    "purple": (140, 50, 190),
+    "orange": (245, 135, 25),
+    "white": (235, 235, 235),
+}
+# pattern -> caption suffix; every accent but stripes changes with the azimuth
+PATTERNS = {
+    "front": "with a {accent} front",
+    "right": "with a {accent} right side",
+    "top": "with a {accent} top",
+    "stripes": "with {accent} stripes",
+}
+
+
+@dataclass
+class LearningCheckConfig:
+    work_dir: str = ""  # "" = a temporary folder (removed at the end)
+    objects: int = 36
+    object_seed: int = 0
+    render_views: int = 8
+    render_resolution: int = 32
+    render_samples: int = 16
+    render_workers: int = 2
+    image_size: int = 32
+    #: pixel-unshuffle factor of the exact "VAE" (latents: 3 patch² x (image_size / patch)²);
+    #: model_channels must be >= 3 patch² or the first conv cannot pass the input through
+    patch: int = 2
+    model_channels: int = 32
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    steps: int = 300
+    batch_size: int = 4
+    p_2d: float = 0.3
+    lr: float = 3e-3
+    warmup: int = 20
+    caption_dropout: float = 0.1
+    #: rendered objects whose captions are sampled and scored (the first N)
+    eval_objects: int = 6
+    sample_steps: int = 20
+    guidance: float = 3.0
+    #: latents with white (the background) at 0 instead of 1
+    white_zero: bool = True
+    #: clip the predicted x0 to the data range while sampling (pixel-space DDPM practice:
+    #: with a tiny model, eps errors at high noise blow up x0 = (x_t - s eps) / sqrt(a))
+    clip_x0: bool = True
+    #: training target and sampler parameterisation: "v_prediction" (default here: a tiny
+    #: model's eps errors at high noise blow up x0 = (x_t - s eps) / sqrt(a) and sampling
+    #: never recovers) or "epsilon" (the library's objective, mvdiff.training.loss)
+    prediction: str = "v_prediction"
+    recon_steps: int = 60
+    recon_rays: int = 1024
+    threads: int = 1
+    quick: bool = False
+
+    @classmethod
+    def quick_preset(cls, **kw) -> LearningCheckConfig:
+        base = dict(objects=8, render_samples=8, seeds=[0], steps=25, eval_objects=2,
+                    sample_steps=4, recon_steps=15, quick=True)  # fmt: skip
+        base.update(kw)
+        return cls(**base)
+
+    def validate(self) -> LearningCheckConfig:
+        unknown = sorted(set(self.variants) - set(VARIANTS))
+        if unknown:
+            raise UserError(f"variants: unknown {unknown}; known: {list(VARIANTS)}")
+        if self.prediction not in ("epsilon", "v_prediction"):
+            raise UserError(f"prediction must be epsilon or v_prediction, got {self.prediction!r}")
+        if self.image_size % self.patch or self.patch & (self.patch - 1):
+            raise UserError("patch must be a power of two dividing image_size")
+        if self.eval_objects > self.objects or self.eval_objects < 1:
+            raise UserError(f"eval_objects must be in [1, objects={self.objects}]")
+        if self.render_views % 4:
+            raise UserError("render_views must be a multiple of 4 (views 90° apart)")
+        return self
+
+
+def say(msg: str) -> None:
+    print(f"[learning_check] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- 1. procedural objects ------------------------------------------------------------------
+def _grid_quads(n: int):
+    """Unit-square grid ``[n*n, 4, 2]`` of quads (counter-clockwise) on [-0.5, 0.5]^2."""
+    t = np.linspace(-0.5, 0.5, n + 1)
+    quads = []
+    for i in range(n):
+        for j in range(n):
+            quads.append([(t[i], t[j]), (t[i + 1], t[j]), (t[i + 1], t[j + 1]), (t[i], t[j + 1])])
+    return np.asarray(quads)
+
+
+def _triangulate(quads: np.ndarray) -> np.ndarray:
+    """``[Q, 4, 3]`` quads -> ``[2Q, 3, 3]`` triangles."""
+    return np.concatenate([quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]])
+
+
+def mesh_triangles(shape: str) -> np.ndarray:
+    """Triangles ``[T, 3, 3]`` of a primitive around the origin (z up), finely divided so that
+    per-face colours can draw patterns."""
+    if shape == "cube":
+        g = _grid_quads(8)
+        u, v = g[..., 0], g[..., 1]
+        h = np.full_like(u, 0.5)
+        faces = [np.stack(x, -1) for x in ((u, v, h), (v, u, -h), (h, u, v), (-h, v, u),
+                                           (v, h, u), (u, -h, v))]  # fmt: skip
+        return _triangulate(np.concatenate(faces))
+    lon = np.linspace(0, 2 * np.pi, 33)
+    if shape == "sphere":
+        lat = np.linspace(-np.pi / 2, np.pi / 2, 17)
+
+        def p(a, b):
+            return (0.5 * np.cos(b) * np.cos(a), 0.5 * np.cos(b) * np.sin(a), 0.5 * np.sin(b))
+
+        quads = [[p(lon[i], lat[j]), p(lon[i + 1], lat[j]), p(lon[i + 1], lat[j + 1]),
+                  p(lon[i], lat[j + 1])] for i in range(32) for j in range(16)]  # fmt: skip
+        return _triangulate(np.asarray(quads))
+    # cylinder / cone: side bands + caps
+    zs = np.linspace(-0.5, 0.5, 11)
+    top_r = 0.4 if shape == "cylinder" else 0.0
+
+    def r(z):
+        return 0.4 + (top_r - 0.4) * (z + 0.5)
+
+    def q(a, z):
+        return (r(z) * np.cos(a), r(z) * np.sin(a), z)
+
+    quads = [[q(lon[i], zs[k]), q(lon[i + 1], zs[k]), q(lon[i + 1], zs[k + 1]), q(lon[i], zs[k + 1])]
+             for i in range(32) for k in range(10)]  # fmt: skip
+    tris = list(_triangulate(np.asarray(quads)))
+    for z, rad in ((-0.5, 0.4), (0.5, top_r)):
+        if rad > 0:
+            for i in range(32):
+                tris.append([(0, 0, z), q(lon[i + 1], z), q(lon[i], z)])
+    return np.asarray(tris, dtype=np.float64)
+
+
+def accent_mask(centroids: np.ndarray, pattern: str) -> np.ndarray:
+    x, y, z = centroids[:, 0], centroids[:, 1], centroids[:, 2]
+    if pattern == "front":  # the -y side: what azimuth 0 sees
+        return y < -0.12
+    if pattern == "right":  # +x: what azimuth 90 sees
+        return x > 0.12
+    if pattern == "top":
+        return z > 0.2
+    return np.floor((z + 0.5) * 5).astype(int) % 2 == 0  # stripes
+
+
+def write_ply(path: Path, tris: np.ndarray, colours: np.ndarray) -> None:
+    """Binary PLY with 3 unshared vertices per triangle (flat per-face colours)."""
+    n = len(tris)
+    vert = np.zeros(n * 3, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
+                                  ("red", "u1"), ("green", "u1"), ("blue", "u1")])  # fmt: skip
+    flat = tris.reshape(-1, 3)  # (T, 3, 3) -> (3T, 3)
+    vert["x"], vert["y"], vert["z"] = flat[:, 0], flat[:, 1], flat[:, 2]
+    rgb = np.repeat(colours, 3, axis=0)  # (T, 3) -> (3T, 3)
+    vert["red"], vert["green"], vert["blue"] = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    faces = np.zeros(n, dtype=[("n", "u1"), ("i", "<i4", (3,))])
+    faces["n"] = 3
+    faces["i"] = np.arange(n * 3).reshape(n, 3)  # (3T,) -> (T, 3)
+    header = (
+        "ply\nformat binary_little_endian 1.0\n"
+        f"element vertex {n * 3}\nproperty float x\nproperty float y\nproperty float z\n"
+        "property uchar red\nproperty uchar green\nproperty uchar blue\n"
+        f"element face {n}\nproperty list uchar int vertex_indices\nend_header\n"
+    )
+    path.write_bytes(header.encode() + vert.tobytes() + faces.tobytes())
+
+
+def make_objects(cfg: LearningCheckConfig, folder: Path) -> dict[str, str]:
+    """Write ``cfg.objects`` PLY files with distinct captions; returns {uid: caption}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.object_seed)
+    names, captions = list(COLOURS), {}
+    combos = [(s, m, a, p) for s in SHAPES for m in names for a in names for p in PATTERNS
+              if a != m]  # fmt: skip
+    order = rng.permutation(len(combos))
+    # cycle through shapes and patterns so that every one appears evenly
+    chosen, seen = [], set()
+    for k in order:
+        s, m, a, p = combos[k]
+        if (s, p) in seen and len(seen) < len(SHAPES) * len(PATTERNS):
+            continue
+        seen.add((s, p))
+        chosen.append(combos[k])
+        if len(seen) == len(SHAPES) * len(PATTERNS):
+            seen = set()
+        if len(chosen) == cfg.objects:
+            break
+    for i, (shape, main, accent, pattern) in enumerate(chosen):
+        uid = f"obj{i:03d}"
+        tris = mesh_triangles(shape)
+        mask = accent_mask(tris.mean(axis=1), pattern)
+        colours = np.where(mask[:, None], COLOURS[accent], COLOURS[main]).astype(np.uint8)
+        write_ply(folder / f"{uid}.ply", tris, colours)
+        article = "an" if main[0] in "aeiou" else "a"
+        captions[uid] = f"{article} {main} {shape} " + PATTERNS[pattern].format(
+            accent=accent
+        ).replace(" a o", " an o")
+    return captions
+
+
+# ---- 2. render + 2D shard -------------------------------------------------------------------
+def render(cfg: LearningCheckConfig, work: Path, captions: dict[str, str]) -> list[str]:
+    import csv
+
+    from mvdiff.render.config import RenderConfig
+    from mvdiff.render.runner import render_objects
+
+    folder = work / "renders"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(work / "captions.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("uid", "caption"), *captions.items()])
+    rcfg = RenderConfig(
+        inputs=[str(work / "objects")], output=str(folder), captions=str(work / "captions.csv"),
+        rig="orbit", views=cfg.render_views, elevations=[15.0], fov=40.0,
+        resolution=cfg.render_resolution, samples=cfg.render_samples,
+        workers=cfg.render_workers, seed=0, shard_prefix="mv", timeout=600,
+    )  # fmt: skip
+    summary = render_objects(rcfg.validate(), progress=True)
+    if summary["failed"]:
+        raise RuntimeError(f"{summary['failed']} objects failed to render (see {folder})")
+    return sorted(str(p) for p in folder.glob("mv-*.tar"))
+
+
+def read_shards(shards: list[str]) -> dict[str, dict]:
+    """uid -> {caption, rgba [V, 4, H, W] float, c2w [V, 4, 4], fov_deg [V]}."""
+    from mvdiff.sds.ref_views import load_shard_sample
+
+    out = {}
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            uids = sorted({Path(m.name).name.split(".")[0] for m in tar.getmembers()})
+        for uid in uids:
+            s = load_shard_sample(shard, uid)
+            with tarfile.open(shard) as tar:
+                meta = json.loads(tar.extractfile(f"{uid}.json").read())
+            out[uid] = {**s, "caption": meta["caption"], "shard": shard}
+    return out
+
+
+def write_2d_shard(path: Path, objects: dict[str, dict], seed: int) -> str:
+    """img2dataset layout: one random single view per object (on white) + the bundled photos."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    items = []
+    for obj in objects.values():
+        v = int(rng.integers(obj["rgba"].shape[0]))
+        rgba = obj["rgba"][v]
+        rgb = rgba[:3] * rgba[3:] + (1 - rgba[3:])  # over white
+        arr = (rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # (3,H,W) -> (H,W,3)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        items.append((buf.getvalue(), "png", obj["caption"]))
+    photos = REPO / "mvdiff" / "resources" / "photos"
+    for name, caption in json.loads((photos / "captions.json").read_text()).items():
+        items.append(((photos / name).read_bytes(), Path(name).suffix.lstrip(".").lower(), caption))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, (data, ext, caption) in enumerate(items):
+            for suffix, payload in ((ext, data), ("txt", caption.encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{suffix}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    os.replace(tmp, path)
+    return str(path)
+
+
+# ---- 3. models ----------------------------------------------------------------------------------
+class PatchVAE(torch.nn.Module):
+    """An exact, invertible "VAE": pixel-unshuffle by ``patch`` (``[N, 3, H, W]`` in [-1, 1],
+    shifted so that white is 0 <-> ``[N, 3 p^2, H/p, W/p]``), with the interface MVDreamPipeline and the trainer's
+    :func:`encode_images` use (``encode(x).latent_dist.mean/std``, ``decode(z).sample``,
+    ``config.scaling_factor``, ``config.block_out_channels`` -> scale factor)."""
+
+    def __init__(self, patch: int = 2, white_zero: bool = True):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.patch = patch
+        self.offset = 1.0 if white_zero else 0.0
+        levels = int(math.log2(patch)) + 1
+        self.config = SimpleNamespace(scaling_factor=1.0, shift_factor=None,
+                                      block_out_channels=[1] * levels)  # fmt: skip
+        self.register_buffer("_anchor", torch.zeros(1))
+
+    @property
+    def dtype(self):
+        return self._anchor.dtype
+
+    @property
+    def device(self):
+        return self._anchor.device
+
+    def encode(self, x: torch.Tensor):
+        from types import SimpleNamespace
+
+        # white (the background) -> 0: GroupNorm removes per-channel means, so a model whose
+        # targets sit on a constant offset learns much more slowly
+        z = F.pixel_unshuffle(x - self.offset, self.patch)  # (N, 3, H, W) -> (N, 3p², H/p, W/p)
+        dist = SimpleNamespace(mean=z, std=torch.zeros_like(z))
+        return SimpleNamespace(latent_dist=dist)
+
+    def decode(self, z: torch.Tensor):
+        from types import SimpleNamespace
+
+        x = F.pixel_shuffle(z, self.patch) + self.offset  # (N, 3p², h, w) -> (N, 3, H, W)
+        return SimpleNamespace(sample=x)
+
+
+def per_view_processor():
+    """The multi-view processor with ``num_views`` forced to 1: plain 2D self-attention
+    (views not joined); same weights, same kernels."""
+    from mvdiff.models.attention import MultiViewAttnProcessor
+
+    class PerViewAttnProcessor(MultiViewAttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     temb=None, num_views: int = 1):  # fmt: skip
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                    temb, num_views=1)  # fmt: skip
+
+    return PerViewAttnProcessor()
+
+
+def build_unet(cfg: LearningCheckConfig, variant: str, seed: int):
+    from mvdiff.testing import tiny_unet
+
+    ch = 3 * cfg.patch**2
+    unet = tiny_unet(
+        seed, camera=variant != "no_camera", in_channels=ch, out_channels=ch,
+        channel_mult=[1, 2], attention_resolutions=[2], num_res_blocks=1,
+        model_channels=cfg.model_channels, num_head_channels=16,
+    )  # fmt: skip
+    if variant == "no_3d_attention":
+        unet.set_attn_processor(per_view_processor())
+    return unet
+
+
+class PromptCache:
+    """Text embeddings of the frozen text encoder, computed once per caption."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer, self.text_encoder, self.cache = tokenizer, text_encoder, {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        from mvdiff.training.loss import encode_prompts
+
+        todo = sorted({c for c in captions if c not in self.cache})
+        if todo:
+            for c, e in zip(todo, encode_prompts(self.tokenizer, self.text_encoder, todo)):
+                self.cache[c] = e
+        return torch.stack([self.cache[c] for c in captions])  # B x (L, D) -> (B, L, D)
+
+
+def v_loss(unet, scheduler, latents, text, camera, num_views: int, generator) -> torch.Tensor:
+    """:func:`mvdiff.training.loss.diffusion_loss` with the v target (``sqrt(a) eps -
+    sqrt(1 - a) x0``): one timestep per object shared by its views, noise per view."""
+    n = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator)
+    t = torch.randint(
+        0, scheduler.config.num_train_timesteps, (n // num_views,), generator=generator
+    )
+    t = t.repeat_interleave(num_views)  # (B,) -> (B*V,)
+    noisy = scheduler.add_noise(latents, noise, t)
+    target = scheduler.get_velocity(latents, noise, t)
+    text = text.repeat_interleave(num_views, dim=0)  # (B, L, D) -> (B*V, L, D)
+    pred = unet(noisy, t, text, camera=camera, num_views=num_views).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
+def train_variant(cfg, variant: str, seed: int, mv_shards, shard_2d, parts) -> dict:
+    """Train one model; the data order, noise and timesteps depend on ``seed`` only."""
+    import random
+
+    from tqdm.auto import tqdm
+
+    from mvdiff.data.loader import DataConfig, build_loader
+    from mvdiff.data.mixer import BatchMixer
+    from mvdiff.data.shards import make_seed
+    from mvdiff.training.components import noise_scheduler_from
+    from mvdiff.training.loss import diffusion_loss, encode_images
+
+    data = DataConfig(
+        mv_shards="::".join(mv_shards), shards_2d=shard_2d, p_2d=cfg.p_2d, num_views=4,
+        resolution=cfg.image_size, batch_size=cfg.batch_size, min_size_2d=cfg.image_size,
+        shuffle_buffer=64, num_workers=0,
+    )  # fmt: skip
+    mixer = BatchMixer(build_loader(data, "mv", seed), build_loader(data, "2d", seed),
+                       p_2d=cfg.p_2d, seed=seed)  # fmt: skip
+    batches = iter(mixer)
+    unet = build_unet(cfg, variant, seed).train()
+    sched = noise_scheduler_from(parts["scheduler"])
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    text_of = parts["prompts"]
+    losses = []
+    bar = tqdm(range(cfg.steps), desc=f"train {variant} s{seed}", file=sys.stderr,
+               dynamic_ncols=True, mininterval=2.0)  # fmt: skip
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        gen = torch.Generator().manual_seed(make_seed("step", seed, step))
+        batch = next(batches)
+        b, v = batch["pixels"].shape[:2]
+        captions = ["" if random.Random(make_seed("drop", seed, step, i)).random()
+                    < cfg.caption_dropout else c for i, c in enumerate(batch["caption"])]  # fmt: skip
+        latents = encode_images(parts["vae"], batch["pixels"], gen)
+        camera = batch["camera"]
+        if camera is not None and variant != "no_camera":
+            camera = camera.reshape(b * v, -1)  # (B, V, 16) -> (B*V, 16)
+        else:
+            camera = None
+        if cfg.prediction == "epsilon":
+            loss = diffusion_loss(unet, sched, latents, text_of(captions), camera, v, gen)
+        else:
+            loss = v_loss(unet, sched, latents, text_of(captions), camera, v, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{statistics.fmean(losses[-20:]):.4f}")
+    bar.close()
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {"unet": unet.eval(), "final_loss": statistics.fmean(tail)}
+
+
+# ---- 4. sample + evaluate --------------------------------------------------------------------
+def eval_cameras(cfg):
+    from mvdiff.cameras import orbit_c2w
+    from mvdiff.render.rigs import framing_distance
+
+    az = np.arange(4) * 90.0
+    c2w = orbit_c2w(np.full(4, 15.0), az, framing_distance(40.0))
+    return torch.from_numpy(c2w).float(), az
+
+
+def sampler(cfg):
+    """The official DDIM sampler; with ``clip_x0`` the predicted x0 is clipped to the latent
+    range ([-1, 1], or [-2, 2] around white-at-0 latents in [-2, 0])."""
+    from diffusers import DDIMScheduler
+
+    from mvdiff.testing import ddim_scheduler
+
+    base = ddim_scheduler()
+    return DDIMScheduler.from_config(
+        base.config, prediction_type=cfg.prediction, clip_sample=cfg.clip_x0,
+        clip_sample_range=2.0 if cfg.white_zero else 1.0,
+    )  # fmt: skip
+
+
+def sample_views(cfg, unet, parts, prompts: list[str], seed: int) -> torch.Tensor:
+    """``[P, 4, 3, H, W]`` in [0, 1]: 4 views at azimuth 0/90/180/270, elevation 15."""
+    from mvdiff.pipelines import MVDreamPipeline
+
+    pipe = MVDreamPipeline(unet=unet, vae=parts["vae"], text_encoder=parts["text_encoder"],
+                           tokenizer=parts["tokenizer"], scheduler=parts["sampler"])  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        prompts, num_views=4, elevation=15.0, azimuth_start=0.0, height=cfg.image_size,
+        width=cfg.image_size, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance,
+        generator=torch.Generator().manual_seed(1000 + seed), output_type="pt",
+    )  # fmt: skip
+    images = out.images
+    return images.reshape(len(prompts), 4, *images.shape[1:])  # (P*4, 3, H, W) -> (P, 4, 3, H, W)
+
+
+def score_views(cfg, name: str, prompt: str, rgb: torch.Tensor, gt: dict | None, seed: int):
+    """evaluate_views (the `mvdiff eval` path) on in-memory views ``[4, 3, H, W]``."""
+    from mvdiff.eval.evaluate import evaluate_views
+    from mvdiff.sds.ref_views import estimate_alpha
+
+    c2w, _ = eval_cameras(cfg)
+    alpha, _ = estimate_alpha(rgb)
+    sample = {"name": name, "prompt": prompt, "rgb": rgb, "c2w": c2w,
+              "rgba": torch.cat([rgb, alpha], 1),  # (V, 3, H, W) + (V, 1, H, W) -> (V, 4, H, W)
+              "fov_deg": torch.full((4,), 40.0)}  # fmt: skip
+    rec, rows, _ = evaluate_views(sample, gt=gt, recon_steps=cfg.recon_steps,
+                                  holdout="one", seed=seed, recon_config=recon_config(cfg),
+                                  fit_all=False)  # fmt: skip
+    return rec, rows
+
+
+def recon_config(cfg):
+    """The reconstruction preset with fewer rays and samples per step (CPU budget): one fit
+    per object on views 0, 2, 3; view 1 held out."""
+    from mvdiff.sds.config import TextTo3DConfig
+
+    return TextTo3DConfig.reconstruction(ref_rays=cfg.recon_rays, samples=24)
+
+
+def gt_of(obj: dict) -> dict:
+    return {"uid": obj["uid"], "source": obj["shard"], "rgba": obj["rgba"], "c2w": obj["c2w"],
+            "fov_deg": obj["fov_deg"]}  # fmt: skip
+
+
+def metrics_of(rec: dict) -> dict:
+    m = {"consistency_psnr": rec["consistency"]["psnr"],
+         "consistency_psnr_holdout": rec["consistency"]["psnr_holdout"]}  # fmt: skip
+    if "gt" in rec:
+        m.update(gt_psnr=rec["gt"]["psnr"], gt_ssim=rec["gt"]["ssim"])
+    return m
+
+
+def mean_metrics(records: list[dict]) -> dict:
+    keys = records[0].keys()
+    return {k: statistics.fmean(r[k] for r in records) for k in keys}
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": [round(v, 4) for v in values]}  # fmt: skip
+
+
+# ---- the experiment ----------------------------------------------------------------------------
+def run(cfg: LearningCheckConfig) -> dict:
+    from mvdiff.eval.report import write_report
+    from mvdiff.testing import clip_tokenizer, ddim_scheduler, tiny_text_encoder
+
+    cfg.validate()
+    torch.set_num_threads(cfg.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    load_start = os.getloadavg()
+    timings = {}
+    tmp = None
+    if cfg.work_dir:
+        work = Path(cfg.work_dir)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="mvdiff-learning-check-")
+        work = Path(tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        say(f"work dir {work}")
+        t = time.perf_counter()
+        captions = make_objects(cfg, work / "objects")
+        shards = render(cfg, work, captions)
+        objects = read_shards(shards)
+        shard_2d = write_2d_shard(work / "photos" / "00000.tar", objects, cfg.object_seed)
+        timings["objects_render"] = time.perf_counter() - t
+        say(f"{len(objects)} objects rendered ({timings['objects_render']:.0f} s)")
+
+        tokenizer = clip_tokenizer()
+        text_encoder = tiny_text_encoder(2).eval().requires_grad_(False)
+        parts = {"vae": PatchVAE(cfg.patch, cfg.white_zero), "text_encoder": text_encoder,
+                 "tokenizer": tokenizer, "scheduler": ddim_scheduler(), "sampler": sampler(cfg),
+                 "prompts": PromptCache(tokenizer, text_encoder)}  # fmt: skip
+        eval_uids = sorted(objects)[: cfg.eval_objects]
+        prompts = [objects[u]["caption"] for u in eval_uids]
+        _, az = eval_cameras(cfg)
+        gt_index = [
+            int(round(a / (360.0 / cfg.render_views))) for a in az
+        ]  # orbit: view k at k*step
+        gts = {u: gt_of(objects[u]) for u in eval_uids}
+
+        # reference rows: the renders (ceiling) and views of 4 different objects (floor)
+        t = time.perf_counter()
+        refs = {"renders": [], "four_objects": []}
+        strips = {}
+        all_uids = sorted(objects)
+        for k, u in enumerate(eval_uids):
+            gt_rgb = gts[u]["rgba"][gt_index]
+            gt_rgb = gt_rgb[:, :3] * gt_rgb[:, 3:] + (1 - gt_rgb[:, 3:])  # over white
+            rec, rows = score_views(cfg, f"renders-{u}", prompts[k], gt_rgb, gts[u], 0)
+            refs["renders"].append(metrics_of(rec))
+            strips[f"renders-{u}"] = rows
+            others = [all_uids[(all_uids.index(u) + j) % len(all_uids)] for j in range(4)]
+            mixed = torch.stack([objects[o]["rgba"][gt_index[j]] for j, o in enumerate(others)])
+            mixed = mixed[:, :3] * mixed[:, 3:] + (1 - mixed[:, 3:])
+            rec, rows = score_views(cfg, f"four-objects-{u}", prompts[k], mixed, gts[u], 0)
+            refs["four_objects"].append(metrics_of(rec))
+            strips[f"four-objects-{u}"] = rows
+        timings["reference_rows"] = time.perf_counter() - t
+        references = {k: mean_metrics(v) for k, v in refs.items()}
+
+        runs = {v: [] for v in cfg.variants}
+        train_s = eval_s = 0.0
+        for seed in cfg.seeds:
+            for variant in cfg.variants:
+                t = time.perf_counter()
+                trained = train_variant(cfg, variant, seed, shards, shard_2d, parts)
+                train_s += time.perf_counter() - t
+                t = time.perf_counter()
+                with torch.no_grad():
+                    views = sample_views(cfg, trained["unet"], parts, prompts, seed)
+                recs = []
+                for k, u in enumerate(eval_uids):
+                    name = f"{variant}-s{seed}-{u}"
+                    rec, rows = score_views(cfg, name, prompts[k], views[k], gts[u], seed)
+                    recs.append(metrics_of(rec))
+                    strips[name] = rows
+                eval_s += time.perf_counter() - t
+                m = mean_metrics(recs)
+                m["final_loss"] = trained["final_loss"]
+                runs[variant].append(m)
+                say(f"{variant} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
+        timings["train"], timings["sample_eval"] = train_s, eval_s
+
+        variants = {v: {k: spread([r[k] for r in rs]) for k in rs[0]} for v, rs in runs.items()}
+        seconds = time.perf_counter() - t0
+        result = {
+            "benchmark": "learning_check",
+            "quick": cfg.quick,
+            "variants": variants,
+            "references": references,
+            "seconds": round(seconds, 1),
+            "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+            "load_average_start": [round(x, 2) for x in load_start],
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "torch_threads": torch.get_num_threads(),
+            "config": asdict(cfg),
+        }
+        if cfg.work_dir:
+            write_report(work / "report", {"summary": {}, "samples": []}, strips)
+            result["report"] = str(work / "report" / "report.html")
+        return result
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def markdown_table(result: dict) -> str:
+    cols = [("consistency_psnr", "recon. PSNR (all views) dB"),
+            ("consistency_psnr_holdout", "recon. PSNR (held-out view) dB"),
+            ("gt_psnr", "GT PSNR dB"), ("gt_ssim", "GT SSIM")]  # fmt: skip
+    head = "| model | " + " | ".join(c[1] for c in cols) + " | final loss |"
+    lines = [head, "|" + "---|" * (len(cols) + 2)]
+    n = len(result["config"]["seeds"])
+    for v, stats in result["variants"].items():
+        cells = [f"{stats[k]['mean']:.2f} ± {stats[k]['std']:.2f}" if k != "gt_ssim"
+                 else f"{stats[k]['mean']:.3f} ± {stats[k]['std']:.3f}" for k, _ in cols]  # fmt: skip
+        loss = stats["final_loss"]
+        lines.append(f"| {v} ({n} seeds) | " + " | ".join(cells)
+                     + f" | {loss['mean']:.4f} ± {loss['std']:.4f} |")  # fmt: skip
+    for name, label in (("renders", "ground-truth renders (ceiling)"),
+                        ("four_objects", "4 views of 4 different objects (floor)")):  # fmt: skip
+        m = result["references"][name]
+        cells = [f"{m[k]:.2f}" if k != "gt_ssim" else f"{m[k]:.3f}" for k, _ in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " | — |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="smoke run: few objects/steps, one seed")
+    p.add_argument("--work-dir", default="", help="keep renders, report and data here "
+                   "(re-runs reuse the renders); default: a temporary folder")  # fmt: skip
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a LearningCheckConfig value, e.g. --set steps=600")  # fmt: skip
+    args = p.parse_args(argv)
+    base = LearningCheckConfig.quick_preset() if args.quick else LearningCheckConfig()
+    base.work_dir = args.work_dir
+    try:
+        cfg = apply_overrides(base, args.overrides).validate()
+    except UserError as e:
+        print(f"learning_check: error: {e}", file=sys.stderr)
+        return 2
+    print(dump_config(cfg), file=sys.stderr, flush=True)
+    result = run(cfg)
+    print(markdown_table(result))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
