@@ -1,6 +1,6 @@
 """Run the benchmarks and write the table that README shows.
 
-    python benchmarks/run_all.py                      # the quick set (~10 CPU-minutes)
+    python benchmarks/run_all.py                      # the quick set (~15 minutes on 2 cores)
     python benchmarks/run_all.py --full               # every script at its default size
     python benchmarks/run_all.py --only data train    # some of them
     python benchmarks/run_all.py --readme README.md   # also replace README's table
@@ -144,7 +144,7 @@ BENCHES = [
     Bench(
         "bench_sample.py",
         "4 views at 256², full-size UNet, DDIM 50 vs DPM-Solver++ 20",
-        None,
+        ("--measure-steps", "2"),
         (),
         _sample,
     ),
