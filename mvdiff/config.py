@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import yaml
 
 from mvdiff.errors import UserError
+from mvdiff.io import write_text
 
 T = TypeVar("T")
 
@@ -203,8 +204,4 @@ def dump_config(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump_config(cfg))
-    tmp.replace(path)
+    write_text(path, dump_config(cfg))

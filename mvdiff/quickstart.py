@@ -53,6 +53,7 @@ from pathlib import Path
 
 from mvdiff.config import config_to_dict, dump_config, save_config
 from mvdiff.errors import UserError
+from mvdiff.io import atomic_write, save_image, write_text
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PHOTOS_DIR = PACKAGE_DIR / "resources" / "photos"
@@ -159,25 +160,6 @@ class QuickstartConfig:
 
 
 # ---- small helpers ------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)``, then rename onto ``path`` (no half-written file is ever visible)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def _save_png(path: Path, image) -> None:
-    _atomic_write(path, lambda p: image.save(p, format="PNG"))
-
-
 def _say(msg: str) -> None:
     print(f"[quickstart] {msg}", flush=True)
 
@@ -243,7 +225,7 @@ class _Run:
         return json.loads(marker.read_text()) if marker.exists() else None
 
     def mark(self, stage: str, record: dict) -> None:
-        _write_text(self.state / f"{stage}.json", json.dumps(record, indent=1) + "\n")
+        write_text(self.state / f"{stage}.json", json.dumps(record, indent=1) + "\n")
 
     def close(self) -> None:
         self._lock.close()
@@ -285,7 +267,7 @@ def stage_render(cfg: QuickstartConfig, out: Path) -> dict:
             w.writerow(["uid", "caption"])
             w.writerows(ASSET_CAPTIONS.items())
 
-    _atomic_write(captions, write_captions)
+    atomic_write(captions, write_captions)
     r = cfg.render
     rcfg = RenderConfig(
         inputs=asset_inputs(cfg), output=str(folder), captions=str(captions), views=r.views,
@@ -343,7 +325,7 @@ def stage_photos(cfg: QuickstartConfig, out: Path) -> dict:
                     info.size, info.mtime, info.mode = len(payload), 0, 0o644
                     tar.addfile(info, io.BytesIO(payload))
 
-    _atomic_write(shard, write)
+    atomic_write(shard, write)
     return {"shard": str(shard), "images": len(captions)}
 
 
@@ -428,7 +410,7 @@ def loss_curve_png(log_path: Path, out_path: Path, size=(640, 360)) -> int:
             d.line(pts, fill=(200, 40, 40), width=2)
         for x, y in pts:
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(200, 40, 40))
-    _save_png(out_path, im)
+    save_image(out_path, im)
     return len(points)
 
 
@@ -455,13 +437,13 @@ def stage_sample(cfg: QuickstartConfig, out: Path, model: str) -> dict:
     views = []
     for v, image in enumerate(images):
         path = folder / f"view_{v:02d}.png"
-        _save_png(path, image)
+        save_image(path, image)
         views.append(str(path))
     grid = Image.fromarray(np.concatenate([np.asarray(im.convert("RGB")) for im in images], 1))
-    _save_png(folder / "grid.png", grid)
+    save_image(folder / "grid.png", grid)
     big = grid.resize((grid.width * 4, grid.height * 4), Image.Resampling.NEAREST)
-    _save_png(out / "samples.png", big)
-    _atomic_write(
+    save_image(out / "samples.png", big)
+    atomic_write(
         folder / "turntable.gif",
         lambda p: images[0].save(
             p, format="GIF", save_all=True, append_images=images[1:], duration=400, loop=0
@@ -576,7 +558,7 @@ summary: <a href="summary.json">summary.json</a></p>
 </body></html>
 """
     path = out / "index.html"
-    _write_text(path, page)
+    write_text(path, page)
     return path
 
 
@@ -631,7 +613,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
             **records,
         }
-        _write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+        write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     finally:
         run.close()
     _print_summary(summary)

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from mvdiff.errors import UserError
+from mvdiff.io import save_image, write_json
 
 SETTINGS_FORMAT = "mvdiff-sample/1"
 
@@ -166,18 +167,6 @@ def resolve_device(s: SampleSettings) -> tuple[str, str]:
     return device, dtype
 
 
-def _atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file to ``path``."""
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _versions() -> dict:
     import importlib.metadata
     import platform
@@ -276,18 +265,20 @@ def run(args: argparse.Namespace) -> int:
     files = []
     for v, image in enumerate(images):
         name = f"view_{v:02d}.png"
-        _atomic(out / name, lambda p, im=image: im.save(p, format="PNG"))
+        save_image(out / name, image)
         files.append(name)
     grid = PIL.Image.fromarray(np.concatenate([np.asarray(im) for im in images], axis=1))
-    _atomic(out / "grid.png", lambda p: grid.save(p, format="PNG"))
-    _atomic(
+    save_image(out / "grid.png", grid)
+    save_image(
         out / "turntable.gif",
-        lambda p: images[0].save(
-            p, format="GIF", save_all=True, append_images=images[1:], duration=400, loop=0
-        ),
+        images[0],
+        save_all=True,
+        append_images=images[1:],
+        duration=400,
+        loop=0,
     )
     cameras = cameras_record(s, result.cameras)
-    _atomic(out / "cameras.json", lambda p: p.write_text(json.dumps(cameras, indent=2) + "\n"))
+    write_json(out / "cameras.json", cameras)
     files += ["grid.png", "turntable.gif", "cameras.json"]
 
     resolved = dataclasses.replace(s, device=device, dtype=dtype_name)
@@ -301,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": {"load": round(t1 - t0, 3), "sample": round(sample_seconds, 3)},
         "files": files,
     }
-    _atomic(out / "settings.json", lambda p: p.write_text(json.dumps(settings, indent=2) + "\n"))
+    write_json(out / "settings.json", settings)
     print(f"wrote {len(images)} views, grid.png, turntable.gif to {out} "
           f"({sample_seconds:.1f} s sampling)")  # fmt: skip
     return 0

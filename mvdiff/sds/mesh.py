@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mvdiff.io import atomic_write
+
 __all__ = ["Z_UP_TO_Y_UP", "export_mesh", "extract_mesh", "marching_tetrahedra", "to_trimesh"]
 
 _CORNERS = np.array([[(i >> 0) & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)])
@@ -134,7 +136,6 @@ def export_mesh(mesh, path) -> Path:
     if kind not in ("glb", "obj", "ply"):
         raise ValueError(f"{path}: mesh format must be .glb, .obj or .ply")
     data = mesh.export(file_type=kind)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-    tmp.replace(path)
-    return path
+    return atomic_write(
+        path, lambda p: p.write_bytes(data if isinstance(data, bytes) else data.encode())
+    )

@@ -16,7 +16,6 @@ Every file is written under a temporary name and renamed.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from mvdiff.cameras import orbit_c2w, sample_sds_group
 from mvdiff.errors import UserError
+from mvdiff.io import save_image, write_json
 from mvdiff.sds.config import TextTo3DConfig
 from mvdiff.sds.guidance import MultiViewSDS
 from mvdiff.sds.loop import FitState, render_size, run_steps
@@ -85,12 +85,6 @@ class SDSTerm:
         return res["loss"], res["t"]
 
 
-def _atomic_save_image(path: Path, img, **kw) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format=path.suffix.lstrip(".").upper(), **kw)
-    tmp.replace(path)
-
-
 def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
     arr = rgb.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (V, 3, H, W) -> (V, H, W, 3)
     return (arr * 255 + 0.5).astype(np.uint8)
@@ -112,15 +106,15 @@ def export_outputs(fit: FitState, config: TextTo3DConfig, output: Path) -> dict:
     c2w = torch.from_numpy(orbit_c2w(np.full(4, 15.0), np.arange(4) * 90.0, dist)).float()
     views = _to_uint8(render(fld, c2w, 40.0, size, s, background=bg)["rgb"])
     for i, arr in enumerate(views):
-        _atomic_save_image(output / f"view_{i:02d}.png", Image.fromarray(arr))
-    _atomic_save_image(output / "views.png", Image.fromarray(np.concatenate(list(views), 1)))
+        save_image(output / f"view_{i:02d}.png", Image.fromarray(arr))
+    save_image(output / "views.png", Image.fromarray(np.concatenate(list(views), 1)))
 
     n = max(int(config.turntable_frames), 1)
     az = np.arange(n) * (360.0 / n)
     c2w = torch.from_numpy(orbit_c2w(np.full(n, 15.0), az, dist)).float()
     frames = torch.cat([render(fld, c, 40.0, size, s, background=bg)["rgb"] for c in c2w.split(4)])
     imgs = [Image.fromarray(a) for a in _to_uint8(frames)]
-    _atomic_save_image(
+    save_image(
         output / "turntable.gif",
         imgs[0],
         save_all=True,
@@ -134,12 +128,6 @@ def export_outputs(fit: FitState, config: TextTo3DConfig, output: Path) -> dict:
     for name in ("mesh.glb", "mesh.obj", "mesh.ply"):
         export_mesh(mesh, output / name)
     return {"vertices": int(len(verts)), "faces": int(len(faces))}
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def text_to_3d(
@@ -175,7 +163,7 @@ def text_to_3d(
         fit.load_state_dict(state)
         start = int(state["step"])
         log(f"resumed from {ckpt_path} at step {start}")
-    _write_json(output / "config.json", config.to_dict())
+    write_json(output / "config.json", config.to_dict())
 
     sds = None
     if config.sds_weight > 0:
@@ -212,5 +200,5 @@ def text_to_3d(
         **counts, "render_size": render_size(config, max(config.steps - 1, 0)),
         "seconds": round(time.time() - t0, 2),
     }  # fmt: skip
-    _write_json(output / "summary.json", summary)
+    write_json(output / "summary.json", summary)
     return summary

@@ -34,6 +34,7 @@ import torch
 
 from mvdiff.data.shards import make_seed
 from mvdiff.errors import UserError
+from mvdiff.io import write_text
 from mvdiff.training.validation import render_views
 
 log = logging.getLogger("mvdiff.dreambooth")
@@ -225,7 +226,7 @@ def generate_class_images(
     meta = {"prompt": prompt, "num_views": prior.num_views, "elevation": prior.elevation,
             "steps": prior.steps, "guidance_scale": prior.guidance_scale,
             "resolution": resolution, "seed": seed}  # fmt: skip
-    _write_atomic(folder / "meta.json", json.dumps(meta, indent=1) + "\n")
+    write_text(folder / "meta.json", json.dumps(meta, indent=1) + "\n")
     unet, vae = components.unet, components.vae
     was_training = unet.training
     unet.eval()
@@ -249,7 +250,7 @@ def generate_class_images(
             os.replace(tmp, png)
             record = {"index": i, "prompt": prompt, "azimuth_start": azimuth,
                       "elevation": prior.elevation, "cameras": np.asarray(cameras).tolist()}  # fmt: skip
-            _write_atomic(info, json.dumps(record) + "\n")
+            write_text(info, json.dumps(record) + "\n")
     finally:
         unet.train(was_training)
     return len(missing)
@@ -269,12 +270,6 @@ def load_class_images(folder: Path, num_objects: int, num_views: int, caption: s
         pixels.append(torch.from_numpy(views.transpose(1, 3, 0, 2).copy()))  # -> (V, 3, H, W)
         cameras.append(torch.tensor(json.loads(info.read_text())["cameras"], dtype=torch.float32))
     return ClassImages(torch.stack(pixels), torch.stack(cameras), caption, folder)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---- batches ------------------------------------------------------------------------------
