@@ -61,7 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="report folder")
     for flag, (field, tp, help_) in _FLAGS.items():
         if tp == "list":
-            p.add_argument(flag, dest=field, nargs="+", default=None, help=help_)
+            p.add_argument(flag, dest=field, action="append", default=None,
+                           help=help_ + " (repeat the flag for several)")  # fmt: skip
         else:
             p.add_argument(flag, dest=field, type=tp, default=None, help=help_)
     p.add_argument("--allow-download", action="store_true",
