@@ -1,33 +1,22 @@
 """The evaluation report: ``results.json``, one PNG strip per sample (generated views, the
 reconstruction's renders at the same cameras, ground truth when given) and ``report.html``
-(plus ``report.png``: every strip stacked). Files are written under a temporary name and
-renamed."""
+(plus ``report.png``: every strip stacked). Files are written atomically (:mod:`mvdiff.io`)."""
 
 from __future__ import annotations
 
 import html
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "strip_image", "write_report"]
+from mvdiff.io import save_image, write_text
+
+__all__ = ["json_safe", "strip_image", "write_json", "write_report"]
 
 TILE = 128  # pixels per view in the strips (nearest-neighbour upscaling of small views)
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)``, then rename onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def json_safe(x):
@@ -41,8 +30,7 @@ def json_safe(x):
 
 
 def write_json(path: Path, data: dict) -> None:
-    text = json.dumps(json_safe(data), indent=1, allow_nan=False) + "\n"
-    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    write_text(path, json.dumps(json_safe(data), indent=1, allow_nan=False) + "\n")
 
 
 def _tiles(images: torch.Tensor, tile: int) -> np.ndarray:
@@ -90,7 +78,7 @@ def write_report(out: Path, results: dict, strips: dict[str, list]) -> dict:
     for name, rows in strips.items():
         im = strip_image(rows)
         p = out / "strips" / f"{name}.png"
-        atomic_write(p, lambda t, im=im: im.save(t, format="PNG"))
+        save_image(p, im)
         images[name] = im
     if images:
         ims = list(images.values())[:32]
@@ -99,7 +87,7 @@ def write_report(out: Path, results: dict, strips: dict[str, list]) -> dict:
         for i in ims:
             sheet.paste(i, (0, y))
             y += i.height
-        atomic_write(out / "report.png", lambda t: sheet.save(t, format="PNG"))
+        save_image(out / "report.png", sheet)
         paths["png"] = str(out / "report.png")
     write_json(out / "results.json", results)
 
@@ -139,5 +127,5 @@ given. Full numbers: <a href="results.json">results.json</a>.</p>
 {"".join(body)}
 </body></html>
 """
-    atomic_write(out / "report.html", lambda t: t.write_text(page, encoding="utf-8"))
+    write_text(out / "report.html", page)
     return paths
