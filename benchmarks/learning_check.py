@@ -25,7 +25,14 @@
    (the floor).
 
 Prints a markdown table (mean ± std over seeds) and, last, one JSON line. ``--quick`` is a
-smoke run (a few objects, few steps, one seed; minutes, not meaningful numbers).
+smoke run (a few objects, few steps, one seed; under a minute, not meaningful numbers).
+
+Budget and what to expect (2 shared CPU cores, one torch thread): the default run (3 seeds x
+3 variants x 300 steps) takes ~18 minutes, and at 300 steps no variant draws the objects yet
+(every row sits below the "4 different objects" floor), so it cannot separate the variants.
+``--set steps=1000`` (~4-5 minutes per model) is where the models start to differ; an
+honest demonstration needs a 2D-pretrained start (MVDream fine-tunes Stable Diffusion) and
+far more steps than a CPU affords.
 
     python benchmarks/learning_check.py [--quick] [--work-dir DIR] [--set key=value ...]
 """
