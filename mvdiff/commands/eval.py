@@ -33,8 +33,8 @@ _FLAGS = {
     "--seed": ("seed", int, "seed of the fits and KID subsets (default 0)"),
     "--clip": ("clip", str, "local CLIPModel folder (save_pretrained layout) for the CLIP score"),
     "--inception": ("inception", str, "local feature network for FID/KID: TorchScript file, "
-                    "inception_v3 state dict (needs torchvision) or pickled nn.Module "
-                    "(--allow-pickle); 'torchvision' downloads (--allow-download)"),
+                    "or inception_v3 state dict (needs torchvision); 'torchvision' "
+                    "downloads (--allow-download)"),
     "--fid-reference": ("fid_reference", "list", "reference images for FID/KID (folders or "
                         "tars; default: the ground-truth views)"),
     "--feature-size": ("feature_size", int, "images are resized to this before the feature "
@@ -67,8 +67,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, dest=field, type=tp, default=None, help=help_)
     p.add_argument("--allow-download", action="store_true",
                    help="allow fetching CLIP / Inception weights from the internet")  # fmt: skip
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow loading a pickled nn.Module for --inception (runs its code)")  # fmt: skip
     p.add_argument("--config", default=None, help="YAML file of EvalConfig values")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")  # fmt: skip
@@ -106,7 +104,6 @@ def build_config(args: argparse.Namespace):
     cfg.samples = expand_samples(args.samples)
     cfg.output = args.output
     cfg.allow_download = cfg.allow_download or args.allow_download
-    cfg.allow_pickle = cfg.allow_pickle or args.allow_pickle
     return apply_overrides(cfg, [], where="flags").validate()  # re-checks types
 
 

@@ -50,7 +50,6 @@ class EvalConfig:
     kid_subset_size: int = 1000
     kid_subsets: int = 100
     allow_download: bool = False
-    allow_pickle: bool = False
     #: torch intra-op threads (1 is fastest for these small fits on a shared CPU)
     threads: int = 1
 
@@ -187,7 +186,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
             from mvdiff.eval.features import load_feature_extractor
 
             extractor = load_feature_extractor(
-                cfg.inception, allow_download=cfg.allow_download, allow_pickle=cfg.allow_pickle,
+                cfg.inception, allow_download=cfg.allow_download,
                 size=cfg.feature_size, input_mode=cfg.feature_input,
             )  # fmt: skip
 

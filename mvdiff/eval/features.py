@@ -5,8 +5,9 @@ unless ``allow_download``):
   ``transformers.CLIPModel`` from a local folder (``save_pretrained`` layout).
 * :func:`load_feature_extractor` — image features for FID/KID from a local file:
   a TorchScript module (``torch.jit.save``; e.g. the Inception feature networks distributed
-  for FID), a torchvision ``inception_v3`` state dict (needs torchvision), or a pickled
-  ``nn.Module`` (``torch.save(model)``; runs pickle code, so only with ``allow_pickle``).
+  for FID) or a torchvision ``inception_v3`` state dict (safetensors, or ``torch.save`` of
+  tensors loaded with ``weights_only=True``; needs torchvision). Pickled modules are refused:
+  loading one runs arbitrary code — convert it with ``torch.jit.script`` / ``torch.jit.save``.
 
 Images everywhere are float ``[N, 3, H, W]`` in [0, 1].
 """
@@ -182,7 +183,6 @@ def load_feature_extractor(
     spec: str,
     *,
     allow_download: bool = False,
-    allow_pickle: bool = False,
     size: int = 299,
     input_mode: str = "auto",
     flag: str = "--inception",
@@ -223,26 +223,25 @@ def load_feature_extractor(
         return make(net, "torchvision-inception", "torchvision inception_v3 (ImageNet)")
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise UserError(f"{flag} {spec}: no such file (a TorchScript feature network, an "
-                        "inception_v3 state dict or a pickled nn.Module)")  # fmt: skip
+        raise UserError(f"{flag} {spec}: no such file (a TorchScript feature network or an "
+                        "inception_v3 state dict)")  # fmt: skip
     try:
         return make(torch.jit.load(str(path), map_location="cpu"), "torchscript", str(path))
     except (RuntimeError, ValueError):
-        pass  # not TorchScript: a state dict or a pickled module
+        pass  # not TorchScript: a state dict
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as safe_error:  # noqa: BLE001 - pickle errors come in many types
-        if not allow_pickle:
-            raise UserError(
-                f"{flag} {path}: not TorchScript and not a plain state dict; if it is a pickled "
-                f"nn.Module you trust, pass --allow-pickle ({type(safe_error).__name__})"
-            ) from None
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"{flag} {path}: cannot load ({type(e).__name__}: {e})") from None
-    if isinstance(obj, torch.nn.Module):
-        return make(obj, "module", str(path))
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        raise UserError(
+            f"{flag} {path}: not TorchScript and not a plain state dict ({type(e).__name__}); "
+            "a pickled nn.Module is not loaded (it could run code): save it with "
+            "torch.jit.save(torch.jit.script(model), PATH)"
+        ) from None
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return make(
             _torchvision_inception(obj, str(path), flag), "torchvision-inception", str(path)
