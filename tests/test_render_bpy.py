@@ -247,6 +247,27 @@ def test_workers_are_recycled():
     assert handle.starts == 2 and pids[0] == pids[1] != pids[2]
 
 
+def test_a_one_thread_worker_uses_one_core():
+    """Blender sizes its task scheduler to the CPUs visible at start-up; a worker that saw them
+    all kept an idle scheduler thread spinning beside its one render thread (CPU = 2x wall)."""
+    from mvdiff.render.pool import WorkerHandle, run_job, worker_options
+    from mvdiff.render.rigs import make_rig
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to show a second busy thread")
+    cfg = RenderConfig(output="unused", views=4, resolution=128, samples=32)
+    assert cfg.threads_per_worker == 1
+    handle = WorkerHandle(worker_options(cfg), timeout=120, startup_timeout=120, recycle_every=5)
+    rig = make_rig(cfg, "monkey")
+    job = {"uid": "monkey", "path": str(ASSETS / "monkey.glb"), "c2w": rig["c2w"].tolist(),
+           "fov_deg": rig["fov_deg"]}  # fmt: skip
+    answer = run_job(handle, job)
+    handle.close()
+    assert answer["ok"], answer
+    cpu, wall = sum(answer["view_cpu"]), sum(answer["view_wall"])
+    assert cpu / wall < 1.3, f"{cpu:.2f} CPU-s in {wall:.2f} s wall: more than one busy thread"
+
+
 def test_broken_assets_fail_with_a_reason_while_others_render(tmp_path, monkeypatch):
     bad = tmp_path / "inputs"
     bad.mkdir()

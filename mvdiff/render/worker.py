@@ -45,9 +45,19 @@ def main() -> None:
         proto.write(json.dumps(msg) + "\n")
         proto.flush()
 
+    # Blender sizes its task scheduler (TBB) to the CPUs it may run on when it starts. With
+    # all cores visible, a worker rendering with `threads` Cycles threads still keeps an idle
+    # TBB worker spinning on every other core: ~2x the CPU time for the same wall time on a
+    # 2-core machine. So bpy starts while this process may use only `threads` CPUs, and the
+    # full set is given back afterwards (the OS still places the render threads anywhere).
+    allowed = os.sched_getaffinity(0)
+    threads = max(1, int(opts.get("threads", 1)))
+    if threads < len(allowed):
+        os.sched_setaffinity(0, sorted(allowed)[:threads])
     from mvdiff.render.scene import AssetError, Scene
 
     scene = Scene(opts)
+    os.sched_setaffinity(0, allowed)
     send({"ready": True, "pid": os.getpid()})
     hang = os.environ.get("MVDIFF_RENDER_TEST_HANG", "")
     for line in sys.stdin:
