@@ -207,9 +207,16 @@ def main() -> None:
             configs[f"spp32_denoise_{passes.lower()}"] = RenderConfig(
                 resolution=args.resolution, output="unused", views=views, denoise_passes=passes
             )
+    # Adaptive sampling from other minimum sample counts (0 = Cycles' automatic 40: off at 32).
+    for amin in (0, 4, 16):
+        if amin != default.adaptive_min_samples:
+            configs[f"spp32_denoise_amin{amin}"] = RenderConfig(
+                resolution=args.resolution, output="unused", views=views, adaptive_min_samples=amin
+            )
     configs[REFERENCE] = RenderConfig(
         resolution=args.resolution, output="unused", views=views, samples=256,
         denoise_quality="HIGH", denoise_passes="RGB_ALBEDO_NORMAL", denoise_prefilter="ACCURATE",
+        adaptive_min_samples=0,
     )  # fmt: skip
     stats = run_settings(configs, rounds=args.repeats)
     ref = stats[f"spp{default.samples}_{'denoise' if default.denoise else 'raw'}"]
@@ -234,7 +241,8 @@ def main() -> None:
         "default_recipe": {"views": 32, "samples": default.samples, "denoise": default.denoise,
                            "denoise_quality": default.denoise_quality,
                            "denoise_passes": default.denoise_passes,
-                           "noise_threshold": default.noise_threshold},
+                           "noise_threshold": default.noise_threshold,
+                           "adaptive_min_samples": default.adaptive_min_samples},
         "cpu_s_per_view": round(ref["per_view"], 3),
         "cpu_s_per_view_median_all_renders": round(ref["per_view_all"], 3),
         "cpu_s_per_view_p10_p90_all_renders": ref["per_view_p10_p90"],

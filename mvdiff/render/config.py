@@ -48,10 +48,12 @@ class RenderConfig:
     )
     denoise_passes: str = "RGB_ALBEDO"  # RGB | RGB_ALBEDO | RGB_ALBEDO_NORMAL (denoiser guides)
     denoise_prefilter: str = "FAST"  # NONE | FAST | ACCURATE (of the albedo/normal guides)
-    # Cycles adaptive sampling: stop a pixel at this noise level. Cycles only starts checking
-    # after ceil(16 / threshold^0.3) samples (40 at 0.05), so at 32 samples it never triggers;
-    # it pays off at 64+ samples.
+    # Cycles adaptive sampling: stop a pixel once its noise is below `noise_threshold`,
+    # checked from `adaptive_min_samples` on. Cycles' automatic minimum (0 here) is
+    # ceil(16 / threshold^0.3) = 40 at 0.05, so at 32 samples it would never trigger; from 8
+    # on, flat and converged pixels stop early and the denoiser cleans the rest.
     noise_threshold: float = 0.05
+    adaptive_min_samples: int = 8  # 0 = Cycles' automatic minimum
     max_bounces: int = 4
     tuned: bool = True  # our fast Cycles settings; false = Blender's stock ones (baseline)
     world_strength: float = 1.0  # uniform white environment = even lighting
@@ -94,6 +96,8 @@ class RenderConfig:
             bad("views", f"must be >= 1, got {self.views}")
         if not 8 <= self.resolution <= 8192:
             bad("resolution", f"must be in [8, 8192], got {self.resolution}")
+        if self.adaptive_min_samples < 0:
+            bad("adaptive_min_samples", f"must be >= 0, got {self.adaptive_min_samples}")
         if self.samples < 1:
             bad("samples", f"must be >= 1, got {self.samples}")
         if self.denoise_quality not in ("HIGH", "BALANCED", "FAST"):

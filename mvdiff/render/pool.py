@@ -46,6 +46,7 @@ def worker_options(cfg) -> dict:
         "denoise_passes": cfg.denoise_passes,
         "denoise_prefilter": cfg.denoise_prefilter,
         "noise_threshold": cfg.noise_threshold,
+        "adaptive_min_samples": cfg.adaptive_min_samples,
         "max_bounces": cfg.max_bounces,
         "world_strength": cfg.world_strength,
         "sun_strength": cfg.sun_strength,

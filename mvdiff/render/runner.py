@@ -75,8 +75,9 @@ class _Output:
 RECIPE_FIELDS = (
     "rig", "views", "elevation_range", "fov_range", "distance_factor_range", "elevations",
     "azimuths", "fov", "distance_factor", "seed", "resolution", "engine", "samples", "denoise",
-    "denoise_quality", "denoise_passes", "denoise_prefilter", "noise_threshold", "max_bounces",
-    "tuned", "world_strength", "sun_strength", "depth", "normal",
+    "denoise_quality", "denoise_passes", "denoise_prefilter", "noise_threshold",
+    "adaptive_min_samples", "max_bounces", "tuned", "world_strength", "sun_strength", "depth",
+    "normal",
 )  # fmt: skip
 
 

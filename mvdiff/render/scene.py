@@ -66,6 +66,7 @@ class Scene:
         if tuned:  # tuned=False keeps Blender's stock Cycles settings (a benchmark baseline)
             cy.use_adaptive_sampling = True  # stop converged pixels (background, flat areas)
             cy.adaptive_threshold = float(opts["noise_threshold"])
+            cy.adaptive_min_samples = int(opts.get("adaptive_min_samples", 0))
             # Albedo guided, fast prefilter: ~0.15 s at 256^2 instead of ~2 s for the
             # default three-pass "accurate" prefilter, with no visible loss on objects.
             cy.denoising_input_passes = opts.get("denoise_passes", "RGB_ALBEDO")
