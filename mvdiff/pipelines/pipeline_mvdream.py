@@ -37,6 +37,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from mvdiff.cameras import get_camera
 from mvdiff.errors import UserError
+from mvdiff.pipelines.winograd import use_winograd_convs
 
 #: Appended to every prompt by default, as in the official MVDream script and training.
 DEFAULT_PROMPT_SUFFIX = ", 3d asset"
@@ -85,6 +86,9 @@ class MVDreamPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    # Decode on CPU in float32 with NNPACK's Winograd 3x3 convolutions (~1e-5 relative
+    # difference, ~2x faster); set to False for PyTorch's own convolutions.
+    winograd_decode = True
     _callback_tensor_inputs = ["latents"]
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
@@ -215,6 +219,9 @@ class MVDreamPipeline(DiffusionPipeline):
         ``chunk_size`` views at a time to bound the VAE's activation memory."""
         scale = self.vae.config.scaling_factor
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        if self.vae.device.type == "cpu" and self.vae.dtype == torch.float32:
+            # ~2x faster decode on CPU (mvdiff.pipelines.winograd); False = oneDNN convs
+            use_winograd_convs(self.vae.decoder, self.winograd_decode)
         images = []
         for chunk in latents.split(chunk_size):
             z = chunk.to(dtype=self.vae.dtype) / scale + shift
