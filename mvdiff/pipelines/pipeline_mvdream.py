@@ -219,9 +219,14 @@ class MVDreamPipeline(DiffusionPipeline):
         ``chunk_size`` views at a time to bound the VAE's activation memory."""
         scale = self.vae.config.scaling_factor
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        if self.vae.device.type == "cpu" and self.vae.dtype == torch.float32:
+        decoder = getattr(self.vae, "decoder", None)  # None: a VAE-like module without one
+        if (
+            decoder is not None
+            and self.vae.device.type == "cpu"
+            and self.vae.dtype == torch.float32
+        ):
             # ~2x faster decode on CPU (mvdiff.pipelines.winograd); False = oneDNN convs
-            use_winograd_convs(self.vae.decoder, self.winograd_decode)
+            use_winograd_convs(decoder, self.winograd_decode)
         images = []
         for chunk in latents.split(chunk_size):
             z = chunk.to(dtype=self.vae.dtype) / scale + shift
