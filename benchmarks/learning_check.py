@@ -95,6 +95,8 @@ class LearningCheckConfig:
     #: model_channels must be >= 3 patch² or the first conv cannot pass the input through
     patch: int = 2
     model_channels: int = 32
+    #: UNet levels with attention (1: 16² latents, 2: 8²); views are joined at these levels
+    attention_resolutions: list[int] = field(default_factory=lambda: [2])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     steps: int = 800
@@ -105,6 +107,8 @@ class LearningCheckConfig:
     caption_dropout: float = 0.1
     #: rendered objects whose captions are sampled and scored (the first N)
     eval_objects: int = 6
+    #: 4-view samples per evaluation caption (different noise), each scored
+    eval_samples: int = 1
     sample_steps: int = 20
     guidance: float = 3.0
     #: latents with white (the background) at 0 instead of 1
@@ -145,6 +149,8 @@ class LearningCheckConfig:
             raise UserError("patch must be a power of two dividing image_size")
         if self.eval_objects > self.objects or self.eval_objects < 1:
             raise UserError(f"eval_objects must be in [1, objects={self.objects}]")
+        if self.eval_samples < 1:
+            raise UserError(f"eval_samples must be >= 1, got {self.eval_samples}")
         if self.render_views % 4:
             raise UserError("render_views must be a multiple of 4 (views 90° apart)")
         return self
@@ -405,7 +411,8 @@ def build_unet(cfg: LearningCheckConfig, variant: str, seed: int):
     ch = 3 * cfg.patch**2
     unet = tiny_unet(
         seed, camera=variant != "no_camera", in_channels=ch, out_channels=ch,
-        channel_mult=[1, 2], attention_resolutions=[2], num_res_blocks=1,
+        channel_mult=[1, 2], attention_resolutions=list(cfg.attention_resolutions),
+        num_res_blocks=1,
         model_channels=cfg.model_channels, num_head_channels=16,
     )  # fmt: skip
     if variant == "no_3d_attention":
@@ -531,7 +538,8 @@ def sampler(cfg):
 
 
 def sample_views(cfg, unet, parts, prompts: list[str], seed: int) -> torch.Tensor:
-    """``[P, 4, 3, H, W]`` in [0, 1]: 4 views at azimuth 0/90/180/270, elevation 15."""
+    """``[P, S, 4, 3, H, W]`` in [0, 1]: S = ``eval_samples`` objects per prompt, 4 views at
+    azimuth 0/90/180/270, elevation 15."""
     from mvdiff.pipelines import MVDreamPipeline
 
     pipe = MVDreamPipeline(unet=unet, vae=parts["vae"], text_encoder=parts["text_encoder"],
@@ -541,9 +549,12 @@ def sample_views(cfg, unet, parts, prompts: list[str], seed: int) -> torch.Tenso
         prompts, num_views=4, elevation=15.0, azimuth_start=0.0, height=cfg.image_size,
         width=cfg.image_size, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance,
         generator=torch.Generator().manual_seed(1000 + seed), output_type="pt",
+        num_images_per_prompt=cfg.eval_samples,
     )  # fmt: skip
-    images = out.images
-    return images.reshape(len(prompts), 4, *images.shape[1:])  # (P*4, 3, H, W) -> (P, 4, 3, H, W)
+    images = out.images  # rows (prompt, object, view)
+    return images.reshape(
+        len(prompts), cfg.eval_samples, 4, *images.shape[1:]
+    )  # (P*S*4, ...) -> (P, S, 4, ...)
 
 
 def score_views(cfg, name: str, prompt: str, rgb: torch.Tensor, gt: dict | None, seed: int):
@@ -620,10 +631,11 @@ def train_and_score(variant, seed, cfg, shards, shard_2d, eval_uids, prompts, gt
         views = sample_views(cfg, trained["unet"], parts, prompts, seed)
     recs, strips = [], {}
     for k, u in enumerate(eval_uids):
-        name = f"{variant}-s{seed}-{u}"
-        rec, rows = score_views(cfg, name, prompts[k], views[k], gts[u], seed)
-        recs.append(metrics_of(rec))
-        strips[name] = rows
+        for j in range(cfg.eval_samples):
+            name = f"{variant}-s{seed}-{u}" + (f"-{j}" if cfg.eval_samples > 1 else "")
+            rec, rows = score_views(cfg, name, prompts[k], views[k, j], gts[u], seed)
+            recs.append(metrics_of(rec))
+            strips[name] = rows
     m = mean_metrics(recs)
     m["final_loss"] = trained["final_loss"]
     return m, strips, (train_s, time.perf_counter() - t)
