@@ -50,14 +50,17 @@ def main() -> None:
     # TBB worker spinning on every other core: ~2x the CPU time for the same wall time on a
     # 2-core machine. So bpy starts while this process may use only `threads` CPUs, and the
     # full set is given back afterwards (the OS still places the render threads anywhere).
-    allowed = os.sched_getaffinity(0)
+    # (Linux only: macOS has no CPU affinity API; there bpy starts as it is.)
+    pin = hasattr(os, "sched_getaffinity")
+    allowed = os.sched_getaffinity(0) if pin else set()
     threads = max(1, int(opts.get("threads", 1)))
-    if threads < len(allowed):
+    if pin and threads < len(allowed):
         os.sched_setaffinity(0, sorted(allowed)[:threads])
     from mvdiff.render.scene import AssetError, Scene
 
     scene = Scene(opts)
-    os.sched_setaffinity(0, allowed)
+    if pin:
+        os.sched_setaffinity(0, allowed)
     send({"ready": True, "pid": os.getpid()})
     hang = os.environ.get("MVDIFF_RENDER_TEST_HANG", "")
     for line in sys.stdin:
