@@ -1,39 +1,45 @@
 """Does training teach multi-view consistency? A CPU-sized learning experiment (issue 9).
 
-1. **Objects**: a few dozen procedural objects (cube / sphere / cylinder / cone) in a main
-   colour with one side (front / right / back / left) in an accent colour, written as PLY
+1. **Objects**: a few dozen procedural objects (cube / sphere / cylinder / cone) in one of
+   four colours with one side (front / right / back / left) painted black, written as PLY
    meshes with per-face colours (rendered with those colours, no material needed). The
-   captions name the shape and the marked side, not the colours ("a cube with a marked
-   front"): like a real prompt, a caption leaves part of the object open, so a model must
-   choose the colours once for all views — what joined-view attention is for.
-   ``--set caption_colours=true`` names them ("a red cube with a blue front").
+   captions name the colour and the marked side, not the shape ("a red object with a marked
+   front"): like a real prompt, a caption leaves part of the object open — four objects
+   share each caption — so a model must choose the shape once for all views, which is what
+   joined-view attention is for; which view shows the marked side depends on the camera.
+   ``--set hidden=colour`` leaves the colours open instead ("a cube with a marked front"),
+   ``hidden=none`` names everything; ``accent=""`` paints the marked side in a second colour
+   from the palette.
 2. **Render** them with our renderer (:func:`mvdiff.render.runner.render_objects`, Blender
    Cycles, orbit rig: 8 views 45° apart at 15° elevation, fov 40°, 32²) into multi-view
    shards (DESIGN §3); plus a **2D image-text shard** of single random views and the bundled
    photos.
-3. **Train** three small models jointly on both (30% 2D batches, ring of 4 views 90° apart):
-   ``full`` (3D self-attention + camera MLP), ``no_3d_attention`` (the same UNet whose
-   self-attention runs per view: every attention processor replaced with one that ignores
-   ``num_views``) and ``no_camera`` (no camera MLP, ``camera=None`` in training and sampling),
-   each for every seed, ``jobs`` (2) models at a time in their own processes. The model works in pixel space through an exact, invertible "VAE"
-   (pixel-unshuffle by 2: 32² RGB <-> 16² x 12 latents) so that the tiny model learns images,
-   not the noise of a random VAE. The UNet: 2 levels (16², 8²) of 32/64 channels, attention
-   (self + cross) at 8² and in the middle block. It predicts x0 (``prediction=sample``): with
-   v or epsilon targets, models this small and this briefly trained still leave per-pixel
-   noise in every sample at 600-1000 steps, while x0 targets give clean shapes.
-4. **Sample** 4 views (azimuth 0/90/180/270, elevation 15) for captions of rendered objects
+3. **Train** three small models jointly on both (30% 2D batches, ring of 4 views 90° apart,
+   16² images): ``full`` (3D self-attention + camera MLP), ``no_3d_attention`` (the same UNet
+   whose self-attention runs per view: every attention processor replaced with one that
+   ignores ``num_views``) and ``no_camera`` (no camera MLP, ``camera=None`` in training and
+   sampling), each for every seed, ``jobs`` (2) models at a time in their own processes.
+   The model works in pixel space through an exact, invertible "VAE" (pixel-unshuffle by 2:
+   16² RGB <-> 8² x 12 latents) so that the tiny model learns images, not the noise of a
+   random VAE. The UNet: 2 levels (8², 4²) of 32/64 channels, attention (self + cross) at
+   both and in the middle block. It predicts x0 (``prediction=sample``; with v or epsilon
+   targets, models this small and this briefly trained leave per-pixel noise in every
+   sample) and its learning rate decays on a cosine (a constant rate left blurred,
+   averaged colours and shapes at this budget).
+4. **Sample** 4 views (azimuth 0/90/180/270, elevation 15) for one object of every caption
    with :class:`mvdiff.pipelines.MVDreamPipeline` and **evaluate** them with
    :func:`mvdiff.eval.evaluate_views` (what ``mvdiff eval`` runs): reconstruction
    consistency (one radiance field fitted to the 4 views; PSNR on all views and on a held-out
-   view) and ground-truth agreement (PSNR / SSIM against the renders at the same cameras).
-   Reference rows: the renders themselves (the ceiling) and 4 views of 4 different objects
-   (the floor).
+   view) and ground-truth agreement (PSNR / SSIM against the renders at the same cameras;
+   the shape is the model's to choose, so this mostly scores colour and marked side). Reference
+   rows: the renders themselves (the ceiling) and one view each of the 4 objects that share
+   the caption (the floor: the best a model that draws each view on its own can do).
 
 Prints a markdown table (mean ± std over seeds) and, last, one JSON line. ``--quick`` is a
 smoke run (a few objects, few steps, one seed; under a minute, not meaningful numbers).
 
 Budget (2 CPU cores, one torch thread per model, two models at a time): the default run
-(3 seeds x 3 variants x 800 steps) takes ~22 minutes on a quiet machine.
+(3 seeds x 3 variants x 1500 steps) takes ~25 minutes on a quiet machine.
 
     python benchmarks/learning_check.py [--quick] [--work-dir DIR] [--set key=value ...]
 """
@@ -71,6 +77,7 @@ COLOURS = {
     "blue": (40, 70, 220),
     "yellow": (235, 215, 40),
     "purple": (140, 50, 190),
+    "black": (30, 30, 30),
 }
 # the marked side of an object: which view shows it depends on the azimuth
 PATTERNS = {
@@ -84,29 +91,31 @@ PATTERNS = {
 @dataclass
 class LearningCheckConfig:
     work_dir: str = ""  # "" = a temporary folder (removed at the end)
-    objects: int = 36
+    objects: int = 64
     object_seed: int = 0
     render_views: int = 8
     render_resolution: int = 32
     render_samples: int = 16
     render_workers: int = 2
-    image_size: int = 32
+    image_size: int = 16
     #: pixel-unshuffle factor of the exact "VAE" (latents: 3 patch² x (image_size / patch)²);
     #: model_channels must be >= 3 patch² or the first conv cannot pass the input through
     patch: int = 2
     model_channels: int = 32
-    #: UNet levels with attention (1: 16² latents, 2: 8²); views are joined at these levels
-    attention_resolutions: list[int] = field(default_factory=lambda: [2])
+    #: UNet levels with attention (1: the latents' full size, 2: half); views are joined there
+    attention_resolutions: list[int] = field(default_factory=lambda: [1, 2])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    steps: int = 800
+    steps: int = 1500
     batch_size: int = 4
     p_2d: float = 0.3
     lr: float = 3e-3
     warmup: int = 20
+    #: learning rate after warm-up: "constant" or "cosine" (to 0 at the last step)
+    lr_schedule: str = "cosine"
     caption_dropout: float = 0.1
-    #: rendered objects whose captions are sampled and scored (the first N)
-    eval_objects: int = 6
+    #: rendered objects whose captions are sampled and scored (the first N: one per caption)
+    eval_objects: int = 16
     #: 4-view samples per evaluation caption (different noise), each scored
     eval_samples: int = 1
     sample_steps: int = 20
@@ -123,9 +132,15 @@ class LearningCheckConfig:
     prediction: str = "sample"
     recon_steps: int = 60
     recon_rays: int = 1024
-    #: name the colours in the captions (each caption fixes one object); by default captions
-    #: name the shape and its marked side only, so the prompt leaves the colours open
-    caption_colours: bool = False
+    #: what the captions leave open: "shape" ("a red object with a marked front": several
+    #: shapes share a caption), "colour" ("a cube with a marked front") or "none" (each
+    #: caption fixes one object)
+    hidden: str = "shape"
+    #: main colours objects are drawn from (names in COLOURS)
+    palette: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow"])
+    #: the marked side's colour: a name in COLOURS (the same for every object), or "" for a
+    #: second colour drawn from the palette
+    accent: str = "black"
     threads: int = 1  # torch threads per model
     jobs: int = 2  # models trained at once (processes)
     quick: bool = False
@@ -149,6 +164,13 @@ class LearningCheckConfig:
             raise UserError("patch must be a power of two dividing image_size")
         if self.eval_objects > self.objects or self.eval_objects < 1:
             raise UserError(f"eval_objects must be in [1, objects={self.objects}]")
+        if self.hidden not in ("shape", "colour", "none"):
+            raise UserError(f"hidden must be shape, colour or none, got {self.hidden!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise UserError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        bad = sorted(set(self.palette + [self.accent]) - set(COLOURS) - {""})
+        if bad:
+            raise UserError(f"palette / accent: unknown colours {bad}; known: {list(COLOURS)}")
         if self.eval_samples < 1:
             raise UserError(f"eval_samples must be >= 1, got {self.eval_samples}")
         if self.render_views % 4:
@@ -248,36 +270,38 @@ def write_ply(path: Path, tris: np.ndarray, colours: np.ndarray) -> None:
     path.write_bytes(header.encode() + vert.tobytes() + faces.tobytes())
 
 
+def caption_of(cfg: LearningCheckConfig, shape: str, main: str, accent: str, pattern: str) -> str:
+    """The caption names the marked side and what ``cfg.hidden`` does not leave open."""
+    side = PATTERNS[pattern]
+    if cfg.hidden == "shape":  # several shapes share a caption
+        return f"a {main} object with a marked {side}"
+    if cfg.hidden == "colour":  # several colourings share a caption
+        return f"a {shape} with a marked {side}"
+    return f"a {main} {shape} with a {accent} {side}"  # the caption fixes the object
+
+
 def make_objects(cfg: LearningCheckConfig, folder: Path) -> dict[str, str]:
-    """Write ``cfg.objects`` PLY files with distinct captions; returns {uid: caption}."""
+    """Write ``cfg.objects`` PLY files; returns {uid: caption}."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.object_seed)
-    names, captions = list(COLOURS), {}
-    combos = [(s, m, a, p) for s in SHAPES for m in names for a in names for p in PATTERNS
+    names, captions = list(cfg.palette), {}
+    accents = [cfg.accent] if cfg.accent else names
+    combos = [(s, m, a, p) for s in SHAPES for m in names for a in accents for p in PATTERNS
               if a != m]  # fmt: skip
-    order = rng.permutation(len(combos))
-    # cycle through shapes and patterns so that every one appears evenly
-    chosen, seen = [], set()
-    for k in order:
-        s, m, a, p = combos[k]
-        if (s, p) in seen and len(seen) < len(SHAPES) * len(PATTERNS):
-            continue
-        seen.add((s, p))
-        chosen.append(combos[k])
-        if len(seen) == len(SHAPES) * len(PATTERNS):
-            seen = set()
-        if len(chosen) == cfg.objects:
-            break
+    # round-robin over the captions so that every caption appears evenly, each time with
+    # an object not used for it yet
+    groups: dict[str, list] = {}
+    for k in rng.permutation(len(combos)):
+        groups.setdefault(caption_of(cfg, *combos[k]), []).append(combos[k])
+    chosen = [g[r] for r in range(max(map(len, groups.values()))) for g in groups.values()
+              if r < len(g)][: cfg.objects]  # fmt: skip
     for i, (shape, main, accent, pattern) in enumerate(chosen):
         uid = f"obj{i:03d}"
         tris = mesh_triangles(shape)
         mask = accent_mask(tris.mean(axis=1), pattern)
         colours = np.where(mask[:, None], COLOURS[accent], COLOURS[main]).astype(np.uint8)
         write_ply(folder / f"{uid}.ply", tris, colours)
-        if cfg.caption_colours:  # the caption fixes the object
-            captions[uid] = f"a {main} {shape} with a {accent} {PATTERNS[pattern]}"
-        else:  # it leaves both colours open (several objects share it)
-            captions[uid] = f"a {shape} with a marked {PATTERNS[pattern]}"
+        captions[uid] = caption_of(cfg, shape, main, accent, pattern)
     return captions
 
 
@@ -456,6 +480,14 @@ def v_loss(unet, scheduler, latents, text, camera, num_views: int, generator,
     return F.mse_loss(pred.float(), target.float())
 
 
+def learning_rate(cfg: LearningCheckConfig, step: int) -> float:
+    warm = min(1.0, (step + 1) / cfg.warmup)
+    if cfg.lr_schedule == "cosine" and step >= cfg.warmup:
+        done = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
+    return cfg.lr * warm
+
+
 def train_variant(cfg, variant: str, seed: int, mv_shards, shard_2d, parts) -> dict:
     """Train one model; the data order, noise and timesteps depend on ``seed`` only."""
     import random
@@ -485,7 +517,7 @@ def train_variant(cfg, variant: str, seed: int, mv_shards, shard_2d, parts) -> d
                dynamic_ncols=True, mininterval=2.0)  # fmt: skip
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            group["lr"] = learning_rate(cfg, step)
         gen = torch.Generator().manual_seed(make_seed("step", seed, step))
         batch = next(batches)
         b, v = batch["pixels"].shape[:2]
@@ -581,6 +613,13 @@ def recon_config(cfg):
     return TextTo3DConfig.reconstruction(ref_rays=cfg.recon_rays, samples=24)
 
 
+def on_white(rgba: torch.Tensor, size: int) -> torch.Tensor:
+    """Renders ``[V, 4, H, W]`` -> RGB over white ``[V, 3, size, size]`` (area-resized)."""
+    if rgba.shape[-1] != size:
+        rgba = F.interpolate(rgba, size=(size, size), mode="area")
+    return rgba[:, :3] * rgba[:, 3:] + (1 - rgba[:, 3:])
+
+
 def gt_of(obj: dict) -> dict:
     return {"uid": obj["uid"], "source": obj["shard"], "rgba": obj["rgba"], "c2w": obj["c2w"],
             "fov_deg": obj["fov_deg"]}  # fmt: skip
@@ -643,6 +682,7 @@ def train_and_score(variant, seed, cfg, shards, shard_2d, eval_uids, prompts, gt
 
 def run(cfg: LearningCheckConfig) -> dict:
     from mvdiff.eval.report import write_report
+    from mvdiff.io import save_image
 
     cfg.validate()
     torch.set_num_threads(cfg.threads)
@@ -675,20 +715,23 @@ def run(cfg: LearningCheckConfig) -> dict:
         ]  # orbit: view k at k*step
         gts = {u: gt_of(objects[u]) for u in eval_uids}
 
-        # reference rows: the renders (ceiling) and views of 4 different objects (floor)
+        # reference rows at the samples' resolution: the renders (ceiling) and one view each
+        # of 4 different objects with the same caption (the floor: what a model that draws
+        # each view on its own, from the caption alone, gives at best)
         t = time.perf_counter()
         refs = {"renders": [], "four_objects": []}
         strips = {}
         all_uids = sorted(objects)
         for k, u in enumerate(eval_uids):
-            gt_rgb = gts[u]["rgba"][gt_index]
-            gt_rgb = gt_rgb[:, :3] * gt_rgb[:, 3:] + (1 - gt_rgb[:, 3:])  # over white
+            gt_rgb = on_white(gts[u]["rgba"][gt_index], cfg.image_size)
             rec, rows = score_views(cfg, f"renders-{u}", prompts[k], gt_rgb, gts[u], 0)
             refs["renders"].append(metrics_of(rec))
             strips[f"renders-{u}"] = rows
-            others = [all_uids[(all_uids.index(u) + j) % len(all_uids)] for j in range(4)]
+            same = [o for o in all_uids if o != u and objects[o]["caption"] == prompts[k]]
+            nearby = [all_uids[(all_uids.index(u) + j) % len(all_uids)] for j in range(1, 4)]
+            others = [u, *(same + nearby)[:3]]
             mixed = torch.stack([objects[o]["rgba"][gt_index[j]] for j, o in enumerate(others)])
-            mixed = mixed[:, :3] * mixed[:, 3:] + (1 - mixed[:, 3:])
+            mixed = on_white(mixed, cfg.image_size)
             rec, rows = score_views(cfg, f"four-objects-{u}", prompts[k], mixed, gts[u], 0)
             refs["four_objects"].append(metrics_of(rec))
             strips[f"four-objects-{u}"] = rows
@@ -734,10 +777,38 @@ def run(cfg: LearningCheckConfig) -> dict:
         if cfg.work_dir:
             write_report(work / "report", {"summary": {}, "samples": []}, strips)
             result["report"] = str(work / "report" / "report.html")
+            save_image(work / "comparison.png", comparison_image(cfg, strips, eval_uids, prompts))
+            result["comparison"] = str(work / "comparison.png")
         return result
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def comparison_image(cfg, strips: dict, uids: list[str], prompts: list[str], count: int = 8):
+    """One block per caption (the first ``count``; first seed, first sample): each variant's
+    4 views and the renders of the caption's evaluation object, captions above the blocks."""
+    from PIL import Image, ImageDraw
+
+    from mvdiff.eval.report import strip_image
+
+    seed, suffix = cfg.seeds[0], "-0" if cfg.eval_samples > 1 else ""
+    blocks = []
+    for u, prompt in list(zip(uids, prompts))[:count]:
+        rows = [(v, strips[f"{v}-s{seed}-{u}{suffix}"][0][1]) for v in cfg.variants]
+        rows.append(("renders", strips[f"renders-{u}"][0][1]))
+        strip = strip_image(rows, tile=48)
+        block = Image.new("RGB", (strip.width, strip.height + 18), "white")
+        block.paste(strip, (0, 18))
+        ImageDraw.Draw(block).text((6, 3), f'"{prompt}"', fill="black")
+        blocks.append(block)
+    cols = 2
+    width, height = blocks[0].width, blocks[0].height
+    rows_n = math.ceil(len(blocks) / cols)
+    out = Image.new("RGB", (cols * width + (cols - 1) * 12, rows_n * height), "white")
+    for i, block in enumerate(blocks):
+        out.paste(block, ((i % cols) * (width + 12), (i // cols) * height))
+    return out
 
 
 def markdown_table(result: dict) -> str:

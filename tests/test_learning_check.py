@@ -1,0 +1,92 @@
+"""benchmarks/learning_check.py's parts: the procedural objects, the schedule, the config.
+
+The whole experiment runs (``--quick``) in tests/test_eval.py::test_learning_check_quick.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mvdiff.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def lc():
+    spec = importlib.util.spec_from_file_location(
+        "learning_check", REPO / "benchmarks" / "learning_check.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["learning_check"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_ply_colours(path: Path) -> set[tuple[int, int, int]]:
+    data = path.read_bytes()
+    end = data.index(b"end_header\n") + len(b"end_header\n")
+    n = int(next(line.split()[2] for line in data[:end].decode().splitlines()
+                 if line.startswith("element vertex")))  # fmt: skip
+    vert = np.frombuffer(data[end : end + n * 15], dtype=[("xyz", "<f4", 3), ("rgb", "u1", 3)])
+    return {tuple(int(c) for c in rgb) for rgb in vert["rgb"]}
+
+
+def test_captions_leave_the_shape_open(lc, tmp_path):
+    """Default: 64 objects, 16 captions naming colour and marked side; the 4 objects that
+    share a caption are the 4 shapes, in the caption's colour with a black side; the first 16
+    objects have 16 different captions (the evaluation set)."""
+    cfg = lc.LearningCheckConfig().validate()
+    captions = lc.make_objects(cfg, tmp_path)
+    assert len(captions) == 64 and len(list(tmp_path.glob("*.ply"))) == 64
+    counts = Counter(captions.values())
+    assert len(counts) == 16 and set(counts.values()) == {4}
+    assert len(set(list(captions.values())[:16])) == 16
+    caption = "a red object with a marked front"
+    uids = [u for u, c in captions.items() if c == caption]
+    for u in uids:
+        assert read_ply_colours(tmp_path / f"{u}.ply") == {lc.COLOURS["red"], lc.COLOURS["black"]}
+    # four different shapes: the meshes differ in triangle count or extent
+    sizes = {(tmp_path / f"{u}.ply").stat().st_size for u in uids}
+    assert len(sizes) >= 3  # cube / sphere / cylinder / cone (cylinder and cone may tie)
+
+
+def test_other_captions(lc, tmp_path):
+    shape_named = lc.LearningCheckConfig(hidden="colour").validate()
+    captions = lc.make_objects(shape_named, tmp_path / "colour")
+    assert all(c.split()[1] in lc.SHAPES for c in captions.values())
+    assert len(set(captions.values())) == 16
+    named = lc.LearningCheckConfig(hidden="none", accent="", objects=20).validate()
+    captions = lc.make_objects(named, tmp_path / "none")
+    assert len(set(captions.values())) == 20  # every caption fixes one object
+
+
+def test_cosine_learning_rate(lc):
+    cfg = lc.LearningCheckConfig(steps=100, warmup=10, lr=1.0)
+    rates = [lc.learning_rate(cfg, s) for s in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert rates[-1] < 0.001
+    constant = lc.LearningCheckConfig(steps=100, warmup=10, lr=1.0, lr_schedule="constant")
+    assert lc.learning_rate(constant, 99) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("hidden", "size", "hidden must be"),
+        ("lr_schedule", "linear", "lr_schedule must be"),
+        ("palette", ["red", "teal"], "unknown colours ['teal']"),
+        ("accent", "white", "unknown colours ['white']"),
+        ("variants", ["full", "tiny"], "variants: unknown"),
+    ],
+)
+def test_bad_config_names_the_field(lc, field, value, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        lc.LearningCheckConfig(**{field: value}).validate()
