@@ -342,6 +342,8 @@ def test_learning_check_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["benchmark"] == "learning_check" and result["quick"] is True
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+    assert (tmp_path / "report" / "report.html").exists()
     for variant in ("full", "no_3d_attention", "no_camera"):
         stats = result["variants"][variant]
         for key in ("consistency_psnr", "consistency_psnr_holdout", "gt_psnr", "gt_ssim"):
