@@ -1,10 +1,11 @@
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.scripts import load_script
 
 # Tests never touch a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,10 +46,7 @@ def reference_unet_sd(reference):
 @pytest.fixture
 def objaverse_mirror(tmp_path, monkeypatch):
     """A tiny Objaverse mirror served from loopback only: (base_url, cache_dir)."""
-    path = FIXTURES / "render" / "objaverse_mirror.py"
-    spec = importlib.util.spec_from_file_location("render_objaverse_mirror", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(FIXTURES / "render" / "objaverse_mirror.py", "render_objaverse_mirror")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with module.serve_objaverse_mirror(tmp_path) as (url, cache):
         yield url, cache

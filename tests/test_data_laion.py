@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import functools
 import http.server
-import importlib.util
 import io
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,13 +22,7 @@ pytest.importorskip("pyarrow")
 
 
 def _load_recipe():
-    spec = importlib.util.spec_from_file_location(
-        "laion_subset", ROOT / "data_prep" / "laion_subset.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["laion_subset"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "data_prep" / "laion_subset.py", "laion_subset")
 
 
 @pytest.fixture

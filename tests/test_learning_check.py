@@ -5,8 +5,6 @@ The whole experiment runs (``--quick``) in tests/test_eval.py::test_learning_che
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,19 +12,14 @@ import numpy as np
 import pytest
 
 from mvdiff.errors import UserError
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def lc():
-    spec = importlib.util.spec_from_file_location(
-        "learning_check", REPO / "benchmarks" / "learning_check.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["learning_check"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "benchmarks" / "learning_check.py", "learning_check")
 
 
 def read_ply_colours(path: Path) -> set[tuple[int, int, int]]:

@@ -5,7 +5,6 @@ from the numbers in make_fixtures.py, independently of Blender's importers, so t
 where every vertex must land, which frame of an animation was rendered, and the colours.
 """
 
-import importlib.util
 import io
 import json
 import tarfile
@@ -21,14 +20,11 @@ from mvdiff.cameras import intrinsics_from_fov  # noqa: E402
 from mvdiff.render.config import RenderConfig  # noqa: E402
 from mvdiff.render.runner import render_objects  # noqa: E402
 from mvdiff.render.shards import Manifest, check_shard  # noqa: E402
+from tests.scripts import load_script  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FORMATS = FIXTURES / "render" / "formats"
-_spec = importlib.util.spec_from_file_location(
-    "make_fixtures", FIXTURES / "assets" / "make_fixtures.py"
-)
-mf = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mf)
+mf = load_script(FIXTURES / "assets" / "make_fixtures.py", "make_fixtures")
 
 FILES = ["frustum.fbx", "frustum.ply", "frustum.stl", "lamp.glb", "spinner.glb", "spinner.fbx"]
 UIDS = {"frustum.fbx": "frustum_fbx", "frustum.ply": "frustum_ply", "frustum.stl": "frustum_stl",

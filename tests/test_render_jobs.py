@@ -18,6 +18,7 @@ from mvdiff.render.pool import WorkerHandle, run_job, worker_options
 from mvdiff.render.rigs import make_rig
 from mvdiff.render.runner import render_objects
 from mvdiff.render.shards import Manifest, check_shard
+from tests.scripts import load_script
 
 FAKE_WORKER = Path(__file__).parent / "fixtures" / "render" / "fake_worker.py"
 FAST = dict(views=3, resolution=16, workers=2, timeout=10.0, startup_timeout=30.0)
@@ -169,12 +170,7 @@ def test_cli_exit_status_0_with_failures_and_a_summary(tmp_path, capsys):
 
 
 def test_data_prep_render_script(tmp_path, capsys):
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "data_prep" / "render.py"
-    spec = importlib.util.spec_from_file_location("data_prep_render", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(Path(__file__).parents[1] / "data_prep" / "render.py", "data_prep_render")
     folder = assets(tmp_path / "in", "ok.glb")
     sets = [f"inputs=[{folder}]", f"output={tmp_path / 'out'}", "views=2", "resolution=16",
             "workers=1"]  # fmt: skip
