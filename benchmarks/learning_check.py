@@ -141,6 +141,8 @@ class LearningCheckConfig:
     #: the marked side's colour: a name in COLOURS (the same for every object), or "" for a
     #: second colour drawn from the palette
     accent: str = "black"
+    #: the sides objects are marked on (names in PATTERNS)
+    sides: list[str] = field(default_factory=lambda: list(PATTERNS))
     threads: int = 1  # torch threads per model
     jobs: int = 2  # models trained at once (processes)
     quick: bool = False
@@ -171,6 +173,8 @@ class LearningCheckConfig:
         bad = sorted(set(self.palette + [self.accent]) - set(COLOURS) - {""})
         if bad:
             raise UserError(f"palette / accent: unknown colours {bad}; known: {list(COLOURS)}")
+        if not self.sides or set(self.sides) - set(PATTERNS):
+            raise UserError(f"sides must be a non-empty list of {list(PATTERNS)}, got {self.sides}")
         if self.eval_samples < 1:
             raise UserError(f"eval_samples must be >= 1, got {self.eval_samples}")
         if self.render_views % 4:
@@ -286,7 +290,7 @@ def make_objects(cfg: LearningCheckConfig, folder: Path) -> dict[str, str]:
     rng = np.random.default_rng(cfg.object_seed)
     names, captions = list(cfg.palette), {}
     accents = [cfg.accent] if cfg.accent else names
-    combos = [(s, m, a, p) for s in SHAPES for m in names for a in accents for p in PATTERNS
+    combos = [(s, m, a, p) for s in SHAPES for m in names for a in accents for p in cfg.sides
               if a != m]  # fmt: skip
     # round-robin over the captions so that every caption appears evenly, each time with
     # an object not used for it yet

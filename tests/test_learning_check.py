@@ -60,6 +60,14 @@ def test_other_captions(lc, tmp_path):
     assert len(set(captions.values())) == 20  # every caption fixes one object
 
 
+def test_one_marked_side(lc, tmp_path):
+    """``sides=[front]``: every object marked on its front, 4 shapes x 4 colours."""
+    cfg = lc.LearningCheckConfig(sides=["front"], objects=16).validate()
+    captions = lc.make_objects(cfg, tmp_path)
+    assert len(captions) == 16 and len(set(captions.values())) == 4
+    assert all(c.endswith("with a marked front") for c in captions.values())
+
+
 def test_cosine_learning_rate(lc):
     cfg = lc.LearningCheckConfig(steps=100, warmup=10, lr=1.0)
     rates = [lc.learning_rate(cfg, s) for s in range(100)]
@@ -78,6 +86,7 @@ def test_cosine_learning_rate(lc):
         ("palette", ["red", "teal"], "unknown colours ['teal']"),
         ("accent", "white", "unknown colours ['white']"),
         ("variants", ["full", "tiny"], "variants: unknown"),
+        ("sides", ["top"], "sides must be"),
     ],
 )
 def test_bad_config_names_the_field(lc, field, value, message):
