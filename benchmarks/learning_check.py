@@ -179,6 +179,12 @@ class LearningCheckConfig:
             raise UserError(f"eval_samples must be >= 1, got {self.eval_samples}")
         if self.render_views % 4:
             raise UserError("render_views must be a multiple of 4 (views 90° apart)")
+        accents = [self.accent] if self.accent else self.palette
+        pairs = sum(a != m for m in self.palette for a in accents)  # (main, accent) colourings
+        distinct = len(SHAPES) * pairs * len(self.sides)
+        if self.objects > distinct:
+            raise UserError(f"objects={self.objects}: palette, accent and sides give only "
+                            f"{distinct} different objects")  # fmt: skip
         return self
 
 

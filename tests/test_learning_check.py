@@ -87,6 +87,7 @@ def test_cosine_learning_rate(lc):
         ("accent", "white", "unknown colours ['white']"),
         ("variants", ["full", "tiny"], "variants: unknown"),
         ("sides", ["top"], "sides must be"),
+        ("objects", 65, "only 64 different objects"),
     ],
 )
 def test_bad_config_names_the_field(lc, field, value, message):
