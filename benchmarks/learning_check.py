@@ -166,6 +166,8 @@ class LearningCheckConfig:
             raise UserError("patch must be a power of two dividing image_size")
         if self.eval_objects > self.objects or self.eval_objects < 1:
             raise UserError(f"eval_objects must be in [1, objects={self.objects}]")
+        if self.work_dir and Path(self.work_dir).exists() and not Path(self.work_dir).is_dir():
+            raise UserError(f"--work-dir {self.work_dir}: exists and is not a folder")
         if self.hidden not in ("shape", "colour", "none"):
             raise UserError(f"hidden must be shape, colour or none, got {self.hidden!r}")
         if self.lr_schedule not in ("constant", "cosine"):

@@ -93,3 +93,9 @@ def test_cosine_learning_rate(lc):
 def test_bad_config_names_the_field(lc, field, value, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
         lc.LearningCheckConfig(**{field: value}).validate()
+
+
+def test_work_dir_that_is_a_file(lc, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="not a folder"):
+        lc.LearningCheckConfig(work_dir=str(tmp_path / "f")).validate()
