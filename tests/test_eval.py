@@ -159,12 +159,31 @@ def test_reconstruction_consistency_orders_constructed_cases(objects):
     same = reconstruction_consistency(a, c2w, FOV, **kw)
     shuf = reconstruction_consistency(shuffled, c2w, FOV, **kw)
     diff = reconstruction_consistency(different, c2w, FOV, **kw)
-    print({k: (round(r["psnr"], 2), round(r["psnr_holdout"], 2))
+    print({k: (round(r["psnr"], 2), round(r["psnr_holdout"], 2), round(r["iou_holdout"], 3))
            for k, r in (("same", same), ("shuffled", shuf), ("different", diff))})  # fmt: skip
     assert same["psnr_holdout"] > shuf["psnr_holdout"] + 3
     assert same["psnr_holdout"] > diff["psnr_holdout"] + 3
     assert same["psnr"] > shuf["psnr"] and same["psnr"] > diff["psnr"]
     assert same["renders"].shape == (4, 3, RES, RES) and len(same["psnr_holdout_views"]) == 1
+    # silhouettes: one object explains its own outlines, not those of two different objects
+    assert same["iou_holdout"] > 0.8 and same["iou"] > 0.8
+    assert same["iou_holdout"] > shuf["iou_holdout"] + 0.1
+    assert same["iou_holdout"] > diff["iou_holdout"] + 0.03  # view 3 is b's too: a milder case
+    assert len(same["iou_holdout_views"]) == 1
+
+
+def test_silhouette_iou():
+    from mvdiff.sds.recon import silhouette_iou
+
+    a = torch.zeros(1, 1, 8, 8)
+    a[..., 2:6, 2:6] = 1.0  # 16 pixels
+    b = torch.zeros_like(a)
+    b[..., 2:6, 4:8] = 0.9  # 16 pixels, 8 shared
+    assert silhouette_iou(a, a) == 1.0
+    assert silhouette_iou(a, b) == pytest.approx(8 / 24)
+    assert silhouette_iou(a, torch.zeros_like(a)) == 0.0
+    assert silhouette_iou(torch.zeros_like(a), torch.zeros_like(a)) == 1.0  # nothing to miss
+    assert silhouette_iou(a, b * 0.5) == 0.0  # 0.45 is below the 0.5 threshold
 
 
 def test_match_views_and_gt_agreement_order(objects):

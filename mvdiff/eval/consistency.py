@@ -3,7 +3,8 @@
 * :func:`reconstruction_consistency` fits one radiance field to the views at their cameras
   with :func:`mvdiff.sds.recon.reconstruct_from_views` (posed RGB + mask losses, no
   diffusion prior) and reports how well one 3D object explains them: the PSNR of the fit on
-  all views and, with held-out views, the PSNR of views the field never saw. Views of one
+  all views and, with held-out views, the PSNR of views the field never saw, and the same
+  for the silhouettes (IoU of the field's opacity and the views' alpha). Views of one
   object score high; the same views at the wrong cameras, or views of different objects,
   score low (tests/test_eval.py).
 * :func:`match_views` pairs each view with the ground-truth view of (nearly) the same camera
@@ -53,8 +54,10 @@ def reconstruction_consistency(
 
     Returns ``psnr`` (fit on all views, PSNR over all of them), ``psnr_holdout`` (mean over
     the held-out fits of the PSNR of the held-out view; None with ``holdout="none"``),
-    ``psnr_holdout_views`` (per fit), ``renders`` / ``targets`` ``[V, 3, H, W]`` of the
-    all-view fit (for the report) and ``seconds``.
+    ``psnr_holdout_views`` (per fit), ``iou`` / ``iou_holdout`` / ``iou_holdout_views`` (the
+    same for the silhouettes: IoU of the field's opacity and the views' alpha, both > 0.5;
+    the shape alone, which colour and blur leave alone), ``renders`` / ``targets``
+    ``[V, 3, H, W]`` of the all-view fit (for the report) and ``seconds``.
 
     ``fit_all=False`` (with a held-out variant) saves the all-view fit: ``psnr`` and the
     renders then come from the first held-out fit (PSNR over the views it was fitted to).
@@ -63,19 +66,23 @@ def reconstruction_consistency(
 
     kw = dict(steps=steps, resolution=resolution, seed=seed, config=config)
     sets = holdout_sets(rgba.shape[0], holdout)
-    full, seconds, held = None, 0.0, []
+    full, seconds, held, held_iou = None, 0.0, [], []
     if fit_all or not sets:
         full = reconstruct_from_views(rgba, c2w, fov_deg, **kw)
         seconds += float(full["seconds"])
     for idx in sets:
         r = reconstruct_from_views(rgba, c2w, fov_deg, holdout=idx, **kw)
         held.append(float(r["psnr_holdout"]))
+        held_iou.append(float(r["iou_holdout"]))
         seconds += float(r["seconds"])
         full = full or r
     return {
         "psnr": float(full["psnr_train"]),
         "psnr_holdout": sum(held) / len(held) if held else None,
         "psnr_holdout_views": held,
+        "iou": float(full["iou_train"]),
+        "iou_holdout": sum(held_iou) / len(held_iou) if held_iou else None,
+        "iou_holdout_views": held_iou,
         "renders": full["renders"],
         "targets": full["targets"],
         "seconds": round(seconds, 2),

@@ -125,7 +125,16 @@ def evaluate_views(
         "num_views": v,
         "resolution": h,
         "consistency": {
-            k: cons[k] for k in ("psnr", "psnr_holdout", "psnr_holdout_views", "seconds")
+            k: cons[k]
+            for k in (
+                "psnr",
+                "psnr_holdout",
+                "psnr_holdout_views",
+                "iou",
+                "iou_holdout",
+                "iou_holdout_views",
+                "seconds",
+            )  # fmt: skip
         },
     }
     rows = [("generated", rgb), ("reconstruction", cons["renders"])]
@@ -210,6 +219,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
             "samples": len(records),
             "consistency_psnr": _mean(r["consistency"]["psnr"] for r in records),
             "consistency_psnr_holdout": _mean(r["consistency"]["psnr_holdout"] for r in records),
+            "consistency_iou": _mean(r["consistency"]["iou"] for r in records),
+            "consistency_iou_holdout": _mean(r["consistency"]["iou_holdout"] for r in records),
         }
         if any("gt" in r for r in records):
             summary["gt_psnr"] = _mean(r["gt"]["psnr"] for r in records if "gt" in r)

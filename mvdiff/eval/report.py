@@ -101,6 +101,7 @@ def write_report(out: Path, results: dict, strips: dict[str, list]) -> dict:
         cells = [
             f"consistency PSNR {_fmt(cons.get('psnr'))} dB",
             f"held-out PSNR {_fmt(cons.get('psnr_holdout'))} dB",
+            f"held-out silhouette IoU {_fmt(cons.get('iou_holdout'), 3)}",
         ]
         if gt:
             cells.append(f"GT PSNR {_fmt(gt.get('psnr'))} dB, SSIM {_fmt(gt.get('ssim'), 3)}")

@@ -18,7 +18,14 @@ from mvdiff.sds.loop import FitState, run_steps
 from mvdiff.sds.ref_views import composite, posed_view_loss, prepare_rays
 from mvdiff.sds.render import render
 
-__all__ = ["composite", "posed_view_loss", "psnr", "reconstruct_from_views", "render_views"]
+__all__ = [
+    "composite",
+    "posed_view_loss",
+    "psnr",
+    "reconstruct_from_views",
+    "render_views",
+    "silhouette_iou",
+]
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -27,17 +34,29 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else -10.0 * torch.log10(torch.tensor(mse)).item()
 
 
+def silhouette_iou(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.5) -> float:
+    """Intersection over union of the masks ``a > threshold`` and ``b > threshold`` (alpha or
+    opacity maps of the same shape, pooled over all of them); 1.0 when both are empty."""
+    ma, mb = a > threshold, b > threshold
+    union = int((ma | mb).sum())
+    return 1.0 if union == 0 else int((ma & mb).sum()) / union
+
+
 @torch.no_grad()
-def render_views(field, c2w, fov_deg, resolution: int, samples: int, background) -> torch.Tensor:
-    """Deterministic renders ``[V, 3, H, W]`` over a colour, one view at a time (bounded memory)."""
+def render_views(
+    field, c2w, fov_deg, resolution: int, samples: int, background, with_opacity: bool = False
+):
+    """Deterministic renders ``[V, 3, H, W]`` over a colour, one view at a time (bounded memory);
+    with ``with_opacity`` also the opacity ``[V, 1, H, W]``: ``(rgb, opacity)``."""
     fov = torch.as_tensor(fov_deg, dtype=torch.float32).reshape(-1).expand(c2w.shape[0])  # (V,)
     outs = [
-        render(field, c2w[i : i + 1], fov[i : i + 1], resolution, samples, background=background)[
-            "rgb"
-        ]
+        render(field, c2w[i : i + 1], fov[i : i + 1], resolution, samples, background=background)
         for i in range(c2w.shape[0])
     ]
-    return torch.cat(outs).cpu()  # V x (1, 3, H, W) -> (V, 3, H, W)
+    rgb = torch.cat([o["rgb"] for o in outs]).cpu()  # V x (1, 3, H, W) -> (V, 3, H, W)
+    if not with_opacity:
+        return rgb
+    return rgb, torch.cat([o["opacity"] for o in outs]).cpu()  # V x (1, 1, H, W) -> (V, 1, H, W)
 
 
 def reconstruct_from_views(
@@ -74,7 +93,9 @@ def reconstruct_from_views(
     ``renders`` ``[V, 3, H, W]`` (final deterministic renders at all cameras over the solid
     ``config.background.color``, on CPU), ``targets`` ``[V, 3, H, W]`` (the views composited
     over the same colour), ``psnr_train`` (renders vs targets of the non-held-out views),
-    ``psnr_holdout`` (held-out views, None without ``holdout``), ``train`` / ``holdout``
+    ``psnr_holdout`` (held-out views, None without ``holdout``), ``iou_train`` /
+    ``iou_holdout`` (the same for the silhouettes: :func:`silhouette_iou` of the field's
+    opacity and the views' alpha), ``opacity`` ``[V, 1, H, W]``, ``train`` / ``holdout``
     (index lists), ``seconds`` and ``config``.
     """
     if rgba.ndim != 4 or rgba.shape[1] != 4:
@@ -103,15 +124,21 @@ def reconstruct_from_views(
 
     bg = torch.tensor(cfg.background.color, dtype=torch.float32)
     fit.field.eval()
-    renders = render_views(fit.field, views["c2w"], fov, res, cfg.samples, bg)
+    renders, opacity = render_views(
+        fit.field, views["c2w"], fov, res, cfg.samples, bg, with_opacity=True
+    )
     target_rgba = torch.nn.functional.interpolate(views["rgba"], size=(res, res), mode="area")
     targets = composite(target_rgba, bg)
+    alpha = target_rgba[:, 3:]  # (V, 4, H, W) -> (V, 1, H, W)
     return {
         "field": fit.field,
         "renders": renders,
         "targets": targets,
+        "opacity": opacity,
         "psnr_train": psnr(renders[train], targets[train]),
         "psnr_holdout": psnr(renders[holdout], targets[holdout]) if holdout else None,
+        "iou_train": silhouette_iou(opacity[train], alpha[train]),
+        "iou_holdout": silhouette_iou(opacity[holdout], alpha[holdout]) if holdout else None,
         "train": train,
         "holdout": holdout,
         "seconds": round(time.time() - t0, 2),
