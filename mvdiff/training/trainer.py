@@ -34,7 +34,7 @@ from mvdiff.data.shards import expand_urls, make_seed
 from mvdiff.errors import UserError
 from mvdiff.training.checkpoint import find_checkpoint, read_trainer_state, save_checkpoint
 from mvdiff.training.components import freeze, load_components, noise_scheduler_from
-from mvdiff.training.config import TrainConfig
+from mvdiff.training.config import OptimConfig, TrainConfig
 from mvdiff.training.loss import diffusion_loss, encode_images, encode_prompts
 
 log = logging.getLogger("mvdiff.train")
@@ -76,6 +76,19 @@ def _checksum(model: torch.nn.Module) -> float:
     for i, p in enumerate(model.parameters()):
         total += (p.detach().double().cpu() * (1.0 + 1e-3 * (i % 97))).sum()
     return float(total)
+
+
+def build_optimizer(params, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW over ``params`` as ``optim`` says: torch's (fused unless ``optim.fused`` is
+    false) or bitsandbytes' 8-bit one."""
+    kwargs = dict(lr=lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
+    if optim.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("optim.use_8bit_adam=true needs `pip install bitsandbytes`") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=optim.fused or None, **kwargs)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -140,20 +153,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- optimizer (lr is set every step from learning_rate(step)) -------------------------
     params = [p for p in unet.parameters() if p.requires_grad]
-    optim_kwargs = dict(
-        lr=base_lr(cfg),
-        betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay,
-        eps=cfg.optim.eps,
-    )
-    if cfg.optim.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("optim.use_8bit_adam=true needs `pip install bitsandbytes`") from None
-        optimizer = bnb.optim.AdamW8bit(params, **optim_kwargs)
-    else:
-        optimizer = torch.optim.AdamW(params, **optim_kwargs)
+    optimizer = build_optimizer(params, cfg.optim, base_lr(cfg))
     unet, optimizer = accelerator.prepare(unet, optimizer)
     trainable = [p for p in accelerator.unwrap_model(unet).parameters() if p.requires_grad]
     # theta_0 for the parameter-preservation term: the starting weights (taken before a resume)
