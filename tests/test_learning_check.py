@@ -22,13 +22,16 @@ def lc():
     return load_script(REPO / "benchmarks" / "learning_check.py", "learning_check")
 
 
-def read_ply_colours(path: Path) -> set[tuple[int, int, int]]:
+def read_ply_vertices(path: Path) -> np.ndarray:
     data = path.read_bytes()
     end = data.index(b"end_header\n") + len(b"end_header\n")
     n = int(next(line.split()[2] for line in data[:end].decode().splitlines()
                  if line.startswith("element vertex")))  # fmt: skip
-    vert = np.frombuffer(data[end : end + n * 15], dtype=[("xyz", "<f4", 3), ("rgb", "u1", 3)])
-    return {tuple(int(c) for c in rgb) for rgb in vert["rgb"]}
+    return np.frombuffer(data[end : end + n * 15], dtype=[("xyz", "<f4", 3), ("rgb", "u1", 3)])
+
+
+def read_ply_colours(path: Path) -> set[tuple[int, int, int]]:
+    return {tuple(int(c) for c in rgb) for rgb in read_ply_vertices(path)["rgb"]}
 
 
 def test_captions_leave_the_shape_open(lc, tmp_path):
@@ -68,6 +71,19 @@ def test_one_marked_side(lc, tmp_path):
     assert all(c.endswith("with a marked front") for c in captions.values())
 
 
+def test_stretch_elongates_along_x_and_keeps_the_marked_side(lc, tmp_path):
+    """``stretch=2``: every object twice as long (x) as deep (y); the front (-y) is still the
+    marked side, now a long one."""
+    cfg = lc.LearningCheckConfig(stretch=2.0, sides=["front"], objects=16).validate()
+    lc.make_objects(cfg, tmp_path)
+    for ply in sorted(tmp_path.glob("*.ply")):
+        v = read_ply_vertices(ply)
+        extent = v["xyz"].max(axis=0) - v["xyz"].min(axis=0)
+        assert extent[0] == pytest.approx(2 * extent[1], rel=1e-4), ply.name
+        black = v["xyz"][(v["rgb"] == lc.COLOURS["black"]).all(axis=1)]
+        assert len(black) and (black[:, 1] <= 0).all(), ply.name  # caps touch y = 0
+
+
 def test_cosine_learning_rate(lc):
     cfg = lc.LearningCheckConfig(steps=100, warmup=10, lr=1.0)
     rates = [lc.learning_rate(cfg, s) for s in range(100)]
@@ -88,6 +104,8 @@ def test_cosine_learning_rate(lc):
         ("variants", ["full", "tiny"], "variants: unknown"),
         ("sides", ["top"], "sides must be"),
         ("objects", 65, "only 64 different objects"),
+        ("stretch", 0.0, "stretch must be"),
+        ("holdout", "none", "holdout must be"),
     ],
 )
 def test_bad_config_names_the_field(lc, field, value, message):
