@@ -295,3 +295,22 @@ def test_shipped_configs_parse(name):
 
     for acc in (ROOT / "train" / "accelerate").glob("*.yaml"):
         assert "distributed_type" in yaml.safe_load(acc.read_text()), acc
+
+
+def test_build_optimizer_honours_fused():
+    """``optim.fused`` picks torch's fused AdamW (the default) or torch's own default; the
+    update is the same either way."""
+    from mvdiff.training.config import OptimConfig
+    from mvdiff.training.trainer import build_optimizer
+
+    results = {}
+    for fused in (True, False):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 64))
+        opt = build_optimizer([p], OptimConfig(fused=fused, weight_decay=0.01), lr=0.1)
+        assert bool(opt.defaults["fused"]) is fused
+        for _ in range(3):
+            p.grad = torch.cos(p.detach() * 3)
+            opt.step()
+        results[fused] = p.detach().clone()
+    assert torch.allclose(results[True], results[False], atol=1e-6)
+    assert not torch.allclose(results[True], torch.linspace(-1, 1, 64))
