@@ -31,8 +31,9 @@
    with :class:`mvdiff.pipelines.MVDreamPipeline` and **evaluate** them with
    :func:`mvdiff.eval.evaluate_views` (what ``mvdiff eval`` runs): reconstruction
    consistency (one radiance field fitted to 3 of the 4 views, each view held out in turn;
-   PSNR and silhouette IoU of the held-out view) and ground-truth agreement (PSNR / SSIM against the renders at the same cameras;
-   the shape is the model's to choose, so this mostly scores colour and marked side). Reference
+   PSNR and silhouette IoU of the held-out view) and ground-truth agreement (PSNR / SSIM
+   against the renders at the same cameras of the closest of the caption's objects: the shape
+   is the model's to choose, but it must be one object's shape in all four views). Reference
    rows: the renders themselves (the ceiling) and one view each of the 4 objects that share
    the caption (the floor: the best a model that draws each view on its own can do).
 
@@ -738,7 +739,13 @@ def run(cfg: LearningCheckConfig) -> dict:
         gt_index = [
             int(round(a / (360.0 / cfg.render_views))) for a in az
         ]  # orbit: view k at k*step
-        gts = {u: gt_of(objects[u]) for u in eval_uids}
+        all_uids = sorted(objects)
+        # ground truth: every object that shares the caption (the shape is the model's to
+        # choose; evaluate_views scores against the closest)
+        gts = {
+            u: [gt_of(objects[o]) for o in all_uids if objects[o]["caption"] == prompts[k]]
+            for k, u in enumerate(eval_uids)
+        }
 
         # reference rows at the samples' resolution: the renders (ceiling) and one view each
         # of 4 different objects with the same caption (the floor: what a model that draws
@@ -746,9 +753,8 @@ def run(cfg: LearningCheckConfig) -> dict:
         t = time.perf_counter()
         refs = {"renders": [], "four_objects": []}
         strips = {}
-        all_uids = sorted(objects)
         for k, u in enumerate(eval_uids):
-            gt_rgb = on_white(gts[u]["rgba"][gt_index], cfg.image_size)
+            gt_rgb = on_white(objects[u]["rgba"][gt_index], cfg.image_size)
             rec, rows = score_views(cfg, f"renders-{u}", prompts[k], gt_rgb, gts[u], 0)
             refs["renders"].append(metrics_of(rec))
             strips[f"renders-{u}"] = rows

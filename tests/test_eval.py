@@ -332,6 +332,34 @@ def test_eval_cli_end_to_end(tmp_path, objects, capsys):
     assert "strips/good.png" in (out / "report.html").read_text()
 
 
+def test_ground_truth_shared_caption_scores_the_closest(tmp_path, objects):
+    """Two objects share the prompt: every one is a candidate and the views are scored
+    against the closest, whichever the shard lists first."""
+    from mvdiff.eval.evaluate import evaluate_views
+    from mvdiff.eval.report import write_report
+    from mvdiff.eval.views import load_ground_truth, load_ground_truths
+
+    c2w, a, b = objects
+    shard = write_gt_shard(tmp_path / "gt.tar", {"stick": (b, c2w, "An object"),
+                                                  "egg": (a, c2w, "an object"),
+                                                  "other": (a, c2w, "a cup")})  # fmt: skip
+    cands = load_ground_truths(shard, prompt="an object", fov_deg=FOV)
+    assert [g["uid"] for g in cands] == ["stick", "egg"]
+    assert load_ground_truth(shard, prompt="an object", fov_deg=FOV)["uid"] == "stick"
+    assert [g["uid"] for g in load_ground_truths(shard, uid="egg", fov_deg=FOV)] == ["egg"]
+    sample = {"name": "s", "rgb": over_white(a), "rgba": a, "c2w": c2w,
+              "fov_deg": torch.full((4,), FOV)}  # fmt: skip
+    for gt, uid in ((cands, "egg"), (cands[::-1], "egg"), (cands[0], "stick")):
+        rec, rows, gt_rgb = evaluate_views(sample, gt=gt, recon_steps=0, holdout="none")
+        assert rec["gt"]["uid"] == uid and rows[-1][0] == "ground truth"
+    assert rec["gt"]["candidates"] == 1 and rec["gt"]["psnr"] < 40
+    rec, rows, gt_rgb = evaluate_views(sample, gt=cands, recon_steps=0, holdout="none")
+    assert rec["gt"]["candidates"] == 2 and rec["gt"]["psnr"] > 40
+    assert torch.allclose(gt_rgb, over_white(a), atol=1 / 255)
+    write_report(tmp_path / "report", {"summary": {}, "samples": [rec]}, {"s": rows})
+    assert "closest of 2: egg" in (tmp_path / "report" / "report.html").read_text()
+
+
 def test_eval_cli_errors(tmp_path, objects, capsys):
     from mvdiff.cli import main
 

@@ -20,8 +20,9 @@ from mvdiff.errors import UserError
 _FLAGS = {
     "--gt": ("gt", "list", "ground truth: a multi-view shard (.tar) or a folder of views + "
              "cameras.json; one for all samples or one per sample"),
-    "--gt-uid": ("gt_uid", "list", "shard sample(s) to use as ground truth (default: the one "
-                 "captioned with the sample's prompt, or the shard's only sample)"),
+    "--gt-uid": ("gt_uid", "list", "shard sample(s) to use as ground truth (default: those "
+                 "captioned with the sample's prompt, scored against the closest; or the "
+                 "shard's only sample)"),
     "--match-tolerance": ("match_tolerance_deg", float, "max angle (deg) between a view and its "
                           "ground-truth camera (default 5)"),
     "--fov": ("fov", float, "field of view (deg) for cameras without one; mvdiff sample stores "

@@ -28,7 +28,8 @@ class EvalConfig:
     output: str = ""
     #: ground truth: one path for all samples or one per sample (shard .tar or view folder)
     gt: list[str] = field(default_factory=list)
-    #: shard sample per --gt (else the sample captioned with the prompt, or the only one)
+    #: shard sample per --gt (else the samples captioned with the prompt, scored against the
+    #: closest; or the only one)
     gt_uid: list[str] = field(default_factory=list)
     #: a view and its ground truth must be seen from within this angle (degrees)
     match_tolerance_deg: float = 5.0
@@ -91,7 +92,7 @@ def _mean(xs) -> float | None:
 def evaluate_views(
     sample: dict,
     *,
-    gt: dict | None = None,
+    gt: dict | list[dict] | None = None,
     recon_steps: int = 150,
     recon_resolution: int | None = None,
     holdout: str = "one",
@@ -102,6 +103,9 @@ def evaluate_views(
     fit_all: bool = True,
 ) -> tuple[dict, list, torch.Tensor | None]:
     """Score one set of views (a dict like :func:`mvdiff.eval.views.load_sample`'s).
+
+    ``gt`` is one ground truth or several candidates (objects that share the prompt); with
+    several, the agreement is with the closest (highest PSNR), whose uid is recorded.
 
     ``recon_config`` (a :class:`mvdiff.sds.config.TextTo3DConfig`) and ``fit_all`` go to
     :func:`~mvdiff.eval.consistency.reconstruction_consistency`. Returns (record for
@@ -139,18 +143,26 @@ def evaluate_views(
     }
     rows = [("generated", rgb), ("reconstruction", cons["renders"])]
     gt_rgb = None
-    if gt is not None:
-        idx, angles = match_views(sample["c2w"], gt["c2w"])
+    candidates = [gt] if isinstance(gt, dict) else list(gt or [])
+    best = None
+    for cand in candidates:
+        idx, angles = match_views(sample["c2w"], cand["c2w"])
         worst = max(angles)
         if worst > match_tolerance_deg:
             raise UserError(
-                f"--gt {gt.get('source', gt.get('uid'))}: no ground-truth view within "
+                f"--gt {cand.get('source', cand.get('uid'))}: no ground-truth view within "
                 f"{match_tolerance_deg}° of view {angles.index(worst)} of {sample['name']} "
                 f"(nearest {worst:.1f}°); render the ground truth at the sample's cameras"
             )
-        gt_rgb = composite_white(gt["rgba"][idx])
-        agree = gt_agreement(rgb, gt_rgb)
-        record["gt"] = {"source": gt.get("source"), "uid": gt.get("uid"), "views": idx,
+        cand_rgb = composite_white(cand["rgba"][idx])
+        agree = gt_agreement(rgb, cand_rgb)
+        if best is None or agree["psnr"] > best[0]["psnr"]:
+            best = (agree, cand, idx, angles, cand_rgb)
+    if best is not None:
+        agree, cand, idx, angles, gt_rgb = best
+        # several objects can share the prompt: the views are scored against the closest
+        record["gt"] = {"source": cand.get("source"), "uid": cand.get("uid"),
+                        "candidates": len(candidates), "views": idx,
                         "angle_deg": [round(a, 3) for a in angles], **agree}  # fmt: skip
         rows.append(("ground truth", gt_rgb))
     if clip is not None:
@@ -166,7 +178,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     from mvdiff.config import config_to_dict
     from mvdiff.eval.metrics import frechet_distance, kernel_inception_distance
     from mvdiff.eval.report import write_report
-    from mvdiff.eval.views import load_ground_truth, load_image_set, load_sample
+    from mvdiff.eval.views import load_ground_truths, load_image_set, load_sample
 
     cfg.validate()
     t0 = time.perf_counter()
@@ -182,9 +194,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
             if path is None:
                 gts.append(None)
                 continue
-            g = load_ground_truth(path, _per_sample(cfg.gt_uid, i), s["prompt"], cfg.fov)
-            g["source"] = path
-            gts.append(g)
+            cands = load_ground_truths(path, _per_sample(cfg.gt_uid, i), s["prompt"], cfg.fov)
+            for g in cands:
+                g["source"] = path
+            gts.append(cands)
         clip = None
         if cfg.clip:
             from mvdiff.eval.features import ClipScorer

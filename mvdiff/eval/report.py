@@ -104,7 +104,11 @@ def write_report(out: Path, results: dict, strips: dict[str, list]) -> dict:
             f"held-out silhouette IoU {_fmt(cons.get('iou_holdout'), 3)}",
         ]
         if gt:
-            cells.append(f"GT PSNR {_fmt(gt.get('psnr'))} dB, SSIM {_fmt(gt.get('ssim'), 3)}")
+            of = gt.get("candidates", 1)
+            closest = f" (closest of {of}: {html.escape(str(gt.get('uid')))})" if of > 1 else ""
+            cells.append(
+                f"GT PSNR {_fmt(gt.get('psnr'))} dB, SSIM {_fmt(gt.get('ssim'), 3)}{closest}"
+            )
         if clip is not None:
             cells.append(f"CLIP score {_fmt(clip.get('mean'))}")
         name = rec["name"]

@@ -20,7 +20,13 @@ import torch
 
 from mvdiff.errors import UserError
 
-__all__ = ["composite_white", "load_ground_truth", "load_image_set", "load_sample"]
+__all__ = [
+    "composite_white",
+    "load_ground_truth",
+    "load_ground_truths",
+    "load_image_set",
+    "load_sample",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -95,14 +101,15 @@ def _norm_caption(text: str) -> str:
     return text[: -len(", 3d asset")] if text.endswith(", 3d asset") else text
 
 
-def load_ground_truth(
+def load_ground_truths(
     path, uid: str | None = None, prompt: str = "", fov_deg: float = 40.0, flag: str = "--gt"
-) -> dict:
-    """Ground-truth views: ``uid``, ``caption``, ``rgba`` ``[G, 4, H, W]``, ``c2w``
+) -> list[dict]:
+    """Candidate ground truths, each ``uid``, ``caption``, ``rgba`` ``[G, 4, H, W]``, ``c2w``
     ``[G, 4, 4]``, ``fov_deg`` ``[G]``.
 
-    ``path`` is a multi-view shard (DESIGN §3) — the sample ``uid``, else the one whose caption
-    is ``prompt``, else its only sample — or a folder of views with ``cameras.json`` (the
+    ``path`` is a multi-view shard (DESIGN §3) — the sample ``uid``, else every sample whose
+    caption is ``prompt`` (a caption can fit several objects: the evaluation scores against
+    the closest), else its only sample — or a folder of views with ``cameras.json`` (the
     layout of ``mvdiff sample``; RGBA PNGs keep their alpha).
     """
     from mvdiff.sds.ref_views import load_sample_folder, load_shard_sample
@@ -117,35 +124,46 @@ def load_ground_truth(
                 caption = str(
                     json.loads(settings.read_text()).get("settings", {}).get("prompt", "")
                 )
-            return {"uid": path.name, "caption": caption, "rgba": views["rgba"],
-                    "c2w": views["c2w"], "fov_deg": views["fov_deg"]}  # fmt: skip
+            return [{"uid": path.name, "caption": caption, "rgba": views["rgba"],
+                     "c2w": views["c2w"], "fov_deg": views["fov_deg"]}]  # fmt: skip
         if not path.is_file():
             raise UserError(f"{flag} {path}: no such shard file or folder")
         captions = _shard_captions(path, flag)
         if not captions:
             raise UserError(f"{flag} {path}: no samples")
-        if uid is None:
-            hits = [
+        if uid is not None:
+            if uid not in captions:
+                raise UserError(f"{flag} {path}: no sample {uid!r} (--gt-uid)")
+            uids = [uid]
+        else:
+            uids = [
                 k
                 for k, c in captions.items()
                 if prompt and _norm_caption(c) == _norm_caption(prompt)
             ]
-            if len(hits) >= 1:
-                uid = hits[0]
-            elif len(captions) == 1:
-                uid = next(iter(captions))
-            else:
+            if not uids and len(captions) == 1:
+                uids = list(captions)
+            if not uids:
                 raise UserError(
                     f"{flag} {path}: {len(captions)} samples and none captioned {prompt!r}; "
                     "name one with --gt-uid"
                 )
-        elif uid not in captions:
-            raise UserError(f"{flag} {path}: no sample {uid!r} (--gt-uid)")
-        views = load_shard_sample(path, uid)
+        out = []
+        for u in uids:
+            views = load_shard_sample(path, u)
+            out.append({"uid": views["uid"], "caption": captions.get(views["uid"], ""),
+                        "rgba": views["rgba"], "c2w": views["c2w"],
+                        "fov_deg": views["fov_deg"]})  # fmt: skip
+        return out
     except UserError as e:
         raise _reflag(e, flag) from None
-    return {"uid": views["uid"], "caption": captions.get(views["uid"], ""), "rgba": views["rgba"],
-            "c2w": views["c2w"], "fov_deg": views["fov_deg"]}  # fmt: skip
+
+
+def load_ground_truth(
+    path, uid: str | None = None, prompt: str = "", fov_deg: float = 40.0, flag: str = "--gt"
+) -> dict:
+    """The first of :func:`load_ground_truths` (one object per call)."""
+    return load_ground_truths(path, uid, prompt, fov_deg, flag)[0]
 
 
 def _decode(data: bytes) -> np.ndarray:
