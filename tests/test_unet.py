@@ -86,6 +86,23 @@ def test_camera_none_skips_the_camera_mlp():
     assert (a - c).abs().max() > 1e-3
 
 
+def test_without_camera_the_views_are_interchangeable():
+    """Without the camera nothing tells the views apart: permuting the views of the input
+    permutes the output the same way (so a camera-less model's four views are exchangeable,
+    which the learning check's no-camera ablation relies on); with the camera it does not."""
+    unet = tiny_unet().eval()
+    x, t, ctx, cam = _inputs(b=1, v=4)
+    ctx = ctx[:1].expand(4, -1, -1)  # one prompt for the object's views
+    perm = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        out = unet(x, t, ctx, camera=None, num_views=4).sample
+        out_p = unet(x[perm], t, ctx, camera=None, num_views=4).sample
+        cam_out = unet(x, t, ctx, camera=cam, num_views=4).sample
+        cam_out_p = unet(x[perm], t, ctx, camera=cam, num_views=4).sample
+    torch.testing.assert_close(out_p, out[perm], atol=1e-5, rtol=1e-5)
+    assert (cam_out_p - cam_out[perm]).abs().max() > 1e-3
+
+
 def test_any_views_and_resolution():
     unet = tiny_unet().eval()
     x, t, ctx, cam = _inputs(b=1, v=8, h=16, w=24)
