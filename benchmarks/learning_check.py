@@ -8,6 +8,9 @@
    the object open — four objects share each caption — so a model must choose the shape once
    for all views, which is what joined-view attention is for; which views show the object
    long and which short, and which shows the marked side, depends on the camera.
+   ``--set stretch=1`` keeps the objects round: the shapes stay distinct at 16², which is
+   where per-view attention shows (mixed shapes), while nothing the models learn then
+   depends on the camera.
    ``--set hidden=colour`` leaves the colours open instead ("a cube with a marked front"),
    ``hidden=none`` names everything; ``accent=""`` paints the marked side in a second colour
    from the palette.
@@ -846,7 +849,8 @@ def markdown_table(result: dict) -> str:
     cols = [("consistency_psnr", "recon. PSNR (all views) dB"),
             ("consistency_psnr_holdout", "recon. PSNR (held-out view) dB"),
             ("consistency_iou_holdout", "recon. silhouette IoU (held-out view)"),
-            ("gt_psnr", "GT PSNR dB"), ("gt_ssim", "GT SSIM")]  # fmt: skip
+            ("gt_psnr", "GT PSNR dB (closest object)"),
+            ("gt_ssim", "GT SSIM (closest object)")]  # fmt: skip
     three = {"gt_ssim", "consistency_iou_holdout"}  # shown with 3 decimals
     head = "| model | " + " | ".join(c[1] for c in cols) + " | final loss |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
