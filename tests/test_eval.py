@@ -298,8 +298,13 @@ def write_gt_shard(path: Path, samples: dict) -> Path:
     return path
 
 
-def test_eval_cli_end_to_end(tmp_path, objects, capsys):
+def test_eval_cli_end_to_end(tmp_path, objects, capsys, monkeypatch):
+    import mvdiff.eval.views as views
     from mvdiff.cli import main
+
+    loads = []
+    real_load = views.load_ground_truths
+    monkeypatch.setattr(views, "load_ground_truths", lambda *a: loads.append(a) or real_load(*a))
 
     c2w, a, b = objects
     write_sample_folder(tmp_path / "samples" / "good", over_white(a), "an egg")
@@ -314,6 +319,7 @@ def test_eval_cli_end_to_end(tmp_path, objects, capsys):
                  "--recon-steps", "40", "--clip", str(clip), "--inception", str(ts),
                  "--feature-size", "32", "--kid-subset-size", "4", "--kid-subsets", "3"])  # fmt: skip
     assert code == 0
+    assert len(loads) == 1  # both samples have the prompt "an egg": its ground truth loads once
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     results = json.loads((out / "results.json").read_text())
     assert printed["summary"] == results["summary"]

@@ -188,16 +188,18 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     try:
         # Load everything first: a bad path fails before minutes of fitting.
         samples = [load_sample(s, cfg.fov) for s in cfg.samples]
-        gts = []
+        gts, loaded = [], {}  # samples of one prompt share their ground truth: load it once
         for i, s in enumerate(samples):
             path = _per_sample(cfg.gt, i)
             if path is None:
                 gts.append(None)
                 continue
-            cands = load_ground_truths(path, _per_sample(cfg.gt_uid, i), s["prompt"], cfg.fov)
-            for g in cands:
-                g["source"] = path
-            gts.append(cands)
+            key = (path, _per_sample(cfg.gt_uid, i), s["prompt"].strip().lower())
+            if key not in loaded:
+                loaded[key] = load_ground_truths(path, key[1], s["prompt"], cfg.fov)
+                for g in loaded[key]:
+                    g["source"] = path
+            gts.append(loaded[key])
         clip = None
         if cfg.clip:
             from mvdiff.eval.features import ClipScorer
