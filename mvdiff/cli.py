@@ -3,6 +3,12 @@
 Each subcommand lives in ``mvdiff/commands/<name>.py`` with ``add_parser(subparsers)`` and
 ``run(args)``; heavy imports happen inside ``run`` so that ``mvdiff --help`` is instant.
 Bad input (:class:`mvdiff.errors.UserError`) ends as one line on stderr and exit status 2.
+
+Signals: Ctrl-C (SIGINT) raises ``KeyboardInterrupt`` and SIGTERM raises
+:class:`mvdiff.errors.Terminated` (a ``KeyboardInterrupt``) in the main thread, so a command
+cleans up the same way for both (closes what is complete, abandons what is in flight); they
+end as one line on stderr and exit status 130 / 143. A second SIGTERM during that clean-up
+is ignored (SIGKILL still ends the process).
 """
 
 from __future__ import annotations
@@ -10,11 +16,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 import sys
+import threading
 
 import mvdiff.commands
 from mvdiff import __version__
-from mvdiff.errors import UserError
+from mvdiff.errors import Terminated, UserError
 
 
 def _command_modules() -> list:
@@ -36,17 +44,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up
+    raise Terminated()
+
+
+def _note(e: BaseException) -> str:
+    """``": NOTE"`` from an interrupt's message (what was kept), else ``""``; one line."""
+    text = " ".join(str(e).split())
+    return f": {text}" if text else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         result = args.run(args)
     except UserError as e:
         print(f"mvdiff {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"mvdiff {args.command}: interrupted", file=sys.stderr)
+    except Terminated as e:
+        print(f"mvdiff {args.command}: terminated (SIGTERM){_note(e)}", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt as e:
+        print(f"mvdiff {args.command}: interrupted{_note(e)}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(result or 0)
 
 
