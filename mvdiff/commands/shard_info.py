@@ -32,13 +32,15 @@ def run(args: argparse.Namespace) -> int:
     for item in args.shards:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(p.glob("*.tar"))
+            paths += sorted(q for q in p.glob("*.tar") if q.is_file())  # no FIFOs, folders
         elif p.is_file():
             paths.append(p)
         else:
             raise UserError(f"shard {item}: no such file or folder")
     if not paths:
         raise UserError(f"no .tar shards in {' '.join(args.shards)}")
+    if args.contact_sheet and Path(args.contact_sheet).suffix.lower() != ".png":
+        raise UserError(f"--contact-sheet {args.contact_sheet}: must be a .png file")
     reports = [check_shard(p) for p in paths]
     total = {
         "shards": len(reports),
@@ -48,9 +50,12 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.contact_sheet:
         total["contact_sheet"] = args.contact_sheet
-        total["contact_sheet_rows"] = contact_sheet(
-            paths, args.contact_sheet, args.max_samples, args.max_views
-        )
+        try:
+            total["contact_sheet_rows"] = contact_sheet(
+                paths, args.contact_sheet, args.max_samples, args.max_views
+            )
+        except OSError as e:
+            raise UserError(f"--contact-sheet {args.contact_sheet}: cannot write ({e})") from None
     if args.json:
         print(json.dumps({**total, "reports": reports}))
     else:

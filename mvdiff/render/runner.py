@@ -126,6 +126,28 @@ def _make_backend(cfg: RenderConfig, num_objects: int):
     return pool.LocalBackend(cfg, min(workers, num_objects))
 
 
+def _write_error(cfg: RenderConfig, e: OSError, done: int) -> UserError:
+    return UserError(
+        f"--output {cfg.output}: cannot write ({e.strerror or e}); the run stopped, the {done} "
+        "objects it rendered are kept; make room and run the same command to resume"
+    )
+
+
+def _close(writer, backend, manifest, lock, bar, abort: bool) -> bool:
+    """Close the open shard (if that fails, e.g. disk full, its ``.tmp`` stays for the next
+    run to close), stop the workers, release the output; True if the shard was closed."""
+    bar.close()
+    try:
+        writer.close_shard()
+        closed = True
+    except OSError:
+        closed = False
+    backend.close(abort=abort)
+    manifest.close()
+    lock.close()
+    return closed
+
+
 def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
     """Render every object of ``cfg`` not yet done; return a summary dict."""
     cfg.validate()
@@ -152,6 +174,18 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
         todo = todo[: cfg.limit]
     summary = {"objects": len(objects), "skipped": len(objects) - len(todo), "done": 0,
                "failed": 0, "views": 0, "recovered_shards": writer.recovered}  # fmt: skip
+    try:
+        for obj in [o for o in todo if o.get("error")]:  # unreadable inputs: failed, not rendered
+            manifest.append({"uid": obj["uid"], "source": obj.get("source", ""), "seconds": 0.0,
+                             "status": "failed", "shard": "", "reason": obj["error"]})  # fmt: skip
+            summary["failed"] += 1
+            if progress:
+                tqdm.write(f"failed {obj['uid']}: {obj['error']}", file=sys.stderr)
+    except OSError as e:
+        manifest.close()
+        lock.close()
+        raise _write_error(cfg, e, 0) from None
+    todo = [o for o in todo if not o.get("error")]
     if not todo:
         manifest.close()
         lock.close()
@@ -199,7 +233,10 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
                     except SampleInvalid as e:
                         answer = {"ok": False, "retry": True, "reason": f"invalid output: {e}"}
                 if answer.get("ok"):
-                    writer.write(obj["uid"], members, {**record, "reason": ""})
+                    try:
+                        writer.write(obj["uid"], members, {**record, "reason": ""})
+                    except OSError as e:  # disk full, output folder gone, ...
+                        raise _write_error(cfg, e, summary["done"]) from None
                     summary["done"] += 1
                     summary["views"] += len(answer["fov_deg"])
                 elif answer.get("retry") and attempt < cfg.retries:
@@ -207,7 +244,12 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
                     continue
                 else:
                     reason = answer.get("reason", "unknown")
-                    manifest.append({**record, "status": "failed", "shard": "", "reason": reason})
+                    try:
+                        manifest.append(
+                            {**record, "status": "failed", "shard": "", "reason": reason}
+                        )
+                    except OSError as e:
+                        raise _write_error(cfg, e, summary["done"]) from None
                     summary["failed"] += 1
                     if progress:
                         tqdm.write(f"failed {obj['uid']}: {reason}", file=sys.stderr)
@@ -216,12 +258,18 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
                 bar.set_postfix_str(
                     f"{summary['views'] / elapsed:.2f} views/s, {summary['failed']} failed"
                 )
-    finally:
-        bar.close()
-        writer.close_shard()
-        backend.close(abort=bool(in_flight))
-        manifest.close()
-        lock.close()
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (mvdiff.errors.Terminated)
+        closed = _close(writer, backend, manifest, lock, bar, abort=True)
+        kept = "are saved" if closed else "are recorded (the open shard is closed on the next run)"
+        e.args = (f"the {summary['done']} objects rendered by this run {kept} in {cfg.output}, "
+                  f"{len(in_flight)} in flight abandoned; the same command resumes",)  # fmt: skip
+        raise
+    except BaseException:
+        _close(writer, backend, manifest, lock, bar, abort=bool(in_flight))
+        raise
+    if not _close(writer, backend, manifest, lock, bar, abort=False):
+        raise UserError(f"--output {cfg.output}: cannot close the last shard (disk full?); "
+                        "the same command closes it and resumes")  # fmt: skip
     out.finish(cfg)
     if out.remote:
         for shard in out.local.glob(f"{cfg.shard_prefix}-*.tar"):

@@ -17,6 +17,7 @@ twice or left truncated.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from mvdiff.io import save_image
 
 SCHEMA = 1
 MANIFEST = "manifest.jsonl"
@@ -48,7 +51,9 @@ class Manifest:
     """Append-only JSON lines: ``{"uid", "source", "status", "shard", "reason", "seconds"}``.
 
     The last line of a uid wins, except that ``done`` is final. A torn last line (``kill -9``
-    mid-write) is ignored and cut off before appending.
+    mid-write) is ignored and cut off before appending; so are lines that are not a record
+    (hand edits, a line torn by a full disk). An append that fails (disk full) is cut back
+    off, so the file never holds half a line.
     """
 
     def __init__(self, path: str | Path):
@@ -60,25 +65,36 @@ class Manifest:
             if len(good) != len(data):
                 with open(self.path, "r+b") as f:
                     f.truncate(len(good))
-            for line in good.decode().splitlines():
+            for line in good.decode(errors="replace").splitlines():
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if self.records.get(rec.get("uid"), {}).get("status") != "done":
+                if not _is_record(rec):
+                    continue
+                if self.records.get(rec["uid"], {}).get("status") != "done":
                     self.records[rec["uid"]] = rec
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a")
+        self._f = open(self.path, "ab", buffering=0)
 
     def done(self, uid: str) -> bool:
         return self.records.get(uid, {}).get("status") == "done"
 
     def append(self, rec: dict) -> None:
-        self._f.write(json.dumps(rec) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        """Append one line, fsynced; on failure (``OSError``) the file is as it was before."""
+        data = memoryview((json.dumps(rec) + "\n").encode())
+        fd = self._f.fileno()
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[self._f.write(data) :]
+            os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
         if not self.done(rec["uid"]):
             self.records[rec["uid"]] = rec
 
@@ -90,6 +106,15 @@ class Manifest:
 
     def close(self) -> None:
         self._f.close()
+
+
+def _is_record(rec) -> bool:
+    """A manifest line this version understands (a ``done`` one names its shard and end)."""
+    if not (isinstance(rec, dict) and isinstance(rec.get("uid"), str)):
+        return False
+    if rec.get("status") == "done":
+        return isinstance(rec.get("shard"), str) and isinstance(rec.get("end", 0), int)
+    return isinstance(rec.get("status"), str)
 
 
 # --- samples ----------------------------------------------------------------------------
@@ -269,59 +294,129 @@ class ShardWriter:
         self._file = open(self.tmp_path, "wb")
         self.tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self.count = 0
+        self.committed = 0  # end offset of the last sample whose manifest line is written
 
     def write(self, key: str, members: dict[str, bytes], record: dict) -> str:
-        """Append one sample, then its ``done`` manifest line; return the shard name."""
+        """Append one sample, then its ``done`` manifest line; return the shard name.
+
+        If anything fails or interrupts it (disk full, Ctrl-C, SIGTERM), the open shard is cut
+        back to its last recorded sample and the exception propagates: the sample is simply
+        not written.
+        """
         if "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
         if self.tar is None:
             self._open()
         now = time.time()
-        for suffix, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size = len(data)
-            info.mtime = now
-            info.mode = 0o644
-            self.tar.addfile(info, io.BytesIO(data))
-        self._file.flush()
-        os.fsync(self._file.fileno())
         shard = self._shard_name(self.index)
-        self.manifest.append({**record, "status": "done", "shard": shard, "end": self.tar.offset})
+        try:
+            for suffix, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                info.mtime = now
+                info.mode = 0o644
+                self.tar.addfile(info, io.BytesIO(data))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self.manifest.append(
+                {**record, "status": "done", "shard": shard, "end": self.tar.offset}
+            )
+        except BaseException:
+            self._rollback()
+            raise
+        self.committed = self.tar.offset
         self.count += 1
         if self.count >= self.max_samples or self.tar.offset >= self.max_bytes:
             self.close_shard()
         return shard
 
+    def _rollback(self) -> None:
+        """Cut the open shard back to the end of its last recorded sample."""
+        with contextlib.suppress(OSError, ValueError):
+            self._file.flush()
+        with contextlib.suppress(OSError, ValueError):
+            self._file.seek(self.committed)
+            self._file.truncate()
+            self.tar.offset = self.committed
+
     def close_shard(self) -> None:
+        """Close the open shard: its recorded samples, the end-of-archive blocks, renamed to
+        the final name. With no recorded sample the ``.tmp`` is removed. If this fails (disk
+        full), the ``.tmp`` stays for :meth:`recover` and the ``OSError`` propagates."""
         if self.tar is None:
             return
-        self.tar.close()  # writes the end-of-archive blocks
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        tar, self.tar = self.tar, None
+        try:
+            if self.count == 0:
+                self._file.close()
+                self.tmp_path.unlink(missing_ok=True)
+                return
+            self._file.seek(self.committed)  # a sample cut off by an error ends here
+            self._file.truncate()
+            self._file.write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            tar.closed = True  # its file is ours; tarfile must never write to it again
+            self._file.close()
         final = self.folder / self._shard_name(self.index)
         os.replace(self.tmp_path, final)
         _fsync_dir(self.folder)
-        self.tar = None
         self.index += 1
         if self.on_close:
             self.on_close(final)
 
 
 # --- inspection ---------------------------------------------------------------------------
-def _read_tar(path) -> dict[str, dict[str, bytes]]:
+def _read_tar(path, errors: list | None = None) -> dict[str, dict[str, bytes]]:
+    """Every regular member of a shard, grouped by sample key.
+
+    A truncated shard -- a member cut short, or no end-of-archive blocks after the last
+    member (a shard cut exactly between members reads "fine" with ``tarfile`` alone) -- raises
+    ``tarfile.ReadError``; with an ``errors`` list the problem is appended there instead and
+    the complete members before the cut are returned.
+    """
     samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, _, suffix = info.name.partition(".")
-            data = tar.extractfile(info).read()
-            sample = samples.setdefault(key, {})
-            if suffix in sample:
-                raise SampleInvalid(f"duplicate member {info.name}")
-            sample[suffix] = data
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, _, suffix = info.name.partition(".")
+                try:
+                    data = tar.extractfile(info).read()
+                except tarfile.ReadError:
+                    data = b""
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"truncated: member {info.name} is cut short")
+                sample = samples.setdefault(key, {})
+                if suffix in sample:
+                    raise SampleInvalid(f"duplicate member {info.name}")
+                sample[suffix] = data
+            end = tar.offset  # where the next header would start: the end-of-archive marker
+        _check_end_of_archive(path, end)
+    except (tarfile.TarError, SampleInvalid) as e:
+        if errors is None or not samples:
+            raise
+        errors.append(str(e))
     return samples
+
+
+def _check_end_of_archive(path, end: int) -> None:
+    """Two zero blocks at ``end``, and only zeros (record padding) after them."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(end)
+        marker = f.read(2 * tarfile.BLOCKSIZE)
+        if len(marker) < 2 * tarfile.BLOCKSIZE or marker.count(0) != len(marker):
+            what = "ends" if marker.count(0) == len(marker) else "has a damaged header"
+            raise tarfile.ReadError(
+                f"truncated: no end-of-archive marker after the last complete member at byte "
+                f"{end} (the file {what} there, size {size})"
+            )
+        while chunk := f.read(1 << 20):
+            if chunk.count(0) != len(chunk):
+                raise tarfile.ReadError(f"bytes after the end-of-archive marker at byte {end}")
 
 
 def check_sample(key: str, members: dict[str, bytes]) -> dict:
@@ -330,8 +425,10 @@ def check_sample(key: str, members: dict[str, bytes]) -> dict:
         raise SampleInvalid("no .json member")
     try:
         meta = json.loads(members["json"])
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or not UTF-8
         raise SampleInvalid(f"bad .json ({e})") from None
+    if not isinstance(meta, dict):
+        raise SampleInvalid(f".json is a {type(meta).__name__}, expected an object")
     missing = [f for f in META_FIELDS if f not in meta]
     if missing:
         raise SampleInvalid(f".json lacks {missing}")
@@ -340,11 +437,17 @@ def check_sample(key: str, members: dict[str, bytes]) -> dict:
     if meta["uid"] != key:
         raise SampleInvalid(f"uid {meta['uid']!r} differs from the key")
     num_views, res = meta["num_views"], meta["resolution"]
+    for name, value in (("num_views", num_views), ("resolution", res)):
+        if not _is_int(value) or value < 1:
+            raise SampleInvalid(f"{name} must be a positive integer, got {value!r}")
     for name in PER_VIEW_FIELDS:
-        if len(meta[name]) != num_views or not all(math.isfinite(x) for x in meta[name]):
+        if not _numbers(meta[name], num_views):
             raise SampleInvalid(f"{name} must hold {num_views} finite numbers")
     norm = meta["normalization"]
-    if not (isinstance(norm, dict) and "scale" in norm and len(norm.get("offset", [])) == 3):
+    if not (
+        isinstance(norm, dict) and _numbers([norm.get("scale")], 1)
+        and _numbers(norm.get("offset"), 3)
+    ):  # fmt: skip
         raise SampleInvalid("normalization must be {scale, offset[3]}")
     for name in members:
         if not MEMBER_RE.match(name):
@@ -376,11 +479,24 @@ def check_sample(key: str, members: dict[str, bytes]) -> dict:
     return meta
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _numbers(values, n: int) -> bool:
+    """``values`` is a list of ``n`` finite numbers."""
+    return (
+        isinstance(values, list) and len(values) == n
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                for x in values)
+    )  # fmt: skip
+
+
 def check_shard(path) -> dict:
     """Counts and schema problems of one shard: ``{"path", "samples", "views", "errors"}``."""
     report = {"path": str(path), "samples": 0, "views": 0, "errors": []}
     try:
-        samples = _read_tar(path)
+        samples = _read_tar(path, report["errors"])
     except (tarfile.TarError, OSError, SampleInvalid) as e:
         report["errors"].append(f"unreadable tar ({e})")
         return report
@@ -390,16 +506,28 @@ def check_shard(path) -> dict:
         except SampleInvalid as e:
             report["errors"].append(f"{key}: {e}")
             continue
+        except Exception as e:  # anything a hostile sample provokes is a problem of the sample
+            report["errors"].append(f"{key}: malformed sample ({type(e).__name__}: {e})")
+            continue
         report["samples"] += 1
         report["views"] += meta["num_views"]
     return report
 
 
 def contact_sheet(paths, out_path, max_samples=8, max_views=8, tile=128) -> int:
-    """A PNG grid: one row per sample (up to ``max_samples``), views over a checkerboard."""
+    """A PNG grid: one row per valid sample (up to ``max_samples``), views over a
+    checkerboard; samples that fail :func:`check_sample` and unreadable shards are left out."""
     rows = []
     for path in paths:
-        for members in _read_tar(path).values():
+        try:
+            samples = _read_tar(path, [])
+        except (tarfile.TarError, OSError, SampleInvalid):
+            continue
+        for key, members in samples.items():
+            try:
+                check_sample(key, members)
+            except Exception:  # reported by check_shard; never decoded here
+                continue
             names = sorted(n for n in members if n.startswith("rgba."))[:max_views]
             rows.append([members[n] for n in names])
             if len(rows) >= max_samples:
@@ -417,6 +545,5 @@ def contact_sheet(paths, out_path, max_samples=8, max_views=8, tile=128) -> int:
             cell = checker.copy()
             cell.paste(im, (0, 0), im)
             sheet.paste(cell, (c * tile, r * tile))
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out_path)
+    save_image(out_path, sheet)
     return len(rows)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import io
+import os
 import re
 import socket
+import stat
 from pathlib import Path
 
 from mvdiff.errors import UserError
@@ -51,29 +54,68 @@ def load_captions(path: str) -> dict[str, str]:
     return out
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters (a newline in a file name) escaped: one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def unusable(path: Path) -> str:
+    """Why the asset file ``path`` cannot be rendered, or "" if it can be read: a symlink
+    loop, a dangling symlink, something that is not a regular file (a folder, a FIFO that
+    would block the importer), or a file that cannot be opened."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+        if path.is_symlink():
+            return f"dangling symlink (-> {os.readlink(path)})"
+        return f"cannot be read ({e.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    return ""
+
+
 def local_objects(inputs: list[str]) -> list[dict]:
-    """Files (or every supported file under folders), each with a unique uid from its stem."""
+    """Files (or every supported file under folders), each with a unique uid from its stem.
+
+    A file that cannot be read (:func:`unusable`) is still an object, with an ``"error"``: the
+    runner records it as failed with that reason while the others render.
+    """
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             files += sorted(f for f in p.rglob("*") if f.suffix.lower() in EXTENSIONS)
-        elif p.is_file():
+        elif os.path.lexists(p):
             if p.suffix.lower() not in EXTENSIONS:
+                why = unusable(p)
                 raise UserError(
-                    f"input {item}: unsupported file type (expected {', '.join(EXTENSIONS)})"
+                    f"input {item}: {why}"
+                    if why
+                    else f"input {item}: unsupported file type (expected {', '.join(EXTENSIONS)})"
                 )
             files.append(p)
         else:
             raise UserError(f"input {item}: no such file or folder")
     objects, seen = [], set()
     for f in files:
+        error = unusable(f)
+        path = f.absolute() if error else f.resolve()
         uid = safe_uid(f.stem)
         if uid in seen:  # same stem in two folders: disambiguate by the path
-            uid = f"{uid}_{hashlib.sha1(str(f.resolve()).encode()).hexdigest()[:8]}"
+            uid = f"{uid}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
         seen.add(uid)
-        objects.append({"uid": uid, "path": str(f.resolve()), "source": "local",
-                        "caption": caption_from_name(f.stem), "license": ""})  # fmt: skip
+        obj = {"uid": uid, "path": str(path), "source": "local",
+               "caption": caption_from_name(f.stem), "license": ""}  # fmt: skip
+        if error:
+            obj["error"] = f"{error}: {printable(str(path))}"
+        objects.append(obj)
     return objects
 
 
