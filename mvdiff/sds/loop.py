@@ -16,12 +16,21 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mvdiff.errors import UserError
 from mvdiff.sds.background import Background
 from mvdiff.sds.config import TextTo3DConfig
 from mvdiff.sds.field import RadianceField
 from mvdiff.sds.render import OccupancyGrid, render_rays
 
-__all__ = ["FitState", "ref_view_loss", "render_size", "run_steps", "train_step"]
+__all__ = [
+    "FitState",
+    "load_checkpoint",
+    "ref_view_loss",
+    "render_size",
+    "restore",
+    "run_steps",
+    "train_step",
+]
 
 
 class FitState:
@@ -62,6 +71,70 @@ class FitState:
         self.occupancy.values = state["occupancy"]
         if self.occupancy.values is not None:
             self.occupancy.occupied = self.occupancy.values > self.occupancy.threshold
+
+
+CHECKPOINT_KEYS = ("field", "background", "optimizer", "generator", "occupancy", "step", "config")
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text[:limit]
+
+
+def load_checkpoint(path, device="cpu") -> dict:
+    """A checkpoint written by :class:`FitState` users (``checkpoint.pt``), as tensors and
+    plain data only: torch's weights-only loader refuses anything else before it is built,
+    so no code in the file runs. Anything unreadable or of another structure is a
+    :class:`UserError` naming the file (one line)."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"--resume {path}: refused: holds objects other than tensors and plain data "
+            "(nothing of it was run or used)"
+        ) from None
+    except Exception as e:  # truncated zip, not a torch file, unreadable, ...
+        raise UserError(f"--resume {path}: not a readable checkpoint ({_first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"--resume {path}: not a text-to-3d checkpoint (a {type(state).__name__})")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise UserError(f"--resume {path}: not a text-to-3d checkpoint (lacks {missing})")
+    step = state["step"]
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise UserError(f"--resume {path}: step must be an integer >= 0, got {step!r}")
+    if not isinstance(state["config"], dict):
+        raise UserError(f"--resume {path}: config is not a mapping")
+    return state
+
+
+def restore(fit: FitState, state: dict, path) -> int:
+    """Load a :func:`load_checkpoint` state into ``fit``; return its step. A state that does
+    not fit (shapes, optimiser groups, generator) or holds non-finite weights is a one-line
+    :class:`UserError` naming ``path``."""
+    for part in ("field", "background"):
+        tensors = state[part]
+        if not isinstance(tensors, dict) or not all(
+            isinstance(t, torch.Tensor) for t in tensors.values()
+        ):
+            raise UserError(f"--resume {path}: {part} is not a dict of tensors")
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+        if bad:
+            raise UserError(f"--resume {path}: {part} weights are not finite ({bad[0]})")
+    occ, r = state["occupancy"], fit.occupancy.res
+    if occ is not None and not (
+        isinstance(occ, torch.Tensor) and occ.shape == (r, r, r) and occ.isfinite().all()
+    ):
+        raise UserError(f"--resume {path}: occupancy must be None or finite ({r}, {r}, {r})")
+    try:
+        fit.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        raise UserError(
+            f"--resume {path}: does not fit this run ({type(e).__name__}: {_first_line(e)})"
+        ) from None
+    return state["step"]
 
 
 def render_size(config: TextTo3DConfig, step: int) -> int:

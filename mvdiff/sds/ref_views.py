@@ -72,17 +72,52 @@ def estimate_alpha(rgb: torch.Tensor, lo: float = 0.03, hi: float = 0.12):
     return ((diff - lo) / (hi - lo)).clamp(0.0, 1.0), bg
 
 
-def _read_png(data_or_path) -> np.ndarray:
+#: The most pixels a reference view may have (a declared size above it is not decoded).
+MAX_VIEW_PIXELS = 4096 * 4096
+
+
+def _read_png(data_or_path, where: str) -> np.ndarray:
+    """Decode one view (RGB or RGBA uint8 ``[H, W, C]``); anything that is not an image of at
+    most :data:`MAX_VIEW_PIXELS` pixels is a :class:`UserError` naming ``where``."""
+    import warnings
+
     from PIL import Image
 
     src = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
-    with Image.open(src) as im:
-        mode = "RGBA" if ("A" in im.getbands() or "transparency" in im.info) else "RGB"
-        return np.asarray(im.convert(mode))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(src) as im:
+                if im.width * im.height > MAX_VIEW_PIXELS:
+                    raise UserError(f"{where}: {im.width}x{im.height} pixels is too large")
+                mode = "RGBA" if ("A" in im.getbands() or "transparency" in im.info) else "RGB"
+                return np.asarray(im.convert(mode))
+    except UserError:
+        raise
+    except Exception as e:  # not an image, truncated, a decompression bomb, ...
+        text = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{where}: not a readable image ({text})") from None
+
+
+def _check_views(imgs: list, c2w: np.ndarray, fov: np.ndarray, where: str) -> None:
+    """What ``mvdiff shard-info`` checks of views and cameras: one size for all views, proper
+    rigid camera transforms ``[V, 4, 4]`` (finite, orthonormal), fields of view in (0, 180)."""
+    from mvdiff.render.shards import SampleInvalid, check_cameras
+
+    if len({i.shape[:2] for i in imgs}) != 1:
+        raise UserError(f"{where}: views differ in size")
+    try:
+        check_cameras(c2w, len(imgs))
+    except SampleInvalid as e:
+        raise UserError(f"{where}: {e}") from None
+    if not (np.isfinite(fov).all() and (fov > 0).all() and (fov < 180).all()):
+        raise UserError(f"{where}: fields of view must be finite degrees in (0, 180)")
 
 
 def load_shard_sample(path, uid: str | None = None) -> dict:
-    """One sample (``uid``, or the first) of a multi-view shard tar (DESIGN §3)."""
+    """One sample (``uid``, or the first) of a multi-view shard tar (DESIGN §3), checked as
+    ``mvdiff shard-info`` checks it; problems are one-line :class:`UserError`\\ s naming the
+    shard and the sample."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--ref-views {path}: no such shard file or sample folder")
@@ -98,33 +133,48 @@ def load_shard_sample(path, uid: str | None = None) -> dict:
                 if uid is not None and key != uid:
                     continue
                 members.setdefault(key, {})[ext] = tar.extractfile(info).read()
-    except tarfile.TarError as e:
+    except (tarfile.TarError, OSError) as e:
         raise UserError(f"--ref-views {path}: not a readable tar ({e})") from None
     if not members:
         raise UserError(
             f"--ref-views {path}: no sample {uid!r}" if uid else f"--ref-views {path}: empty"
         )
     key, m = next(iter(members.items()))
+    where = f"--ref-views {path}: sample {key}"
     try:
         meta = json.loads(m["json"])
-        c2w = np.load(io.BytesIO(m["cameras.npy"]))
-        views = [m[f"rgba.{v:03d}.png"] for v in range(int(meta["num_views"]))]
-        fov = np.asarray(meta["fov_deg"], dtype=np.float32).reshape(-1)  # () | (V,) -> (1|V,)
-    except (KeyError, ValueError) as e:
-        raise UserError(f"--ref-views {path}: sample {key} is incomplete ({e})") from None
-    imgs = [_read_png(b) for b in views]
+    except KeyError:
+        raise UserError(f"{where}: no .json member") from None
+    except ValueError as e:
+        raise UserError(f"{where}: bad .json ({e})") from None
+    n = meta.get("num_views") if isinstance(meta, dict) else None
+    if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
+        raise UserError(f"{where}: .json must be an object with num_views > 0")
+    missing = [f"rgba.{v:03d}.png" for v in range(n) if f"rgba.{v:03d}.png" not in m]
+    if missing:
+        raise UserError(f"{where}: {len(missing)} of {n} views missing ({missing[0]}, ...)")
+    if "cameras.npy" not in m:
+        raise UserError(f"{where}: no cameras.npy")
+    try:
+        c2w = np.load(io.BytesIO(m["cameras.npy"]), allow_pickle=False)  # never unpickles
+        fov = np.asarray(meta.get("fov_deg"), dtype=np.float32).reshape(-1)  # () | (V,) -> (1|V,)
+    except Exception as e:
+        raise UserError(f"{where}: bad cameras.npy or fov_deg ({e})") from None
+    if not np.issubdtype(c2w.dtype, np.floating) or len(fov) not in (1, n):
+        raise UserError(f"{where}: cameras.npy must be float [V, 4, 4], fov_deg 1 or V numbers")
+    imgs = [_read_png(m[f"rgba.{v:03d}.png"], f"{where}: rgba.{v:03d}.png") for v in range(n)]
+    _check_views(imgs, c2w, fov, where)
     imgs = [
         i if i.shape[-1] == 4 else np.concatenate([i, np.full_like(i[..., :1], 255)], -1)
         for i in imgs
     ]
     rgba = torch.from_numpy(np.stack(imgs)).float() / 255.0  # (V, H, W, 4)
     rgba = rgba.permute(0, 3, 1, 2)  # (V, H, W, 4) -> (V, 4, H, W)
-    v = rgba.shape[0]
     return {
         "uid": key,
         "rgba": rgba,
         "c2w": torch.from_numpy(c2w).float(),
-        "fov_deg": torch.from_numpy(np.broadcast_to(fov, (v,)).copy()),
+        "fov_deg": torch.from_numpy(np.broadcast_to(fov, (n,)).copy()),
         "background": None,
         "has_alpha": True,
     }
@@ -139,29 +189,36 @@ def load_sample_folder(path, fov_deg: float = 40.0) -> dict:
     try:
         record = json.loads(cams.read_text())
         views = record["views"]
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OSError) as e:
         raise UserError(f"--ref-views {cams}: not a readable cameras.json ({e})") from None
+    if not isinstance(views, list) or not all(isinstance(v, dict) for v in views):
+        raise UserError(f"--ref-views {cams}: views must be a list of objects")
     imgs, c2ws, fovs = [], [], []
     for view in views:
+        where = f"--ref-views {cams}: view {view.get('index')}"
         if view.get("c2w") is None:
-            raise UserError(f"--ref-views {cams}: view {view.get('index')} has no camera (2D mode)")
-        img_path = path / view["file"]
+            raise UserError(f"{where} has no camera (2D mode)")
+        img_path = path / str(view.get("file"))
         if not img_path.is_file():
-            raise UserError(f"--ref-views {path}: missing {view['file']}")
-        imgs.append(_read_png(img_path))
-        fov = float(view.get("fov_deg", record.get("fov_deg", fov_deg)))
-        c2w = np.asarray(view["c2w"], dtype=np.float64).reshape(4, 4)  # nested list -> (4, 4)
-        dist = view.get("distance", (math.sqrt(3) / 2) / math.sin(math.radians(fov) / 2))
+            raise UserError(f"--ref-views {path}: missing {view.get('file')}")
+        imgs.append(_read_png(img_path, f"--ref-views {img_path}"))
+        try:
+            fov = float(view.get("fov_deg", record.get("fov_deg", fov_deg)))
+            c2w = np.asarray(view["c2w"], dtype=np.float64).reshape(4, 4)  # nested list -> (4, 4)
+            dist = float(view.get("distance", (math.sqrt(3) / 2) / math.sin(math.radians(fov) / 2)))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{where}: bad c2w, fov_deg or distance ({e})") from None
         norm = np.linalg.norm(c2w[:3, 3])
+        if not (np.isfinite(c2w).all() and math.isfinite(dist) and dist > 0):
+            raise UserError(f"{where}: camera is not finite")
         if norm < 1e-6:
-            raise UserError(f"--ref-views {cams}: view {view.get('index')} camera at the origin")
-        c2w[:3, 3] *= float(dist) / norm
+            raise UserError(f"{where} camera at the origin")
+        c2w[:3, 3] *= dist / norm
         c2ws.append(c2w)
         fovs.append(fov)
     if not imgs:
         raise UserError(f"--ref-views {cams}: no views")
-    if len({i.shape[:2] for i in imgs}) != 1:
-        raise UserError(f"--ref-views {path}: views differ in size")
+    _check_views(imgs, np.stack(c2ws), np.asarray(fovs), f"--ref-views {path}")
     has_alpha = all(i.shape[-1] == 4 for i in imgs)
     arr = (
         torch.from_numpy(np.stack([i[..., : 4 if has_alpha else 3] for i in imgs])).float() / 255.0

@@ -25,10 +25,10 @@ import torch
 
 from mvdiff.cameras import orbit_c2w, sample_sds_group
 from mvdiff.errors import UserError
-from mvdiff.io import save_image, write_json
+from mvdiff.io import atomic_write, save_image, write_json
 from mvdiff.sds.config import TextTo3DConfig
 from mvdiff.sds.guidance import MultiViewSDS
-from mvdiff.sds.loop import FitState, render_size, run_steps
+from mvdiff.sds.loop import FitState, load_checkpoint, render_size, restore, run_steps
 from mvdiff.sds.mesh import export_mesh, extract_mesh, to_trimesh
 from mvdiff.sds.ref_views import load_ref_views, prepare_rays
 from mvdiff.sds.render import SHADING_MODES, render, sample_light
@@ -151,7 +151,7 @@ def text_to_3d(
     fit = FitState(config, device)
     start = 0
     if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        state = load_checkpoint(ckpt_path, device)  # tensors and plain data only; else one line
         now = config.to_dict()
         for key in ("field", "background"):
             saved = state.get("config", {}).get(key)
@@ -160,8 +160,7 @@ def text_to_3d(
                     f"--resume {ckpt_path}: saved with {key} {saved}, now {now[key]}; "
                     "use the same settings or a new --output"
                 )
-        fit.load_state_dict(state)
-        start = int(state["step"])
+        start = restore(fit, state, ckpt_path)
         log(f"resumed from {ckpt_path} at step {start}")
     write_json(output / "config.json", config.to_dict())
 
@@ -179,20 +178,29 @@ def text_to_3d(
             log("reference views have no alpha: mask estimated from the background colour")
         log(f"reference views: {ref['uid']} ({ref['rgba'].shape[0]} views, fitted at {res}²)")
 
+    saved = [start if resume and ckpt_path.exists() else None]
+
     def save(step):
         state = {**fit.state_dict(), "step": step, "config": config.to_dict()}
-        tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(ckpt_path)
+        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))  # no .tmp left on failure
+        saved[0] = step
 
     def on_step(done, metrics):
         if config.save_every and done % config.save_every == 0 and done < config.steps:
             save(done)
 
     t0 = time.time()
-    metrics = run_steps(
-        fit, config, start, config.steps, sds=sds, rays=rays, progress=progress, on_step=on_step
-    )
+    try:
+        metrics = run_steps(
+            fit, config, start, config.steps, sds=sds, rays=rays, progress=progress,
+            on_step=on_step,
+        )  # fmt: skip
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the last checkpoint stays as it was
+        e.args = (
+            f"{ckpt_path} (step {saved[0]}) is kept, --resume continues from it"
+            if saved[0] is not None else "no checkpoint was saved yet",
+        )  # fmt: skip
+        raise
     save(max(config.steps, start))
     counts = export_outputs(fit, config, output)
     summary = {
