@@ -108,6 +108,45 @@ def test_render_input_that_does_not_exist_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and "nope.glb: no such file or folder" in err[0]
 
 
+def test_render_resumes_past_a_damaged_manifest(tmp_path, monkeypatch):
+    """`mvdiff render` resuming with a manifest.jsonl holding lines that are not records (a
+    list, a string, a uid that is a number, a `done` line without a shard name, binary junk):
+    those lines are ignored, the real records still count, the rest renders."""
+    monkeypatch.setattr(pool, "WORKER_COMMAND", (sys.executable, str(FAKE_WORKER)))
+    inputs = assets(tmp_path / "in", "ok1.glb", "ok2.glb")
+    out = tmp_path / "out"
+    cfg = RenderConfig(inputs=[str(inputs)], output=str(out), views=2, resolution=16, workers=1)
+    render_objects(RenderConfig(**{**cfg.__dict__, "limit": 1}), progress=False)
+    with open(out / "manifest.jsonl", "ab") as f:
+        f.write(b'[1, 2]\n"text"\n{"uid": 5, "status": "done"}\n')
+        f.write(b'{"uid": "ok2", "status": "done", "shard": 7}\n\xff\xfe junk\n{"uid"')
+    summary = render_objects(cfg, progress=False)
+    assert (summary["skipped"], summary["done"], summary["failed"]) == (1, 1, 0), summary
+    assert sorted(shard_keys(out)) == ["ok1", "ok2"]
+
+
+def test_render_resume_never_pads_a_shard_whose_tail_was_lost(tmp_path):
+    """Resuming after the tail of an unclosed shard was lost (the samples the manifest says
+    are in it are not all there): the shard is closed after the last whole sample, the
+    missing samples get a `lost` manifest line and render again, nothing is zero-padded."""
+    from mvdiff.render.shards import ShardWriter
+
+    manifest = Manifest(tmp_path / "manifest.jsonl")
+    writer = ShardWriter(tmp_path, manifest, max_samples=10)
+    for uid in "abc":
+        writer.write(uid, sample_members(uid), {"uid": uid, "source": ""})
+    ends = {r["uid"]: r["end"] for r in manifest.records.values()}
+    manifest.close()
+    tmp = tmp_path / "mv-000000.tar.tmp"
+    with open(tmp, "r+b") as f:
+        f.truncate(ends["b"] + 700)  # "c" half gone, as after a crash of the disk
+    again = Manifest(tmp_path / "manifest.jsonl")
+    assert ShardWriter(tmp_path, again).recovered == ["mv-000000.tar"]
+    assert shard_keys(tmp_path) == ["a", "b"]
+    assert again.done("a") and again.done("b") and not again.done("c")
+    assert Manifest(tmp_path / "manifest.jsonl").records["c"]["status"] == "lost"
+
+
 # --- signals ----------------------------------------------------------------------------
 def test_render_sigterm_closes_shards_writes_the_manifest_exits_143_and_resumes(tmp_path):
     """SIGTERM to `mvdiff render` mid-run: the object in flight is abandoned (its worker

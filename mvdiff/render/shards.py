@@ -50,7 +50,8 @@ class SampleInvalid(ValueError):
 class Manifest:
     """Append-only JSON lines: ``{"uid", "source", "status", "shard", "reason", "seconds"}``.
 
-    The last line of a uid wins, except that ``done`` is final. A torn last line (``kill -9``
+    The last line of a uid wins, except that ``done`` is final unless a later ``lost`` line
+    voids it (its sample went missing from an unclosed shard). A torn last line (``kill -9``
     mid-write) is ignored and cut off before appending; so are lines that are not a record
     (hand edits, a line torn by a full disk). An append that fails (disk full) is cut back
     off, so the file never holds half a line.
@@ -74,7 +75,7 @@ class Manifest:
                     continue
                 if not _is_record(rec):
                     continue
-                if self.records.get(rec["uid"], {}).get("status") != "done":
+                if not self.done(rec["uid"]) or rec["status"] == "lost":
                     self.records[rec["uid"]] = rec
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "ab", buffering=0)
@@ -95,7 +96,7 @@ class Manifest:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, size)
             raise
-        if not self.done(rec["uid"]):
+        if not self.done(rec["uid"]) or rec["status"] == "lost":
             self.records[rec["uid"]] = rec
 
     def counts(self) -> dict:
@@ -263,15 +264,25 @@ class ShardWriter:
         return max(found, default=-1) + 1
 
     def recover(self) -> list[str]:
-        """Close the ``.tar.tmp`` shards a killed run left behind; return the shards kept."""
-        ends: dict[str, int] = {}
+        """Close the ``.tar.tmp`` shards a killed run left behind; return the shards kept.
+
+        Each is cut back to the end of its last sample with a ``done`` line. A ``.tmp`` shorter
+        than its recorded samples (the tail lost, e.g. by a crashed disk) is never padded with
+        zeros: the samples missing from it get a ``lost`` manifest line and render again.
+        """
+        recorded: dict[str, list[tuple[int, str]]] = {}
         for rec in self.manifest.records.values():
             if rec.get("status") == "done" and "end" in rec:
-                ends[rec["shard"]] = max(ends.get(rec["shard"], 0), int(rec["end"]))
+                recorded.setdefault(rec["shard"], []).append((int(rec["end"]), rec["uid"]))
         kept = []
         for tmp in sorted(self.folder.glob(f"{self.prefix}-*.tar.tmp")):
             final = tmp.name[: -len(".tmp")]
-            end = ends.get(final, 0)
+            size = tmp.stat().st_size
+            samples = recorded.get(final, [])
+            for _, uid in sorted(s for s in samples if s[0] > size):
+                self.manifest.append({"uid": uid, "source": "", "status": "lost", "shard": final,
+                                      "reason": f"missing from {tmp.name} ({size} bytes) on resume"})  # fmt: skip
+            end = max((e for e, _ in samples if e <= size), default=0)
             if end == 0:
                 tmp.unlink()
                 continue
