@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from mvdiff.cli import main
-from tests.test_faults_render import (
+from tests.test_faults_render import (  # noqa: F401 (small_disk is a fixture)
     HOSTILE_SAMPLES,
     bomb_png,
     npy,
     sample_members,
+    small_disk,
     with_json,
     write_shard,
 )
@@ -223,7 +224,30 @@ def test_text_to_3d_sigterm_exits_143_keeps_the_last_checkpoint_and_resumes(tmp_
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     step = torch.load(ckpt, weights_only=True)["step"]
     assert f"(step {step})" in lines[0] and step >= 2
-    done = subprocess.run([*cmd[:3], *argv(shard, out, step + 2), "--resume"], env=ENV,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    assert main([*argv(shard, out, step + 2), "--resume"]) == 0
     assert json.loads((out / "summary.json").read_text())["resumed_from"] == step
+
+
+# --- disk full --------------------------------------------------------------------------
+def test_text_to_3d_disk_full_is_one_line_keeps_the_last_checkpoint_and_resumes(
+    tmp_path,
+    shard,
+    small_disk,  # noqa: F811 (a fixture)
+):
+    """`mvdiff text-to-3d` whose output fills up while saving a checkpoint: exit 2 and one
+    line (`cannot write`), no `.tmp` left behind, the previous checkpoint (if one fitted)
+    intact; after making room, `--resume` finishes the run."""
+    disk = small_disk(10 * 1024 * 1024)  # one checkpoint (~7 MB) fits, a second copy not
+    out = disk.folder / "run"
+    cmd = [sys.executable, "-m", "mvdiff.cli", *argv(shard, out, 3, "--save-every", "1")]
+    run = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300,
+                         preexec_fn=disk.preexec)  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write" in lines[0], run.stderr
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    if (out / "checkpoint.pt").exists():
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
+    disk.grow()
+    assert main([*argv(shard, out, 3, "--save-every", "1"), "--resume"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 
 from mvdiff.errors import UserError
 
@@ -172,7 +173,13 @@ def resolve_config(args: argparse.Namespace):
     return config
 
 
+#: errno values of a write that failed for want of room or permission to write (one line).
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
     from mvdiff.pipelines.loading import load_pipeline
@@ -186,9 +193,18 @@ def run(args: argparse.Namespace) -> int:
     if config.sds_weight > 0:
         pipe, _ = load_pipeline(args.model, torch.float32)
         pipe.to(device)
-    summary = text_to_3d(
-        pipe, config, args.output, resume=args.resume, progress=not args.no_progress, device=device
-    )
+    try:
+        summary = text_to_3d(
+            pipe, config, args.output, resume=args.resume, progress=not args.no_progress,
+            device=device,
+        )  # fmt: skip
+    except OSError as e:
+        if e.errno not in NO_ROOM:
+            raise
+        raise UserError(
+            f"--output {args.output}: cannot write {Path(e.filename or '').name} ({e.strerror}); "
+            "nothing half-written is left, the last checkpoint is kept (--resume continues)"
+        ) from None
     print(
         f"wrote {args.output}: mesh {summary['vertices']} vertices / {summary['faces']} faces, "
         f"{summary['steps']} steps in {summary['seconds']} s"

@@ -16,6 +16,7 @@ Every file is written under a temporary name and renamed.
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from pathlib import Path
@@ -182,7 +183,13 @@ def text_to_3d(
 
     def save(step):
         state = {**fit.state_dict(), "step": step, "config": config.to_dict()}
-        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))  # no .tmp left on failure
+
+        def write(tmp):  # serialised first: a full disk is then an OSError (torch's own
+            buf = io.BytesIO()  # file writer turns it into an unrelated RuntimeError)
+            torch.save(state, buf)
+            tmp.write_bytes(buf.getbuffer())
+
+        atomic_write(ckpt_path, write)  # no .tmp left on failure
         saved[0] = step
 
     def on_step(done, metrics):
