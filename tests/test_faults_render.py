@@ -67,7 +67,8 @@ def shard_keys(folder: Path) -> list[str]:
 # --- render inputs ----------------------------------------------------------------------
 def test_render_records_unreadable_inputs_as_failed_and_renders_the_rest(tmp_path, monkeypatch):
     """`mvdiff render FOLDER` whose folder holds a symlink loop, a dangling symlink, a FIFO,
-    a folder named like an asset and a file name with a newline, plus an explicit symlink-loop
+    a file that cannot be read, a folder named like an asset and a file name with a newline,
+    plus an explicit symlink-loop
     argument: the good assets render, each bad one is a `failed` manifest line with its
     reason (no traceback, no importer blocked on a FIFO); a rerun retries only those."""
     monkeypatch.setattr(pool, "WORKER_COMMAND", (sys.executable, str(FAKE_WORKER)))
@@ -75,6 +76,7 @@ def test_render_records_unreadable_inputs_as_failed_and_renders_the_rest(tmp_pat
     (inputs / "loop.glb").symlink_to("loop.glb")
     (inputs / "dangling.glb").symlink_to("gone.glb")
     os.mkfifo(inputs / "fifo.glb")
+    (inputs / "eio.glb").symlink_to("/proc/self/mem")  # a regular file whose read fails (EIO)
     (inputs / "folder.glb").mkdir()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "cycle.obj").symlink_to(tmp_path / "other" / "cycle.obj")
@@ -82,7 +84,7 @@ def test_render_records_unreadable_inputs_as_failed_and_renders_the_rest(tmp_pat
     cfg = RenderConfig(inputs=[str(inputs), str(tmp_path / "other" / "cycle.obj")],
                        output=str(out), views=2, resolution=16, workers=1, timeout=10.0)  # fmt: skip
     summary = render_objects(cfg, progress=False)
-    assert (summary["done"], summary["failed"]) == (3, 5), summary
+    assert (summary["done"], summary["failed"]) == (3, 6), summary
     records = Manifest(out / "manifest.jsonl").records
     assert all(records[u]["status"] == "done" for u in ["ok1", "ok2", "ok_newline"])
     reasons = {u: r["reason"] for u, r in records.items() if r["status"] == "failed"}
@@ -90,6 +92,7 @@ def test_render_records_unreadable_inputs_as_failed_and_renders_the_rest(tmp_pat
     assert reasons["dangling"].startswith("dangling symlink")
     assert reasons["fifo"].startswith("not a regular file")
     assert reasons["folder"].startswith("not a regular file")
+    assert reasons["eio"].startswith("cannot be read")
     assert all("\n" not in r for r in reasons.values())
     assert sorted(shard_keys(out)) == ["ok1", "ok2", "ok_newline"]
     # The importer never saw the bad ones; a rerun skips the done ones.
@@ -97,7 +100,7 @@ def test_render_records_unreadable_inputs_as_failed_and_renders_the_rest(tmp_pat
     (inputs / "dangling.glb").unlink()
     (inputs / "dangling.glb").write_text("now here")
     again = render_objects(cfg, progress=False)
-    assert (again["skipped"], again["done"], again["failed"]) == (3, 1, 4), again
+    assert (again["skipped"], again["done"], again["failed"]) == (3, 1, 5), again
     assert attempts(inputs / "ok1.glb") == 1
 
 
@@ -186,6 +189,48 @@ def test_render_sigterm_closes_shards_writes_the_manifest_exits_143_and_resumes(
     assert (summary["skipped"], summary["done"], summary["failed"]) == (5, 1, 0)
     assert sorted(shard_keys(out)) == sorted([f"ok{i}" for i in range(5)] + ["slow"])
     assert all(attempts(inputs / f"ok{i}.glb") == 1 for i in range(5))
+
+
+@pytest.mark.slow
+def test_render_sigterm_with_blender_workers_then_resume_renders_every_object_once(tmp_path):
+    """The same with real Blender workers (`mvdiff render`, Workbench engine, 32²): SIGTERM
+    after some objects are done -> exit 143, one line, valid closed shards, no `.tmp`; the
+    same command renders the rest, every object exactly once."""
+    pytest.importorskip("bpy")
+    import shutil
+
+    fixtures = Path(__file__).parent / "fixtures" / "assets"
+    inputs = tmp_path / "in"
+    for i in range(4):
+        (inputs / f"set{i}").mkdir(parents=True)
+        for name in ["monkey.glb", "BoxTextured.glb"]:
+            shutil.copy(fixtures / name, inputs / f"set{i}" / name)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "mvdiff.cli", "render", str(inputs), "-o", str(out),
+            "--engine", "BLENDER_WORKBENCH", "--views", "2", "--resolution", "32",
+            "--workers", "1", "--shard-max-samples", "3", "-q"]  # fmt: skip
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    manifest = out / "manifest.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if manifest.exists() and manifest.read_text().count('"done"') >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mvdiff render: terminated (SIGTERM)"), stderr
+    assert not list(out.glob("*.tmp"))
+    first = shard_keys(out)
+    assert len(first) >= 4 and sorted(first) == sorted(Manifest(manifest).records)
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["skipped"] == len(first)
+    keys = shard_keys(out)
+    assert len(keys) == 8 and len(set(keys)) == 8
 
 
 # --- disk full --------------------------------------------------------------------------
