@@ -438,3 +438,22 @@ def test_shard_info_reports_hostile_samples_in_one_line_each(tmp_path, capsys, c
     assert lines[0].endswith("1 samples, 2 views, 1 problem(s)"), lines
     assert lines[1].startswith("  s: ") and words in lines[1], lines
     assert Image.open(sheet).size == (2 * 128, 128)  # the good sample only
+
+
+# --- other hostile inputs -----------------------------------------------------------------
+def test_render_unusable_output_or_captions_are_one_line(tmp_path, capsys):
+    """`mvdiff render` whose output folder cannot be written (its lock or manifest is a
+    folder), or whose --captions file is not UTF-8: exit 2, one line naming the flag."""
+    inputs = assets(tmp_path / "in", "ok.glb")
+    for blocker in (".render.lock", "manifest.jsonl"):
+        out = tmp_path / f"out-{blocker}"
+        (out / blocker).mkdir(parents=True)
+        assert main(["render", str(inputs), "-o", str(out), "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"mvdiff render: error: --output {out}"), err
+    captions = tmp_path / "captions.csv"
+    captions.write_bytes(b"uid,caption\n\xff\xfe,broken\n")
+    assert main(["render", str(inputs), "-o", str(tmp_path / "o"), "--captions",
+                 str(captions), "-q"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--captions" in err[0] and "UTF-8" in err[0], err

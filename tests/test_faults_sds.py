@@ -251,3 +251,11 @@ def test_text_to_3d_disk_full_is_one_line_keeps_the_last_checkpoint_and_resumes(
     disk.grow()
     assert main([*argv(shard, out, 3, "--save-every", "1"), "--resume"]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def test_text_to_3d_output_that_is_a_file_is_one_line(tmp_path, shard, capsys):
+    """`mvdiff text-to-3d --output FILE`: exit 2, one line naming --output."""
+    (tmp_path / "afile").write_text("x")
+    assert main(argv(shard, tmp_path / "afile")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--output" in err[0] and "not a folder" in err[0], err

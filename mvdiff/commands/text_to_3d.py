@@ -186,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
     from mvdiff.sds.text_to_3d import text_to_3d
 
     config = resolve_config(args)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise UserError(f"--output {args.output}: exists and is not a folder")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

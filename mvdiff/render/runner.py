@@ -104,7 +104,10 @@ def _check_same_recipe(cfg: RenderConfig, saved: Path, manifest: Manifest) -> No
 
 def _lock(folder: Path):
     """One run per output folder: a second concurrent run would corrupt the shards."""
-    f = open(folder / ".render.lock", "w")
+    try:
+        f = open(folder / ".render.lock", "w")
+    except OSError as e:
+        raise UserError(f"--output {folder}: cannot write there ({e.strerror})") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -157,18 +160,24 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
         raise UserError("no objects to render (give files, folders or Objaverse uids)")
     out = _Output(cfg)
     lock = _lock(out.local)
-    manifest = Manifest(out.local / MANIFEST)
+    try:
+        manifest = Manifest(out.local / MANIFEST)
+    except (OSError, UnicodeError) as e:
+        lock.close()
+        raise UserError(f"--output {cfg.output}: cannot use its {MANIFEST} ({e})") from None
     try:
         _check_same_recipe(cfg, out.local / "render_config.yaml", manifest)
-    except UserError:
+        save_config(cfg, out.local / "render_config.yaml")
+        writer = ShardWriter(
+            out.local, manifest, cfg.shard_prefix, cfg.shard_max_samples, cfg.shard_max_bytes,
+            on_close=out.publish,
+        )  # fmt: skip
+    except (UserError, OSError) as e:
         manifest.close()
         lock.close()
+        if isinstance(e, OSError):
+            raise _write_error(cfg, e, 0) from None
         raise
-    save_config(cfg, out.local / "render_config.yaml")
-    writer = ShardWriter(
-        out.local, manifest, cfg.shard_prefix, cfg.shard_max_samples, cfg.shard_max_bytes,
-        on_close=out.publish,
-    )  # fmt: skip
     todo = [o for o in objects if not manifest.done(o["uid"])]
     if cfg.limit:
         todo = todo[: cfg.limit]

@@ -42,15 +42,18 @@ def load_captions(path: str) -> dict[str, str]:
     if not p.is_file():
         raise UserError(f"--captions {path}: file does not exist")
     out = {}
-    with open(p, newline="", encoding="utf-8") as f:
-        for i, row in enumerate(csv.reader(f)):
-            if not row:
-                continue
-            if len(row) < 2:
-                raise UserError(f"--captions {path}: line {i + 1} is not 'uid,caption'")
-            if i == 0 and row[0].strip().lower() == "uid":
-                continue
-            out[row[0].strip()] = ",".join(row[1:]).strip()
+    try:
+        with open(p, newline="", encoding="utf-8") as f:
+            for i, row in enumerate(csv.reader(f)):
+                if not row:
+                    continue
+                if len(row) < 2:
+                    raise UserError(f"--captions {path}: line {i + 1} is not 'uid,caption'")
+                if i == 0 and row[0].strip().lower() == "uid":
+                    continue
+                out[row[0].strip()] = ",".join(row[1:]).strip()
+    except (UnicodeDecodeError, csv.Error, OSError) as e:
+        raise UserError(f"--captions {path}: not a readable UTF-8 CSV ({e})") from None
     return out
 
 
