@@ -8,13 +8,14 @@ Signals: Ctrl-C (SIGINT) raises ``KeyboardInterrupt`` and SIGTERM raises
 :class:`mvdiff.errors.Terminated` (a ``KeyboardInterrupt``) in the main thread, so a command
 cleans up the same way for both (closes what is complete, abandons what is in flight); they
 end as one line on stderr and exit status 130 / 143. A second SIGTERM during that clean-up
-is ignored (SIGKILL still ends the process).
+is ignored (SIGKILL still ends the process); forked children die on SIGTERM as before.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import signal
 import sys
@@ -44,9 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _raise_terminated(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up
-    raise Terminated()
+def _terminated_handler(owner: int):
+    """The SIGTERM handler of process ``owner``: raise :class:`Terminated` there. A process
+    forked from it (a DataLoader worker, say) inherits the handler but dies as SIGTERM would
+    have killed it, without a traceback."""
+
+    def handler(signum, frame) -> None:
+        if os.getpid() != owner:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up
+        raise Terminated()
+
+    return handler
 
 
 def _note(e: BaseException) -> str:
@@ -60,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous = signal.signal(signal.SIGTERM, _terminated_handler(os.getpid()))
     try:
         result = args.run(args)
     except UserError as e:

@@ -191,6 +191,24 @@ def test_render_sigterm_closes_shards_writes_the_manifest_exits_143_and_resumes(
     assert all(attempts(inputs / f"ok{i}.glb") == 1 for i in range(5))
 
 
+def test_cli_sigterm_handler_lets_a_forked_child_die_as_before():
+    """The `mvdiff` SIGTERM handler raises only in the process that installed it: a child
+    forked from it (a DataLoader worker, a pool process) still dies by SIGTERM, quietly."""
+    from mvdiff.cli import _terminated_handler
+
+    handler = _terminated_handler(os.getpid())
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            signal.signal(signal.SIGTERM, handler)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
+
+
 @pytest.mark.slow
 def test_render_sigterm_with_blender_workers_then_resume_renders_every_object_once(tmp_path):
     """The same with real Blender workers (`mvdiff render`, Workbench engine, 32²): SIGTERM
