@@ -5,6 +5,7 @@ the stand-in worker (tests/fixtures/render/fake_worker.py, the real worker proto
 Blender), in real ``mvdiff`` subprocesses where a signal or a full disk is involved.
 """
 
+import errno
 import io
 import json
 import os
@@ -126,6 +127,38 @@ def test_render_resumes_past_a_damaged_manifest(tmp_path, monkeypatch):
     summary = render_objects(cfg, progress=False)
     assert (summary["skipped"], summary["done"], summary["failed"]) == (1, 1, 0), summary
     assert sorted(shard_keys(out)) == ["ok1", "ok2"]
+
+
+class InterruptedMembers(dict):
+    """A sample's members whose writing is interrupted after the first member (a signal or a
+    full disk arriving mid-sample)."""
+
+    def __init__(self, members, exc):
+        super().__init__(members)
+        self.exc = exc
+
+    def items(self):
+        first = next(iter(super().items()))
+        yield first
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left")])
+def test_render_shard_writer_interrupted_mid_sample_leaves_no_trace_of_it(tmp_path, exc):
+    """A sample whose writing is cut off (Ctrl-C, SIGTERM, disk full) is not in the shard the
+    run then closes, nor in the manifest; the samples before it are intact."""
+    from mvdiff.render.shards import ShardWriter
+
+    manifest = Manifest(tmp_path / "manifest.jsonl")
+    writer = ShardWriter(tmp_path, manifest, max_samples=10)
+    for uid in "ab":
+        writer.write(uid, sample_members(uid), {"uid": uid, "source": ""})
+    with pytest.raises(type(exc)):
+        writer.write("c", InterruptedMembers(sample_members("c"), exc), {"uid": "c"})
+    writer.close_shard()
+    manifest.close()
+    assert shard_keys(tmp_path) == ["a", "b"] and not list(tmp_path.glob("*.tmp"))
+    assert sorted(Manifest(tmp_path / "manifest.jsonl").records) == ["a", "b"]
 
 
 def test_render_resume_never_pads_a_shard_whose_tail_was_lost(tmp_path):

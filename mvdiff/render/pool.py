@@ -292,11 +292,15 @@ class RayBackend:
         self.actors[slot] = self._actor_cls.remote(*self._args)
 
     def close(self, abort: bool = False) -> None:
+        """Stop the actors; ``abort`` (objects in flight: Ctrl-C, SIGTERM, an error) kills
+        them at once (a graceful close would wait behind the object an actor renders; its
+        worker process exits when it sees its parent gone)."""
         for actor in self.actors:
-            try:
-                self.ray.get(actor.close.remote(), timeout=30)
-            except Exception:
-                pass
+            if not abort:
+                try:
+                    self.ray.get(actor.close.remote(), timeout=30)
+                except Exception:
+                    pass
             self.ray.kill(actor)
 
 
