@@ -61,9 +61,14 @@ def _terminated_handler(owner: int):
     return handler
 
 
+def _one_line(text: str) -> str:
+    """``text`` with control characters escaped (a newline in a file name stays ``\\n``)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _note(e: BaseException) -> str:
     """``": NOTE"`` from an interrupt's message (what was kept), else ``""``; one line."""
-    text = " ".join(str(e).split())
+    text = _one_line(e)
     return f": {text}" if text else ""
 
 
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.run(args)
     except UserError as e:
-        print(f"mvdiff {args.command}: error: {e}", file=sys.stderr)
+        print(f"mvdiff {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Terminated as e:
         print(f"mvdiff {args.command}: terminated (SIGTERM){_note(e)}", file=sys.stderr)

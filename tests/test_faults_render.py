@@ -105,11 +105,15 @@ def test_render_records_unreadable_inputs_as_failed_and_renders_the_rest(tmp_pat
     assert attempts(inputs / "ok1.glb") == 1
 
 
-def test_render_input_that_does_not_exist_is_one_line(tmp_path, capsys):
-    """`mvdiff render MISSING`: exit 2, one line naming the input."""
-    assert main(["render", str(tmp_path / "nope.glb"), "-o", str(tmp_path / "o"), "-q"]) == 2
+def test_render_input_that_does_not_exist_is_one_line_even_with_a_newline_in_its_name(
+    tmp_path, capsys
+):
+    """`mvdiff render MISSING` (its name holding a newline): exit 2, one line naming the
+    input, the newline escaped."""
+    missing = tmp_path / "no\npe.glb"
+    assert main(["render", str(missing), "-o", str(tmp_path / "o"), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "nope.glb: no such file or folder" in err[0]
+    assert len(err) == 1 and "no\\npe.glb: no such file or folder" in err[0], err
 
 
 def test_render_resumes_past_a_damaged_manifest(tmp_path, monkeypatch):

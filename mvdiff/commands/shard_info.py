@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         for r in reports:
             status = "ok" if not r["errors"] else f"{len(r['errors'])} problem(s)"
-            print(f"{r['path']}: {r['samples']} samples, {r['views']} views, {status}")
+            path = "".join(c if c.isprintable() else repr(c)[1:-1] for c in r["path"])
+            print(f"{path}: {r['samples']} samples, {r['views']} views, {status}")
             for err in r["errors"][:20]:
                 print(f"  {err}")
         print(f"total: {total['shards']} shards, {total['samples']} samples, {total['views']} views, "
