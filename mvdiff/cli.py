@@ -23,7 +23,7 @@ import threading
 
 import mvdiff.commands
 from mvdiff import __version__
-from mvdiff.errors import Terminated, UserError
+from mvdiff.errors import Terminated, UserError, interrupt
 
 
 def _command_modules() -> list:
@@ -56,9 +56,13 @@ def _terminated_handler(owner: int):
             os.kill(os.getpid(), signal.SIGTERM)
             return
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up
-        raise Terminated()
+        interrupt(Terminated())  # now, or after a write in progress (interrupts_deferred)
 
     return handler
+
+
+def _sigint(signum, frame) -> None:
+    interrupt(KeyboardInterrupt())  # Python's own, but held during interrupts_deferred
 
 
 def _one_line(text: str) -> str:
@@ -75,9 +79,11 @@ def _note(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    previous = None
+    previous = previous_int = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminated_handler(os.getpid()))
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous_int = signal.signal(signal.SIGINT, _sigint)
     try:
         result = args.run(args)
     except UserError as e:
@@ -92,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
     return int(result or 0)
 
 

@@ -246,6 +246,26 @@ def test_cli_sigterm_handler_lets_a_forked_child_die_as_before():
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
 
 
+def test_cli_sigterm_during_a_write_is_raised_when_the_write_is_done():
+    """SIGTERM while a sample and its manifest line (or a checkpoint and its step) are being
+    written is held until both are (`interrupts_deferred`), then raised as `Terminated`."""
+    from mvdiff.cli import _terminated_handler
+    from mvdiff.errors import Terminated, interrupts_deferred
+
+    previous = signal.signal(signal.SIGTERM, _terminated_handler(os.getpid()))
+    finished = []
+    try:
+        with pytest.raises(Terminated):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the handler has run by now
+                finished.append("write")
+                finished.append("bookkeeping")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert finished == ["write", "bookkeeping"]
+
+
 @pytest.mark.slow
 def test_render_sigterm_with_blender_workers_then_resume_renders_every_object_once(tmp_path):
     """The same with real Blender workers (`mvdiff render`, Workbench engine, 32²): SIGTERM

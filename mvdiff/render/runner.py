@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mvdiff.config import load_config, save_config
-from mvdiff.errors import UserError
+from mvdiff.errors import UserError, interrupts_deferred
 from mvdiff.render.config import RenderConfig
 from mvdiff.render.rigs import make_rig
 from mvdiff.render.shards import MANIFEST, Manifest, SampleInvalid, ShardWriter, build_sample
@@ -242,12 +242,13 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
                     except SampleInvalid as e:
                         answer = {"ok": False, "retry": True, "reason": f"invalid output: {e}"}
                 if answer.get("ok"):
-                    try:
-                        writer.write(obj["uid"], members, {**record, "reason": ""})
-                    except OSError as e:  # disk full, output folder gone, ...
-                        raise _write_error(cfg, e, summary["done"]) from None
-                    summary["done"] += 1
-                    summary["views"] += len(answer["fov_deg"])
+                    with interrupts_deferred():  # the sample, its manifest line and the count
+                        try:
+                            writer.write(obj["uid"], members, {**record, "reason": ""})
+                        except OSError as e:  # disk full, output folder gone, ...
+                            raise _write_error(cfg, e, summary["done"]) from None
+                        summary["done"] += 1
+                        summary["views"] += len(answer["fov_deg"])
                 elif answer.get("retry") and attempt < cfg.retries:
                     queue.append((obj, attempt + 1))
                     continue

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mvdiff.cameras import orbit_c2w, sample_sds_group
-from mvdiff.errors import UserError
+from mvdiff.errors import UserError, interrupts_deferred
 from mvdiff.io import atomic_write, save_image, write_json
 from mvdiff.sds.config import TextTo3DConfig
 from mvdiff.sds.guidance import MultiViewSDS
@@ -189,8 +189,9 @@ def text_to_3d(
             torch.save(state, buf)
             tmp.write_bytes(buf.getbuffer())
 
-        atomic_write(ckpt_path, write)  # no .tmp left on failure
-        saved[0] = step
+        with interrupts_deferred():  # the file and the step the SIGTERM note names agree
+            atomic_write(ckpt_path, write)  # no .tmp left on failure
+            saved[0] = step
 
     def on_step(done, metrics):
         if config.save_every and done % config.save_every == 0 and done < config.steps:
