@@ -516,9 +516,10 @@ def test_shard_info_reports_hostile_samples_in_one_line_each(tmp_path, capsys, c
 
 
 # --- other hostile inputs -----------------------------------------------------------------
-def test_render_unusable_output_or_captions_are_one_line(tmp_path, capsys):
+def test_render_unusable_output_captions_config_or_uid_list_are_one_line(tmp_path, capsys):
     """`mvdiff render` whose output folder cannot be written (its lock or manifest is a
-    folder), or whose --captions file is not UTF-8: exit 2, one line naming the flag."""
+    folder), or whose --captions, --config or --objaverse-uids file is not UTF-8: exit 2,
+    one line naming the flag or file."""
     inputs = assets(tmp_path / "in", "ok.glb")
     for blocker in (".render.lock", "manifest.jsonl"):
         out = tmp_path / f"out-{blocker}"
@@ -532,3 +533,11 @@ def test_render_unusable_output_or_captions_are_one_line(tmp_path, capsys):
                  str(captions), "-q"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--captions" in err[0] and "UTF-8" in err[0], err
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe\x00garbage\n")
+    assert main(["render", str(inputs), "-o", str(tmp_path / "o"), "--config", str(binary)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"config file {binary}: not valid YAML" in err[0], err
+    uids = ["render", "-o", str(tmp_path / "o"), "--objaverse-uids", str(binary), "-q"]
+    assert main(uids) == 2  # (or: the objaverse package is missing; one line either way)
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

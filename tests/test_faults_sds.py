@@ -259,3 +259,12 @@ def test_text_to_3d_output_that_is_a_file_is_one_line(tmp_path, shard, capsys):
     assert main(argv(shard, tmp_path / "afile")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--output" in err[0] and "not a folder" in err[0], err
+
+
+def test_text_to_3d_config_file_that_is_not_text_is_one_line(tmp_path, shard, capsys):
+    """`mvdiff text-to-3d --config FILE` whose bytes are not UTF-8: exit 2, one line."""
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage\n")
+    assert main([*argv(shard, tmp_path / "out"), "--config", str(binary)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--config {binary}: not valid YAML" in err[0], err

@@ -109,8 +109,8 @@ def resolve_config(args: argparse.Namespace):
         if not path.is_file():
             raise UserError(f"--config {path}: no such file")
         try:
-            data = cfgmod._yaml(path.read_text()) or {}
-        except yaml.YAMLError as e:
+            data = cfgmod._yaml(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise UserError(f"--config {path}: not valid YAML/JSON ({e})") from None
         if not isinstance(data, dict):
             raise UserError(f"--config {path}: expected a mapping at the top level")

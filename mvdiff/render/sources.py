@@ -185,7 +185,13 @@ def objaverse_objects(uids: list[str], lvis: list[str], mirror: str, cache: str)
     for item in uids:
         p = Path(item)
         if p.is_file():
-            wanted += [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+            try:
+                text = p.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError) as e:
+                raise UserError(
+                    f"--objaverse-uids {item}: not a readable list of uids ({e})"
+                ) from None
+            wanted += [ln.strip() for ln in text.splitlines() if ln.strip()]
         else:
             wanted.append(item)
     if lvis:
