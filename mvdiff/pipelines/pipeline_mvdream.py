@@ -85,16 +85,34 @@ class MVDreamPipeline(DiffusionPipeline):
     :func:`mvdiff.pipelines.make_scheduler` for DPM-Solver++).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    # ImageDream folders (converted ``sd-v2.1-base-4view-ipmv``) add the OpenCLIP ViT-H
+    # vision tower and its preprocessing; MVDream folders have neither.
+    _optional_components = ["image_encoder", "feature_extractor"]
     # Decode on CPU in float32 with NNPACK's Winograd 3x3 convolutions (~1e-5 relative
     # difference, ~2x faster); set to False for PyTorch's own convolutions.
     winograd_decode = True
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+    ):
         super().__init__()
         self.register_modules(
-            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae else 8
 

@@ -1,0 +1,394 @@
+"""ImageDream: the image-prompt UNet against the official reference vectors, and conversion of
+checkpoints in the official ImageDream key layout (vision tower included)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mvdiff.convert import convert_state_dict, load_state_dict
+from mvdiff.errors import UserError
+from mvdiff.models import MultiViewUNet2DConditionModel
+from tests.conftest import FIXTURES
+from tests.test_convert import _key_list, _openclip_forward, _random
+
+REF = FIXTURES / "reference"
+ID_CKPT = REF / "imagedream_tiny_visible.pt"
+ID_YAML = REF / "imagedream_tiny_visible.yaml"
+ID_CASES = REF / "imagedream_tiny_visible.safetensors"
+CASES = ("pixel5", "pixel5_uncond", "local4", "pixel5_rect")
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return load_file(str(ID_CASES))
+
+
+@pytest.fixture(scope="module")
+def converted_unet(tmp_path_factory):
+    """The official tiny ImageDream UNet through `mvdiff convert --unet-only` (the CLI)."""
+    out = tmp_path_factory.mktemp("id") / "unet-only"
+    res = subprocess.run(
+        [sys.executable, "-m", "mvdiff.cli", "convert", str(ID_CKPT), str(out)]
+        + ["--original-config", str(ID_YAML), "--unet-only"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def _run(unet, t, case, **kw):
+    frames, pixel = int(t[f"{case}.num_frames"]), int(t[f"{case}.pixel"])
+    with torch.no_grad():
+        return unet(
+            t[f"{case}.x"],
+            t[f"{case}.t"],
+            encoder_hidden_states=t[f"{case}.ctx"],
+            camera=t[f"{case}.cam"],
+            num_views=frames,
+            image_embeds=t[f"{case}.ip"],
+            reference_latents=t[f"{case}.ip_img"] if pixel else None,
+            **kw,
+        ).sample
+
+
+def test_official_parity_all_cases(converted_unet, cases):
+    unet = MultiViewUNet2DConditionModel.from_pretrained(converted_unet / "unet").eval()
+    assert unet.config.num_image_tokens == 16 and unet.config.image_embed_dim == 1280
+    for case in CASES:
+        x = cases[f"{case}.x"].clone()
+        out = _run(unet, cases, case)
+        err = (out - cases[f"{case}.out"]).abs().max().item()
+        print(f"{case}: max abs error {err:.2e}")
+        assert err <= 1e-4, case
+        assert torch.equal(cases[f"{case}.x"], x)  # the input is not written into
+
+
+def test_image_prompt_and_reference_frame_matter(converted_unet, cases):
+    """Each input reaches the output the way the official model uses it."""
+    unet = MultiViewUNet2DConditionModel.from_pretrained(converted_unet / "unet").eval()
+    ref = cases["pixel5.out"]
+    # the reference latent replaces the last view: whatever x holds there is irrelevant
+    t = dict(cases)
+    t["pixel5.x"] = cases["pixel5.x"].clone()
+    t["pixel5.x"][4::5] = 100.0
+    assert (_run(unet, t, "pixel5") - ref).abs().max() <= 1e-4
+    # ... and it reaches the other views through the joined self-attention
+    t["pixel5.ip_img"] = cases["pixel5.ip_img"] + 1
+    assert (_run(unet, t, "pixel5")[0:4] - ref[0:4]).abs().max() > 1e-3
+    # the image tokens change every view; image_scale weighs them like the official ip_weight
+    t = dict(cases)
+    t["pixel5.ip"] = cases["pixel5.ip"].flip(0)  # swap the two objects' images
+    assert (_run(unet, t, "pixel5") - ref).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    assert (
+        _run(unet, cases, "pixel5", cross_attention_kwargs={"image_scale": 0.0}) - ref
+    ).abs().max() > 1e-3
+
+
+def test_bad_image_inputs_and_mvdream_folders(converted_unet, cases, reference, tmp_path):
+    unet = MultiViewUNet2DConditionModel.from_pretrained(converted_unet / "unet").eval()
+    t = dict(cases)
+    t["pixel5.ip"] = cases["pixel5.ip"][:1]
+    with pytest.raises(ValueError, match="image_embeds must be"):
+        _run(unet, t, "pixel5")
+    t = dict(cases)
+    t["pixel5.ip_img"] = cases["pixel5.ip_img"][:, :, :4]
+    with pytest.raises(ValueError, match="reference_latents must be"):
+        _run(unet, t, "pixel5")
+    # a processor swap that would silently drop the image attention is refused
+    from mvdiff.models import MultiViewAttnProcessor
+
+    unet.set_attn_processor(MultiViewAttnProcessor())
+    with pytest.raises(ValueError, match="ignores the image prompt"):
+        _run(unet, cases, "local4")
+
+    # MVDream folders: no image prompt config, no new weights, image inputs refused
+    tensors, meta = reference
+    sd = {k[len("checkpoint.") :]: v for k, v in tensors.items() if "diffusion_model" in k}
+    cfg = {"model": {"params": {"unet_config": {"params": meta["unet_config_official_names"]}}}}
+    mv = convert_state_dict(sd, cfg, unet_only=True)[0]["unet"]
+    mv.save_pretrained(tmp_path / "mv")
+    config = json.loads((tmp_path / "mv" / "config.json").read_text())
+    assert config["num_image_tokens"] == 0
+    del config["num_image_tokens"], config["image_embed_dim"]  # a folder from before them
+    (tmp_path / "mv" / "config.json").write_text(json.dumps(config))
+    mv = MultiViewUNet2DConditionModel.from_pretrained(tmp_path / "mv").eval()
+    assert mv.image_proj is None and not any("_ip" in k for k in mv.state_dict())
+    with torch.no_grad():
+        y = mv(
+            tensors["case_mv.x"],
+            tensors["case_mv.timesteps"],
+            tensors["case_mv.context"],
+            camera=tensors["case_mv.camera"],
+            num_views=4,
+        ).sample
+        assert (y - tensors["case_mv.out"]).abs().max() <= 1e-4
+        with pytest.raises(ValueError, match="no image prompt"):
+            mv(
+                tensors["case_mv.x"],
+                tensors["case_mv.timesteps"],
+                tensors["case_mv.context"],
+                num_views=4,
+                image_embeds=torch.zeros(2, 257, 1280),
+            )
+
+
+def test_config_and_weights_must_agree(tmp_path):
+    sd = load_state_dict(ID_CKPT)
+    cfg = yaml.safe_load(ID_YAML.read_text())
+    no_ip = json.loads(json.dumps(cfg))
+    no_ip["model"]["params"]["unet_config"]["params"]["with_ip"] = False
+    with pytest.raises(UserError, match="image-prompt weights"):
+        convert_state_dict(sd, no_ip, unet_only=True)
+    glob = json.loads(json.dumps(cfg))
+    glob["model"]["params"]["unet_config"]["params"]["ip_mode"] = "global"
+    with pytest.raises(UserError, match="ip_mode 'global'"):
+        convert_state_dict(sd, glob, unet_only=True)
+    sd["model.diffusion_model.image_embed.layers.0.0.extra.weight"] = torch.zeros(1)
+    with pytest.raises(UserError, match="extra.weight"):
+        convert_state_dict(sd, cfg, unet_only=True)
+
+
+# ----------------------------------------------------------------------- full checkpoints
+
+
+def _openclip_tower(g, width, layers, inner, extra=None):
+    """Random OpenCLIP residual blocks (``transformer.resblocks.*``)."""
+    out = dict(extra or {})
+    for i in range(layers):
+        p = f"transformer.resblocks.{i}."
+        for name, shape in {
+            "ln_1.weight": (width,),
+            "ln_1.bias": (width,),
+            "ln_2.weight": (width,),
+            "ln_2.bias": (width,),
+            "attn.in_proj_weight": (3 * width, width),
+            "attn.in_proj_bias": (3 * width,),
+            "attn.out_proj.weight": (width, width),
+            "attn.out_proj.bias": (width,),
+            "mlp.c_fc.weight": (inner, width),
+            "mlp.c_fc.bias": (inner,),
+            "mlp.c_proj.weight": (width, inner),
+            "mlp.c_proj.bias": (width,),
+        }.items():
+            scale = 1.0 if name.startswith("ln") and name.endswith("weight") else 0.0
+            out[p + name] = scale + _random(shape, g) * (10 if "weight" in name else 1)
+    return out
+
+
+def _visual_forward(vis, pixels, layers, heads):
+    """ImageDream's ``encode_image_with_transformer`` written from its definition: the output
+    of the penultimate residual block of the OpenCLIP vision tower, no ``ln_post``."""
+    F = torch.nn.functional
+    width = vis["conv1.weight"].shape[0]
+    x = F.conv2d(pixels, vis["conv1.weight"], stride=vis["conv1.weight"].shape[-1])
+    x = x.reshape(x.shape[0], width, -1).permute(0, 2, 1)  # (N, C, g, g) -> (N, g*g, C)
+    cls = vis["class_embedding"].expand(x.shape[0], 1, width)
+    x = torch.cat([cls, x], dim=1) + vis["positional_embedding"]
+    x = F.layer_norm(x, (width,), vis["ln_pre.weight"], vis["ln_pre.bias"])
+    hidden = []
+    for i in range(layers):
+        p = f"transformer.resblocks.{i}."
+        h = F.layer_norm(x, (width,), vis[p + "ln_1.weight"], vis[p + "ln_1.bias"])
+        h = h.transpose(0, 1)  # NLD -> LND
+        attn = F.multi_head_attention_forward(
+            h,
+            h,
+            h,
+            width,
+            heads,
+            vis[p + "attn.in_proj_weight"],
+            vis[p + "attn.in_proj_bias"],
+            None,
+            None,
+            False,
+            0.0,
+            vis[p + "attn.out_proj.weight"],
+            vis[p + "attn.out_proj.bias"],
+            need_weights=False,
+        )[0].transpose(0, 1)
+        x = x + attn
+        h = F.layer_norm(x, (width,), vis[p + "ln_2.weight"], vis[p + "ln_2.bias"])
+        h = F.linear(h, vis[p + "mlp.c_fc.weight"], vis[p + "mlp.c_fc.bias"])
+        x = x + F.linear(F.gelu(h), vis[p + "mlp.c_proj.weight"], vis[p + "mlp.c_proj.bias"])
+        hidden.append(x)
+    return hidden[-2]
+
+
+@pytest.fixture(scope="module")
+def tiny_imagedream(tmp_path_factory):
+    """A small checkpoint in ImageDream's own layout (``LatentDiffusionInterface``: ``model.``,
+    ``vae_model.``, ``clip_model.model.`` with the vision tower under ``visual.``): the official
+    tiny UNet, a 1/4-width VAE, a 3-layer text tower and a 3-layer ViT at the real width 1280
+    (16 heads of 80; narrow MLPs keep it small) with 14-px patches on 28-px images."""
+    g = torch.Generator().manual_seed(0)
+    sd = load_state_dict(ID_CKPT)
+    for k, shape in _key_list().items():
+        if k.startswith("first_stage_model."):
+            new = "vae_model." + k[len("first_stage_model.") :]
+            sd[new] = _random(tuple(d // 4 if d % 128 == 0 else d for d in shape), g)
+    width, layers = 64, 3
+    te = _openclip_tower(
+        g,
+        width,
+        layers,
+        4 * width,
+        {
+            "positional_embedding": _random((77, width), g),
+            "token_embedding.weight": _random((49408, width), g),
+            "ln_final.weight": 1 + _random((width,), g),
+            "ln_final.bias": _random((width,), g),
+            "text_projection": _random((width, width), g),
+            "logit_scale": torch.tensor(4.6),
+        },
+    )
+    vw, vlayers = 1280, 3
+    vis = _openclip_tower(
+        g,
+        vw,
+        vlayers,
+        32,
+        {
+            "conv1.weight": _random((vw, 3, 14, 14), g) * 10,
+            "class_embedding": _random((vw,), g) * 10,
+            "positional_embedding": _random((5, vw), g) * 10,
+            "ln_pre.weight": 1 + _random((vw,), g),
+            "ln_pre.bias": _random((vw,), g),
+            "ln_post.weight": 1 + _random((vw,), g),
+            "ln_post.bias": _random((vw,), g),
+            "proj": _random((vw, 1024), g),
+        },
+    )
+    sd.update({f"clip_model.model.{k}": v for k, v in te.items()})
+    sd.update({f"clip_model.model.visual.{k}": v for k, v in vis.items()})
+    from mvdiff.convert import build_scheduler, parse_original_config
+
+    sched = build_scheduler(parse_original_config("sd-v2.1-base-4view"))
+    sd["betas"], sd["alphas_cumprod"] = sched.betas.clone(), sched.alphas_cumprod.clone()
+    root = tmp_path_factory.mktemp("imagedream")
+    ckpt = root / "tiny-ipmv.pt"
+    torch.save(sd, ckpt)
+    config = yaml.safe_load(ID_YAML.read_text())
+    config["model"]["params"]["vae_config"] = {
+        "target": "imagedream.ldm.models.autoencoder.AutoencoderKL",
+        "params": {
+            "embed_dim": 4,
+            "ddconfig": {"z_channels": 4, "ch": 32, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2},
+        },
+    }
+    config["model"]["params"]["clip_config"] = {
+        "target": "imagedream.ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+        "params": {"freeze": True, "layer": "penultimate", "ip_mode": "local_resample"},
+    }
+    cfg = root / "tiny-ipmv.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    return ckpt, cfg, sd, te, vis, vlayers
+
+
+def test_cli_converts_official_imagedream_layout(tmp_path, tiny_imagedream, cases):
+    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModel
+
+    from mvdiff.pipelines import MVDreamPipeline
+
+    ckpt, cfg, sd, te, vis, vlayers = tiny_imagedream
+    out = tmp_path / "model"
+    res = subprocess.run(
+        [sys.executable, "-m", "mvdiff.cli", "convert", str(ckpt), str(out)]
+        + ["--original-config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "schedule buffers match" in res.stdout
+    assert "image encoder: " in res.stdout and "visual.proj" in res.stdout
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["image_encoder"] == ["transformers", "CLIPVisionModel"]
+    assert index["feature_extractor"] == ["transformers", "CLIPImageProcessor"]
+
+    # the UNet: official parity through the full conversion too
+    unet = MultiViewUNet2DConditionModel.from_pretrained(out / "unet").eval()
+    assert (_run(unet, cases, "pixel5") - cases["pixel5.out"]).abs().max() <= 1e-4
+
+    # the vision tower: hidden_states[-2] is the official penultimate image embedding
+    enc = CLIPVisionModel.from_pretrained(out / "image_encoder").eval()
+    assert enc.config.num_hidden_layers == vlayers and enc.config.num_attention_heads == 16
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = enc(pixels, output_hidden_states=True).hidden_states[-2]
+    ref = _visual_forward(vis, pixels, vlayers, heads=16)
+    assert ours.shape == (2, 5, 1280)
+    assert (ours - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    # and what the UNet consumes: [objects, tokens, 1280]
+    assert ours.shape[-1] == unet.config.image_embed_dim
+
+    # the preprocessing: OpenCLIP's (bicubic short side to the tower's size, centre crop,
+    # [0, 1], OpenCLIP mean/std), checked against a PIL implementation
+    proc = CLIPImageProcessor.from_pretrained(out / "feature_extractor")
+    rgb = (np.random.default_rng(0).random((56, 84, 3)) * 255).astype(np.uint8)
+    image = PIL.Image.fromarray(rgb)
+    got = proc(images=image, return_tensors="pt").pixel_values
+    small = np.asarray(image.resize((42, 28), PIL.Image.BICUBIC), dtype=np.float32)[:, 7:35] / 255
+    mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+    std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+    want = torch.from_numpy((small - mean) / std).permute(2, 0, 1)[None]
+    assert got.shape == (1, 3, 28, 28)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+    # the text tower and the rest, as for MVDream
+    tok = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    ids = tok(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
+    with torch.no_grad():
+        assert (
+            text_encoder(ids).last_hidden_state - _openclip_forward(te, ids, 3)
+        ).abs().max() <= 1e-4
+
+    pipe = MVDreamPipeline.from_pretrained(out)
+    assert isinstance(pipe.image_encoder, CLIPVisionModel)
+    assert isinstance(pipe.feature_extractor, CLIPImageProcessor)
+
+
+def test_every_imagedream_key_is_consumed(tiny_imagedream):
+    ckpt, cfg, sd, te, vis, vlayers = tiny_imagedream
+    components, report = convert_state_dict(dict(sd), str(cfg))
+    assert report.unet_tensors == sum(k.startswith("model.diffusion_model.") for k in sd)
+    assert report.vae_tensors == sum(k.startswith("vae_model.") for k in sd)
+    assert report.image_encoder_tensors == len(vis)
+    assert report.text_encoder_tensors == len(te)
+    total = sum(
+        p.numel()
+        for c in ("unet", "vae", "text_encoder", "image_encoder")
+        for p in components[c].parameters()
+    )
+    dropped = sum(
+        v.numel()
+        for k, v in sd.items()
+        if k.startswith("clip_model.model.transformer.resblocks.2.")  # the last text block
+        or k.endswith(("text_projection", "logit_scale", "visual.proj"))
+    )
+    assert total == sum(v.numel() for k, v in sd.items() if "." in k) - dropped
+    # a checkpoint without its vision tower cannot become a full ImageDream folder
+    no_vis = {k: v for k, v in sd.items() if ".visual." not in k}
+    with pytest.raises(UserError, match="vision tower"):
+        convert_state_dict(no_vis, str(cfg))
+    # the ImageDream preset is recognised from the weights
+    from mvdiff.convert import infer_original_config
+
+    probe = {
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": torch.zeros(1),
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (
+            torch.zeros(320, 1024)
+        ),
+    }
+    assert not infer_original_config(probe).unet.get("with_ip")
+    probe["model.diffusion_model.image_embed.latents"] = torch.zeros(1)
+    assert infer_original_config(probe).unet["ip_dim"] == 16
