@@ -392,3 +392,131 @@ def test_every_imagedream_key_is_consumed(tiny_imagedream):
     assert not infer_original_config(probe).unet.get("with_ip")
     probe["model.diffusion_model.image_embed.latents"] = torch.zeros(1)
     assert infer_original_config(probe).unet["ip_dim"] == 16
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _rgba_photo(size=40):
+    rgba = np.zeros((size, size, 4), np.uint8)
+    rgba[10:30, 12:28] = [200, 60, 40, 255]
+    return PIL.Image.fromarray(rgba)
+
+
+@pytest.fixture(scope="module")
+def image_pipe():
+    from mvdiff.pipelines import MVDreamPipeline
+    from mvdiff.testing import tiny_image_components
+
+    torch.set_num_threads(1)
+    pipe = MVDreamPipeline(**tiny_image_components(0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+FAST_KW = dict(height=64, width=64, num_inference_steps=3, output_type="np")
+
+
+def test_pipeline_image_conditioning_is_the_official_one(image_pipe):
+    """What the UNet is given: 4 views + a zero-camera reference frame per object; the
+    conditional half gets the photo's tokens and latent, the unconditional half zeros."""
+    pipe = image_pipe
+    calls = []
+    forward = pipe.unet.forward
+
+    def spy(*args, **kwargs):
+        calls.append({k: v for k, v in kwargs.items() if isinstance(v, (torch.Tensor, int))})
+        return forward(*args, **kwargs)
+
+    pipe.unet.forward = spy
+    try:
+        out = pipe("a box", image=_rgba_photo(), image_background=1.0, guidance_scale=5.0,
+                   generator=torch.Generator().manual_seed(0), **FAST_KW)  # fmt: skip
+    finally:
+        del pipe.unet.forward
+    assert out.images.shape == (4, 64, 64, 3) and out.cameras.shape == (4, 16)
+    first = calls[0]
+    assert first["num_views"] == 5
+    cam = first["camera"]  # (2 halves * 1 object * 5 frames, 16)
+    assert cam.shape == (10, 16) and not cam[4].any() and not cam[9].any()
+    torch.testing.assert_close(cam[:4], out.cameras)
+    embeds, ref = first["image_embeds"], first["reference_latents"]
+    assert embeds.shape == (2, 5, 32) and ref.shape == (2, 4, 8, 8)
+    assert not embeds[0].any() and not ref[0].any()  # the official unconditional input
+    # the conditional half: the composited photo through the vision tower and the VAE
+    photo = out.input_images[0]
+    assert np.asarray(photo)[0, 0].tolist() == [255, 255, 255]  # background 1.0
+    assert np.asarray(photo)[20, 20].tolist() == [200, 60, 40]
+    want, _ = pipe.encode_image([photo], 64, 64)
+    torch.testing.assert_close(embeds[1:], want)
+    assert ref[1].abs().max() > 0
+
+
+def test_image_and_reference_frame_change_the_views(image_pipe):
+    def views(**kw):
+        return image_pipe(
+            "a box", generator=torch.Generator().manual_seed(0), **FAST_KW, **kw
+        ).images
+
+    base = views(image=_rgba_photo(), image_background=1.0)
+    other = _rgba_photo()
+    other.paste((40, 200, 60, 255), (5, 5, 35, 35))
+    assert np.abs(views(image=other, image_background=1.0) - base).max() > 1e-3
+    assert (
+        np.abs(views(image=_rgba_photo(), image_background=1.0, reference_frame=False) - base).max()
+        > 1e-3
+    )
+    assert np.abs(views(image=_rgba_photo(), image_background=0.0) - base).max() > 1e-3
+    assert np.array_equal(views(image=_rgba_photo(), image_background=1.0), base)  # deterministic
+    from mvdiff.pipelines import MVDreamPipeline
+    from mvdiff.testing import tiny_components
+
+    text_only = MVDreamPipeline(**tiny_components(0))
+    with pytest.raises(UserError, match="no image prompt"):
+        text_only("a box", image=_rgba_photo(), **FAST_KW)
+
+
+def test_sample_cli_with_image(tmp_path, image_pipe, capsys):
+    from mvdiff.cli import main
+    from mvdiff.pipelines import MVDreamPipeline
+    from mvdiff.testing import tiny_components
+
+    folder = tmp_path / "model"
+    image_pipe.save_pretrained(folder)
+    photo = tmp_path / "photo.png"
+    _rgba_photo().save(photo)
+    out = tmp_path / "out"
+    fast = ["--height", "64", "--width", "64", "--steps", "3"]
+    argv = ["sample", "--model", str(folder), "--image", str(photo), "--output", str(out)]
+    assert main(argv + fast) == 0
+    for name in ["view_00.png", "view_03.png", "grid.png", "turntable.gif", "input.png"]:
+        assert (out / name).is_file(), name
+    given = np.asarray(PIL.Image.open(out / "input.png"))
+    assert given.shape == (40, 40, 3) and given[20, 20].tolist() == [200, 60, 40]
+    grey = given[0, 0, 0]
+    assert (given[0, 0] == grey).all() and (given[:8] == grey).all()  # a plain grey background
+    settings = json.loads((out / "settings.json").read_text())["settings"]
+    assert settings["elevation"] == 5.0 and settings["guidance"] == 5.0  # the official demo's
+    assert settings["negative_prompt"].startswith("uniform low no texture")
+    assert settings["image"] == str(photo) and settings["reference_frame"] is True
+    cameras = json.loads((out / "cameras.json").read_text())
+    assert cameras["reference_frame"]["camera_vector"] == [0.0] * 16
+    assert len(cameras["views"]) == 4
+    # replay gives the same pixels (the background grey is drawn from the seed)
+    again = tmp_path / "again"
+    assert main(["sample", "--settings", str(out / "settings.json"), "--output", str(again)]) == 0
+    for name in ("view_02.png", "input.png"):
+        assert np.array_equal(
+            np.asarray(PIL.Image.open(out / name)), np.asarray(PIL.Image.open(again / name))
+        )
+
+    # a text-only model refuses a photo (after loading it): exit 2 with a one-line error
+    text_folder = tmp_path / "text"
+    MVDreamPipeline(**tiny_components(0)).save_pretrained(text_folder)
+    capsys.readouterr()
+    argv = ["sample", "--model", str(text_folder), "--image", str(photo)]
+    assert main(argv + ["--output", str(tmp_path / "x")] + fast) == 2
+    assert "error: --image: this model has no image prompt" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["sample", "--model", str(folder), "--output", str(tmp_path / "y")]) == 2
+    assert "--prompt is required" in capsys.readouterr().err
