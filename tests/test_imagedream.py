@@ -520,3 +520,75 @@ def test_sample_cli_with_image(tmp_path, image_pipe, capsys):
     assert not (tmp_path / "x").exists()
     assert main(["sample", "--model", str(folder), "--output", str(tmp_path / "y")]) == 2
     assert "--prompt is required" in capsys.readouterr().err
+
+
+def _fullsize_imagedream_keys() -> dict:
+    """Every key and shape a full ``sd-v2.1-base-4view-ipmv`` checkpoint holds when saved from
+    ImageDream's ``LatentDiffusionInterface`` (``model`` / ``vae_model`` / ``clip_model``): the
+    MVDream list renamed, plus what the official ImageDream code adds — ``to_k_ip`` /
+    ``to_v_ip`` beside every ``attn2.to_k`` (no bias), the ``Resampler(dim=1024, depth=4,
+    dim_head=64, heads=12, num_queries=16, embedding_dim=1280)``, and OpenCLIP ViT-H/14's
+    vision tower (width 1280, 32 blocks, MLP 5120, 14-px patches on 224 px, proj to 1024)."""
+    keys = {}
+    for k, shape in _key_list().items():
+        k = k.replace("first_stage_model.", "vae_model.").replace(
+            "cond_stage_model.", "clip_model."
+        )
+        keys[k] = shape
+        if k.endswith("attn2.to_k.weight"):
+            keys[k.replace("to_k.", "to_k_ip.")] = shape
+            keys[k.replace("to_k.", "to_v_ip.")] = shape
+    p = "model.diffusion_model.image_embed."
+    keys.update({p + "latents": (1, 16, 1024), p + "proj_in.weight": (1024, 1280)})
+    keys.update({p + "proj_in.bias": (1024,), p + "proj_out.weight": (1024, 1024)})
+    keys.update({p + "proj_out.bias": (1024,), p + "norm_out.weight": (1024,)})
+    keys[p + "norm_out.bias"] = (1024,)
+    for i in range(4):
+        q = f"{p}layers.{i}."
+        for n in ("0.norm1", "0.norm2", "1.0"):
+            keys[f"{q}{n}.weight"] = keys[f"{q}{n}.bias"] = (1024,)
+        keys[q + "0.to_q.weight"] = (768, 1024)
+        keys[q + "0.to_kv.weight"] = (1536, 1024)
+        keys[q + "0.to_out.weight"] = (1024, 768)
+        keys[q + "1.1.weight"] = (4096, 1024)
+        keys[q + "1.3.weight"] = (1024, 4096)
+    v, w = "clip_model.model.visual.", 1280
+    keys.update({v + "class_embedding": (w,), v + "positional_embedding": (257, w)})
+    keys.update({v + "proj": (w, 1024), v + "conv1.weight": (w, 3, 14, 14)})
+    for n in ("ln_pre", "ln_post"):
+        keys[f"{v}{n}.weight"] = keys[f"{v}{n}.bias"] = (w,)
+    for i in range(32):
+        b = f"{v}transformer.resblocks.{i}."
+        for n in ("ln_1", "ln_2"):
+            keys[f"{b}{n}.weight"] = keys[f"{b}{n}.bias"] = (w,)
+        keys.update({b + "attn.in_proj_weight": (3 * w, w), b + "attn.in_proj_bias": (3 * w,)})
+        keys.update({b + "attn.out_proj.weight": (w, w), b + "attn.out_proj.bias": (w,)})
+        keys.update({b + "mlp.c_fc.weight": (4 * w, w), b + "mlp.c_fc.bias": (4 * w,)})
+        keys.update({b + "mlp.c_proj.weight": (w, 4 * w), b + "mlp.c_proj.bias": (w,)})
+    return keys
+
+
+def test_fullsize_imagedream_layout_is_consumed():
+    """The real architecture, shapes only (meta tensors): the preset is inferred from the
+    weights, every key is mapped or dropped on purpose, the shapes fit."""
+    keys = _fullsize_imagedream_keys()
+    sd = {k: torch.empty(s, device="meta") for k, s in keys.items() if "." in k}
+    components, report = convert_state_dict(sd, None)
+    unet, enc = components["unet"], components["image_encoder"]
+    assert unet.config.num_image_tokens == 16 and unet.config.image_embed_dim == 1280
+    assert enc.config.num_hidden_layers == 32 and enc.config.num_attention_heads == 16
+    assert enc.config.image_size == 224 and enc.config.intermediate_size == 5120
+    assert components["feature_extractor"].crop_size == {"height": 224, "width": 224}
+    assert report.image_encoder_tensors == sum(".visual." in k for k in sd)
+    total = sum(
+        p.numel()
+        for c in ("unet", "vae", "text_encoder", "image_encoder")
+        for p in components[c].parameters()
+    )
+    dropped = sum(
+        v.numel()
+        for k, v in sd.items()
+        if "model.transformer.resblocks.23." in k
+        or k.endswith(("text_projection", "logit_scale", "visual.proj"))
+    )
+    assert total == sum(v.numel() for v in sd.values()) - dropped
