@@ -762,3 +762,24 @@ def test_official_stand_in_reproduces_the_official_vectors(cases):
                 cases[f"{case}.ip_img"] if pixel else None,
             )
         assert (out - cases[f"{case}.out"]).abs().max() <= 1e-4, case
+
+
+def test_sample_with_image_from_an_official_imagedream_checkpoint(tmp_path, tiny_imagedream):
+    """The real-weights path on a tiny checkpoint in ImageDream's own layout: `mvdiff sample
+    --model X.pt --original-config Y.yaml --image photo.png` converts (and caches) the
+    checkpoint, vision tower included, and samples 4 views from the photo."""
+    from mvdiff.cli import main
+
+    ckpt, cfg, *_ = tiny_imagedream
+    photo = tmp_path / "photo.png"
+    _rgba_photo().save(photo)
+    out = tmp_path / "out"
+    argv = ["sample", "--model", str(ckpt), "--original-config", str(cfg), "--cache-dir",
+            str(tmp_path / "cache"), "--image", str(photo), "--output", str(out),
+            "--height", "64", "--width", "64", "--steps", "2", "--background", "1"]  # fmt: skip
+    assert main(argv) == 0
+    (folder,) = (tmp_path / "cache" / "converted").iterdir()
+    assert (folder / "image_encoder").is_dir() and (folder / "feature_extractor").is_dir()
+    views = [np.asarray(PIL.Image.open(out / f"view_{v:02d}.png")) for v in range(4)]
+    assert all(v.shape == (64, 64, 3) for v in views)
+    assert np.asarray(PIL.Image.open(out / "input.png"))[0, 0].tolist() == [255, 255, 255]
