@@ -1,11 +1,16 @@
-"""Official MVDream checkpoints -> a diffusers-format model folder.
+"""Official MVDream / ImageDream checkpoints -> a diffusers-format model folder.
 
 The official checkpoints (``sd-v2.1-base-4view.pt``, ``sd-v1.5-4view.pt``) hold an LDM state
 dict: ``model.diffusion_model.*`` (the multi-view UNet, camera MLP under ``camera_embed``),
 ``first_stage_model.*`` (the VAE), ``cond_stage_model.*`` (OpenCLIP ViT-H text tower for 2.1,
-HF CLIP for 1.5) and the schedule buffers. :func:`convert_mvdream_checkpoint` maps every key
-to its diffusers counterpart — a key it does not know, or a model weight the checkpoint lacks,
-is an error, never a silent skip — and writes::
+HF CLIP for 1.5) and the schedule buffers. ImageDream (``sd-v2.1-base-4view-ipmv.pt``) is
+saved from its ``LatentDiffusionInterface``, whose modules are named ``model`` (the UNet, plus
+the image-prompt resampler ``image_embed.*`` and ``to_k_ip`` / ``to_v_ip``), ``vae_model`` and
+``clip_model`` (``FrozenOpenCLIPEmbedder`` with ``ip_mode`` set, so the OpenCLIP model keeps
+its vision tower ``clip_model.model.visual.*``); both prefix sets are accepted.
+:func:`convert_mvdream_checkpoint` maps every key to its diffusers counterpart — a key it
+does not know, or a model weight the checkpoint lacks, is an error, never a silent skip — and
+writes::
 
     OUTPUT_DIR/model_index.json        (MVDreamPipeline)
     OUTPUT_DIR/unet/                   MultiViewUNet2DConditionModel
@@ -13,6 +18,8 @@ is an error, never a silent skip — and writes::
     OUTPUT_DIR/text_encoder/           CLIPTextModel
     OUTPUT_DIR/tokenizer/              CLIPTokenizer (the CLIP BPE files shipped with mvdiff)
     OUTPUT_DIR/scheduler/              DDIMScheduler configured like the official sampler
+    OUTPUT_DIR/image_encoder/          CLIPVisionModel (ImageDream: the OpenCLIP ViT-H tower)
+    OUTPUT_DIR/feature_extractor/      CLIPImageProcessor (OpenCLIP's 224 px preprocessing)
 
 or only ``unet/`` with ``unet_only=True``. The folder is built under a temporary name and
 renamed when complete.
@@ -29,12 +36,27 @@ import torch
 import yaml
 
 from mvdiff.errors import UserError
-from mvdiff.models.unet_mv import PRESETS, MultiViewUNet2DConditionModel, multiview_unet_config
+from mvdiff.models.unet_mv import (
+    IMAGE_EMBED_DIM,
+    PRESETS,
+    MultiViewUNet2DConditionModel,
+    multiview_unet_config,
+)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 HFCLIP_PREFIX = "cond_stage_model.transformer."
+# ImageDream's LatentDiffusionInterface names the VAE and the OpenCLIP embedder differently
+IMAGEDREAM_VAE_PREFIX = "vae_model."
+IMAGEDREAM_OPENCLIP_PREFIX = "clip_model.model."
+VISUAL = "visual."
+#: OpenCLIP ViT-H/14's attention head width (``head_width`` in its model config; the fused
+#: ``in_proj`` weights do not tell the head count).
+VISION_HEAD_WIDTH = 80
+#: OpenCLIP's image normalisation (``OPENAI_DATASET_MEAN`` / ``_STD``), used by ViT-H/14.
+OPENCLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENCLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SCHEDULE_KEYS = (
     "betas",
     "alphas_cumprod",
@@ -70,23 +92,33 @@ class OriginalConfig:
     scale_factor: float = 0.18215
 
 
+#: Converter presets: the MVDream UNets plus ImageDream's (``sd_v2_base_ipmv.yaml``).
+CONVERT_PRESETS: dict[str, dict] = {
+    **PRESETS,
+    "sd-v2.1-base-4view-ipmv": dict(
+        PRESETS["sd-v2.1-base-4view"], with_ip=True, ip_dim=16, ip_mode="local_resample"
+    ),
+}
+
+
 def _preset(name: str) -> OriginalConfig:
-    if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if name not in CONVERT_PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of {sorted(CONVERT_PRESETS)}")
     return OriginalConfig(
-        unet=dict(PRESETS[name]), text_encoder="openclip" if "v2" in name else "hfclip"
+        unet=dict(CONVERT_PRESETS[name]), text_encoder="openclip" if "v2" in name else "hfclip"
     )
 
 
 def parse_original_config(config: str | Path | dict) -> OriginalConfig:
     """An official-style YAML (path or dict) or a preset name -> :class:`OriginalConfig`."""
-    if isinstance(config, str) and config in PRESETS:
+    if isinstance(config, str) and config in CONVERT_PRESETS:
         return _preset(config)
     if not isinstance(config, dict):
         path = Path(config)
         if not path.is_file():
             raise UserError(
-                f"--original-config {path}: no such file (or use a preset: {sorted(PRESETS)})"
+                f"--original-config {path}: no such file (or use a preset: "
+                f"{sorted(CONVERT_PRESETS)})"
             )
         try:
             config = yaml.safe_load(path.read_text())
@@ -100,12 +132,16 @@ def parse_original_config(config: str | Path | dict) -> OriginalConfig:
             "original config: expected model.params.unet_config.params (official MVDream layout)"
         ) from None
     out = OriginalConfig(unet=unet)
-    first = params.get("first_stage_config", {}).get("params", {})
+    # MVDream names them first_stage_config / cond_stage_config, ImageDream vae_config /
+    # clip_config
+    vae_cfg = params.get("first_stage_config") or params.get("vae_config") or {}
+    first = vae_cfg.get("params", {}) or {}
     if "ddconfig" in first:
         dd = first["ddconfig"]
         out.vae = {k: dd[k] for k in ("ch", "ch_mult", "num_res_blocks", "z_channels") if k in dd}
         out.vae_embed_dim = int(first.get("embed_dim", 4))
-    target = str(params.get("cond_stage_config", {}).get("target", "OpenCLIP"))
+    text_cfg = params.get("cond_stage_config") or params.get("clip_config") or {}
+    target = str(text_cfg.get("target", "OpenCLIP"))
     out.text_encoder = "openclip" if "OpenCLIP" in target else "hfclip"
     for k in ("linear_start", "linear_end", "timesteps", "scale_factor"):
         if k in params:
@@ -129,17 +165,84 @@ _UNET_PARAMS = (
 )
 
 
-def unet_config_from_original(unet: dict) -> dict:
-    """diffusers UNet config from official ``unet_config.params`` (other keys are ignored)."""
+def unet_config_from_original(unet: dict, image_embed_dim: int = IMAGE_EMBED_DIM) -> dict:
+    """diffusers UNet config from official ``unet_config.params`` (other keys are ignored).
+
+    ImageDream's ``with_ip`` / ``ip_dim`` (the image-token count) / ``ip_mode`` become
+    ``num_image_tokens``; only ``ip_mode: local_resample`` (the released ``ipmv`` models,
+    IP-Adapter-Plus resampler) is supported. ``image_embed_dim`` is the resampler's input
+    width (the official code hard-codes 1280, OpenCLIP ViT-H).
+    """
     kw = {k: v for k, v in unet.items() if k in _UNET_PARAMS and v not in (-1, None)}
     if "num_head_channels" in kw:
         kw.setdefault("num_heads", None)
     else:
         kw["num_head_channels"] = None
     try:
-        return multiview_unet_config(**kw)
+        config = multiview_unet_config(**kw)
     except TypeError as e:
         raise UserError(f"original config: bad unet_config.params ({e})") from None
+    if unet.get("with_ip") and int(unet.get("ip_dim", 0) or 0) > 0:
+        mode = unet.get("ip_mode", "local_resample")
+        if mode != "local_resample":
+            raise UserError(
+                f"original config: ip_mode {mode!r} is not supported (only local_resample, "
+                "the released ImageDream ipmv models)"
+            )
+        if not unet.get("context_dim"):
+            raise UserError("original config: with_ip needs context_dim")
+        config["num_image_tokens"] = int(unet["ip_dim"])
+        config["image_embed_dim"] = int(image_embed_dim)
+    return config
+
+
+def has_image_prompt(unet: dict) -> bool:
+    return bool(unet.get("with_ip")) and int(unet.get("ip_dim", 0) or 0) > 0
+
+
+_RESAMPLER_BLOCK = {
+    "0.norm1": "ln0",
+    "0.norm2": "ln1",
+    "0.to_q": "attn.to_q",
+    "0.to_out": "attn.to_out.0",
+    "1.0": "ff.0",
+    "1.1": "ff.1.net.0.proj",
+    "1.3": "ff.1.net.2",
+}
+
+
+def convert_resampler_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official ``image_embed.*`` (ImageDream's ``Resampler``, prefix stripped) -> the keys of
+    diffusers' ``IPAdapterPlusImageProjection``. ``to_kv`` is ``[to_k; to_v]`` stacked by
+    rows (the official forward chunks its output in two), so it is split."""
+    out, unknown = {}, []
+    for k, v in sd.items():
+        parts = k.split(".")
+        if k in ("latents", "proj_in.weight", "proj_in.bias", "proj_out.weight") or k in (
+            "proj_out.bias",
+            "norm_out.weight",
+            "norm_out.bias",
+        ):
+            out[k] = v
+        elif parts[0] == "layers" and len(parts) >= 4:
+            i, rest = parts[1], ".".join(parts[2:])
+            if rest == "0.to_kv.weight":
+                out[f"layers.{i}.attn.to_k.weight"], out[f"layers.{i}.attn.to_v.weight"] = v.chunk(
+                    2, dim=0
+                )
+                continue
+            mod, kind = rest.rsplit(".", 1)
+            if mod not in _RESAMPLER_BLOCK:
+                unknown.append(k)
+                continue
+            out[f"layers.{i}.{_RESAMPLER_BLOCK[mod]}.{kind}"] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        raise UserError(
+            f"UNet image prompt: unknown key(s) {['image_embed.' + k for k in unknown[:5]]}"
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------- key maps
@@ -296,8 +399,15 @@ def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -
 def convert_unet_state_dict(
     unet_sd: dict[str, torch.Tensor], unet: dict
 ) -> dict[str, torch.Tensor]:
-    """Official UNet state dict (no ``model.diffusion_model.`` prefix) -> diffusers names."""
-    return _rename_all(unet_sd, unet_key_prefixes(unet), "UNet")
+    """Official UNet state dict (no ``model.diffusion_model.`` prefix) -> diffusers names.
+
+    The image-prompt resampler ``image_embed.*`` becomes ``image_proj.*``; ``to_k_ip`` /
+    ``to_v_ip`` keep their names inside the renamed transformer blocks."""
+    proj = {k[len("image_embed.") :]: v for k, v in unet_sd.items() if k.startswith("image_embed.")}
+    rest = {k: v for k, v in unet_sd.items() if not k.startswith("image_embed.")}
+    out = _rename_all(rest, unet_key_prefixes(unet), "UNet")
+    out.update({f"image_proj.{k}": v for k, v in convert_resampler_state_dict(proj).items()})
+    return out
 
 
 def _cast(model, dtype: torch.dtype):
@@ -305,7 +415,9 @@ def _cast(model, dtype: torch.dtype):
 
 
 def build_unet(unet_sd: dict[str, torch.Tensor], unet: dict) -> MultiViewUNet2DConditionModel:
-    config = unet_config_from_original(unet)
+    proj_in = unet_sd.get("image_embed.proj_in.weight")
+    embed_dim = proj_in.shape[1] if proj_in is not None else IMAGE_EMBED_DIM
+    config = unet_config_from_original(unet, image_embed_dim=embed_dim)
     model = _empty(MultiViewUNet2DConditionModel.from_config, config)
     _load_into(model, convert_unet_state_dict(unet_sd, unet), "UNet")
     return model
@@ -383,27 +495,10 @@ def build_openclip_text_encoder(te_sd: dict[str, torch.Tensor]):
         elif k in ("text_projection", "logit_scale"):
             continue  # not used for conditioning
         elif k.startswith("transformer.resblocks."):
-            i, rest = int(parts[2]), ".".join(parts[3:])
-            if i == layers - 1:
+            if int(parts[2]) == layers - 1:
                 continue  # the last block: MVDream conditions on the penultimate layer
-            pre = f"encoder.layers.{i}."
-            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-                kind = rest.rsplit("_", 1)[1]  # weight | bias
-                for name, chunk in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
-                    sd[f"{pre}self_attn.{name}.{kind}"] = chunk
-                continue
-            table = {
-                "ln_1": "layer_norm1",
-                "ln_2": "layer_norm2",
-                "attn.out_proj": "self_attn.out_proj",
-                "mlp.c_fc": "mlp.fc1",
-                "mlp.c_proj": "mlp.fc2",
-            }
-            mod, kind = rest.rsplit(".", 1)
-            if mod not in table:
+            if not _map_openclip_block(k, v, sd):
                 unknown.append(k)
-                continue
-            sd[f"{pre}{table[mod]}.{kind}"] = v
         elif k == "attn_mask":
             continue  # a constant causal mask in some exports
         else:
@@ -412,6 +507,122 @@ def build_openclip_text_encoder(te_sd: dict[str, torch.Tensor]):
         raise UserError(f"text encoder: unknown key(s) {unknown[:5]}")
     _load_text_encoder(model, sd)
     return model
+
+
+_OPENCLIP_BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+
+
+def _map_openclip_block(key: str, v: torch.Tensor, sd: dict[str, torch.Tensor]) -> bool:
+    """One ``transformer.resblocks.{i}.*`` tensor of an OpenCLIP tower -> the transformers
+    CLIP encoder layer's names in ``sd`` (the fused ``in_proj`` split into q/k/v). False for
+    a name it does not know."""
+    parts = key.split(".")
+    i, rest = int(parts[2]), ".".join(parts[3:])
+    pre = f"encoder.layers.{i}."
+    if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+        kind = rest.rsplit("_", 1)[1]  # weight | bias
+        for name, chunk in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+            sd[f"{pre}self_attn.{name}.{kind}"] = chunk
+        return True
+    mod, kind = rest.rsplit(".", 1)
+    if mod not in _OPENCLIP_BLOCK:
+        return False
+    sd[f"{pre}{_OPENCLIP_BLOCK[mod]}.{kind}"] = v
+    return True
+
+
+def build_openclip_vision_encoder(vis_sd: dict[str, torch.Tensor]):
+    """OpenCLIP vision tower (``visual.*`` without the prefix) -> ``CLIPVisionModel``.
+
+    ImageDream's ``FrozenOpenCLIPEmbedder.encode_image_with_transformer`` runs ``conv1`` (no
+    bias), prepends ``class_embedding``, adds ``positional_embedding``, applies ``ln_pre`` and
+    takes the output of the penultimate residual block, without ``ln_post``: that is
+    ``CLIPVisionModel(...).hidden_states[-2]`` (``hidden_states[0]`` is the embeddings after
+    ``pre_layrnorm``). The whole tower is kept (``ln_post`` as ``post_layernorm``) so the
+    folder is a standard ViT-H/14 image encoder; only ``proj`` (the image-text projection, used
+    by the unreleased "global" mode) is dropped.
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    try:
+        conv = vis_sd["conv1.weight"]  # (width, 3, patch, patch)
+        positions = vis_sd["positional_embedding"].shape[0]
+        inner = vis_sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    except KeyError as e:
+        raise UserError(f"image encoder: checkpoint lacks visual.{e.args[0]}") from None
+    width, patch = conv.shape[0], conv.shape[2]
+    grid = round((positions - 1) ** 0.5)
+    if grid * grid != positions - 1 or width % VISION_HEAD_WIDTH:
+        raise UserError(
+            f"image encoder: {positions} positions / width {width} is not an OpenCLIP ViT "
+            f"with {VISION_HEAD_WIDTH}-wide heads"
+        )
+    layers = 1 + max(int(k.split(".")[2]) for k in vis_sd if k.startswith("transformer.resblocks."))
+    config = CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=inner,
+        num_hidden_layers=layers,
+        num_attention_heads=width // VISION_HEAD_WIDTH,
+        image_size=grid * patch,
+        patch_size=patch,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=vis_sd["proj"].shape[1] if "proj" in vis_sd else width,
+    )
+    model = _empty(CLIPVisionModel, config)
+    sd, unknown = {}, []
+    simple = {
+        "conv1.weight": "embeddings.patch_embedding.weight",
+        "class_embedding": "embeddings.class_embedding",
+        "positional_embedding": "embeddings.position_embedding.weight",
+        "ln_pre.weight": "pre_layrnorm.weight",
+        "ln_pre.bias": "pre_layrnorm.bias",
+        "ln_post.weight": "post_layernorm.weight",
+        "ln_post.bias": "post_layernorm.bias",
+    }
+    for k, v in vis_sd.items():
+        if k in simple:
+            sd[simple[k]] = v
+        elif k == "proj":
+            continue  # image-text projection: not used by the image prompt
+        elif not (k.startswith("transformer.resblocks.") and _map_openclip_block(k, v, sd)):
+            unknown.append(k)
+    if unknown:
+        raise UserError(f"image encoder: unknown key(s) {['visual.' + k for k in unknown[:5]]}")
+    expected = model.state_dict()
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in expected) else ""
+    sd = {prefix + k: v for k, v in sd.items()}
+    for k in expected:
+        if k.endswith("position_ids"):
+            sd[k] = expected[k]
+    _load_into(model, sd, "image encoder")
+    return model
+
+
+def build_image_processor(image_size: int = 224):
+    """OpenCLIP's preprocessing of ViT-H/14 as a ``CLIPImageProcessor``: RGB, bicubic resize
+    of the short side to 224, centre crop 224, scale to [0, 1], OpenCLIP mean/std."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": image_size},
+        resample=3,  # PIL.Image.BICUBIC
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(OPENCLIP_MEAN),
+        image_std=list(OPENCLIP_STD),
+        do_convert_rgb=True,
+    )
 
 
 def _load_text_encoder(model, sd: dict[str, torch.Tensor]) -> None:
@@ -557,6 +768,10 @@ def infer_original_config(sd: dict[str, torch.Tensor]) -> OriginalConfig:
     key = next((k for k in sd if k.endswith("transformer_blocks.0.attn2.to_k.weight")), None)
     width = sd[key].shape[1] if key is not None else None
     preset = {1024: "sd-v2.1-base-4view", 768: "sd-v1.5-4view"}.get(width)
+    if preset == "sd-v2.1-base-4view" and any(
+        ".image_embed." in k or k.startswith("image_embed.") for k in sd
+    ):
+        preset = "sd-v2.1-base-4view-ipmv"
     if preset is None:
         raise UserError(
             f"cannot tell the architecture (context width {width}); pass --original-config YAML"
@@ -574,6 +789,7 @@ class ConversionReport:
     unet_tensors: int = 0
     vae_tensors: int = 0
     text_encoder_tensors: int = 0
+    image_encoder_tensors: int = 0
     dropped: list = field(default_factory=list)
     schedule_max_abs_error: float | None = None
 
@@ -597,12 +813,32 @@ def convert_state_dict(
         unet_sd = dict(sd)  # bare UNet keys
     if not unet_sd:
         raise UserError(f"{source}: no '{UNET_PREFIX}*' keys")
+    if has_image_prompt(cfg.unet) != any(k.startswith("image_embed.") for k in unet_sd):
+        raise UserError(
+            f"{source}: the config says with_ip={bool(cfg.unet.get('with_ip'))} but the "
+            "checkpoint "
+            + ("lacks" if has_image_prompt(cfg.unet) else "has")
+            + " image-prompt weights (image_embed.*); wrong --original-config?"
+        )
+    # MVDream's key prefixes, or ImageDream's LatentDiffusionInterface ones
+    vae_prefix = next(
+        (p for p in (VAE_PREFIX, IMAGEDREAM_VAE_PREFIX) if any(k.startswith(p) for k in sd)),
+        VAE_PREFIX,
+    )
+    clip_prefix = next(
+        (
+            p
+            for p in (OPENCLIP_PREFIX, IMAGEDREAM_OPENCLIP_PREFIX)
+            if any(k.startswith(p) for k in sd)
+        ),
+        OPENCLIP_PREFIX,
+    )
     if not unet_only:
         if any(k.startswith("model_ema.") for k in sd):
             raise UserError(
                 f"{source}: EMA weights (model_ema.*) are not supported; export them first"
             )
-        known = (UNET_PREFIX, VAE_PREFIX, OPENCLIP_PREFIX, HFCLIP_PREFIX)
+        known = (UNET_PREFIX, vae_prefix, clip_prefix, HFCLIP_PREFIX)
         unknown = [k for k in sd if not k.startswith(known) and k not in SCHEDULE_KEYS]
         if unknown:
             raise UserError(f"{source}: unknown key(s) {unknown[:5]}")
@@ -611,21 +847,52 @@ def convert_state_dict(
     if unet_only:
         return components, report
 
-    vae_sd = _strip(sd, VAE_PREFIX)
+    vae_sd = _strip(sd, vae_prefix)
     if not vae_sd:
-        raise UserError(f"{source}: no VAE ('{VAE_PREFIX}*'); use --unet-only")
+        raise UserError(
+            f"{source}: no VAE ('{VAE_PREFIX}*' or '{IMAGEDREAM_VAE_PREFIX}*'); use --unet-only"
+        )
     components["vae"] = _cast(build_vae(vae_sd, cfg), dtype)
     report.vae_tensors = len(vae_sd)
     if cfg.text_encoder == "openclip":
-        te_sd = _strip(sd, OPENCLIP_PREFIX)
+        clip_sd = _strip(sd, clip_prefix)
+        te_sd = {k: v for k, v in clip_sd.items() if not k.startswith(VISUAL)}
+        vis_sd = _strip(clip_sd, VISUAL)
         if not te_sd:
-            raise UserError(f"{source}: no text encoder ('{OPENCLIP_PREFIX}*')")
+            raise UserError(f"{source}: no text encoder ('{clip_prefix}*')")
         components["text_encoder"] = _cast(build_openclip_text_encoder(te_sd), dtype)
         last = max(int(k.split(".")[2]) for k in te_sd if k.startswith("transformer.resblocks."))
         report.dropped = [
-            f"{OPENCLIP_PREFIX}transformer.resblocks.{last}.* (MVDream uses the penultimate layer)",
-            f"{OPENCLIP_PREFIX}text_projection, logit_scale (not used for conditioning)",
+            f"{clip_prefix}transformer.resblocks.{last}.* (MVDream uses the penultimate layer)",
+            f"{clip_prefix}text_projection, logit_scale (not used for conditioning)",
         ]
+        if has_image_prompt(cfg.unet):
+            if not vis_sd:
+                raise UserError(
+                    f"{source}: an ImageDream checkpoint without the OpenCLIP vision tower "
+                    f"('{clip_prefix}{VISUAL}*'); use --unet-only"
+                )
+            encoder = build_openclip_vision_encoder(vis_sd)
+            if encoder.config.hidden_size != components["unet"].config.image_embed_dim:
+                raise UserError(
+                    f"{source}: the vision tower is {encoder.config.hidden_size} wide, the "
+                    f"UNet's resampler takes {components['unet'].config.image_embed_dim}"
+                )
+            components["image_encoder"] = _cast(encoder, dtype)
+            components["feature_extractor"] = build_image_processor(
+                components["image_encoder"].config.image_size
+            )
+            report.image_encoder_tensors = len(vis_sd)
+            if "proj" in vis_sd:
+                report.dropped.append(
+                    f"{clip_prefix}{VISUAL}proj (image-text projection, not used by the "
+                    "image prompt)"
+                )
+        elif vis_sd:
+            report.dropped.append(
+                f"{clip_prefix}{VISUAL}* ({len(vis_sd)} tensors: a vision tower, but the UNet "
+                "has no image prompt)"
+            )
     else:
         te_sd = _strip(sd, HFCLIP_PREFIX)
         if not te_sd:
@@ -688,7 +955,7 @@ def write_model_folder(components: dict, output_dir: str | Path) -> None:
         if set(components) >= {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}:
             index = {"_class_name": "MVDreamPipeline", "_diffusers_version": _diffusers_version()}
             for name, comp in components.items():
-                index[name] = [_library_of(comp), type(comp).__name__]
+                index[name] = [_library_of(comp), _class_name_of(comp)]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if output_dir.exists():
             output_dir.rmdir()
@@ -696,6 +963,12 @@ def write_model_folder(components: dict, output_dir: str | Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _class_name_of(obj) -> str:
+    # transformers 5 builds CLIPImageProcessorPil when torchvision is missing; the folder names
+    # the generic class, which every transformers version resolves to an available backend
+    return type(obj).__name__.removesuffix("Pil")
 
 
 def _library_of(obj) -> str:

@@ -87,6 +87,45 @@ def ddim_scheduler():
     return build_scheduler(OriginalConfig(unet={}))
 
 
+def tiny_image_unet(seed: int = 0, image_embed_dim: int = 32, num_image_tokens: int = 4):
+    """The tiny UNet with ImageDream's image prompt (resampler + decoupled attention)."""
+    config = multiview_unet_config(sample_size=8, **TINY_UNET_PARAMS)
+    config.update(num_image_tokens=num_image_tokens, image_embed_dim=image_embed_dim)
+    torch.manual_seed(seed)
+    return MultiViewUNet2DConditionModel.from_config(config)
+
+
+def tiny_image_encoder(seed: int = 0, hidden_size: int = 32, image_size: int = 28):
+    """A tiny ``CLIPVisionModel`` (14-px patches) and its OpenCLIP-style image processor."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from mvdiff.convert import build_image_processor
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=14,
+        hidden_act="gelu",
+        projection_dim=hidden_size,
+    )
+    return CLIPVisionModel(config), build_image_processor(image_size)
+
+
+def tiny_image_components(seed: int = 0) -> dict:
+    """:func:`tiny_components` of an ImageDream-style model: the image-prompt UNet plus
+    ``image_encoder`` and ``feature_extractor``."""
+    parts = tiny_components(seed)
+    parts["unet"] = tiny_image_unet(seed).eval()
+    encoder, processor = tiny_image_encoder(seed + 3)
+    parts["image_encoder"] = encoder.eval()
+    parts["feature_extractor"] = processor
+    return parts
+
+
 def tiny_components(seed: int = 0) -> dict:
     """unet, vae, text_encoder, tokenizer, scheduler — tiny, random, deterministic in ``seed``."""
     return {

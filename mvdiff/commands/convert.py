@@ -8,17 +8,20 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert an official MVDream checkpoint to a diffusers folder",
-        description="Convert an official MVDream checkpoint (.pt/.ckpt/.safetensors, loaded as "
-        "tensors only) into a diffusers-format folder that MVDreamPipeline.from_pretrained loads.",
+        help="convert an official MVDream / ImageDream checkpoint to a diffusers folder",
+        description="Convert an official MVDream or ImageDream checkpoint (.pt/.ckpt/"
+        ".safetensors, loaded as tensors only) into a diffusers-format folder that "
+        "MVDreamPipeline.from_pretrained loads (ImageDream adds image_encoder/ and "
+        "feature_extractor/).",
     )
     p.add_argument("checkpoint", help="official checkpoint, e.g. sd-v2.1-base-4view.pt")
     p.add_argument("output_dir", help="new folder to write (must not exist or be empty)")
     p.add_argument(
         "--original-config",
         default=None,
-        help="official-style YAML (mvdream/configs/*.yaml) or a preset: sd-v2.1-base-4view, "
-        "sd-v1.5-4view (default: inferred from the weights)",
+        help="official-style YAML (mvdream/configs/*.yaml, imagedream/configs/*.yaml) or a "
+        "preset: sd-v2.1-base-4view, sd-v1.5-4view, sd-v2.1-base-4view-ipmv (default: inferred "
+        "from the weights)",
     )
     p.add_argument("--unet-only", action="store_true", help="the checkpoint holds just the UNet")
     p.add_argument(
@@ -46,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"unet: {report.unet_tensors} tensors, vae: {report.vae_tensors}, "
         f"text encoder: {report.text_encoder_tensors}"
+        + (
+            f", image encoder: {report.image_encoder_tensors}"
+            if report.image_encoder_tensors
+            else ""
+        )
     )
     for line in report.dropped:
         print(f"dropped on purpose: {line}")

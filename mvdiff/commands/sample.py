@@ -1,4 +1,4 @@
-"""``mvdiff sample``: a prompt -> V consistent views (PNGs, a grid, a turntable GIF).
+"""``mvdiff sample``: a prompt (or a photo) -> V consistent views (PNGs, a grid, a GIF).
 
 Writes into ``--output``::
 
@@ -7,6 +7,14 @@ Writes into ``--output``::
     turntable.gif                    the views as a looping animation
     cameras.json                     elevation, azimuth, c2w and model vector of every view
     settings.json                    everything needed to reproduce the run, plus versions
+    input.png                        with --image: the RGB image the model was conditioned on
+
+``--image photo.png`` (an ImageDream model, e.g. a converted ``sd-v2.1-base-4view-ipmv.pt``)
+conditions on a photo: RGBA is composited over ``--background`` (a grey level; default drawn
+from the seed, as the official demo's random grey), RGB is used as is (put the object on a
+plain background first). Unless given, elevation, guidance and negative prompt take the
+official ImageDream demo's values (5 degrees, 5.0, its negative prompt); the prompt may be
+empty.
 
 ``mvdiff sample --settings OLD/settings.json --output NEW`` repeats a run exactly (flags given
 next to ``--settings`` override it). Every file is written under a temporary name and renamed.
@@ -49,6 +57,18 @@ class SampleSettings:
     device: str = "auto"
     original_config: str | None = None
     lora: str | None = None
+    image: str | None = None
+    background: float | None = None
+    reference_frame: bool = True
+
+
+#: The official ImageDream demo's settings (scripts/demo.py), used with --image unless given.
+IMAGE_DEFAULTS = {
+    "elevation": 5.0,
+    "guidance": 5.0,
+    "negative_prompt": "uniform low no texture ugly, boring, bad anatomy, blurry, pixelated,  "
+    "obscure, unnatural colors, poor lighting, dull, and unclear.",
+}
 
 
 # flag -> (field, type, help); defaults come from SampleSettings
@@ -75,6 +95,10 @@ _FLAGS = {
     "--device": ("device", str, "auto | cpu | cuda | cuda:N | mps"),
     "--original-config": ("original_config", str, "official-style YAML for a .pt checkpoint"),
     "--lora": ("lora", str, "LoRA adapter folder (mvdiff dreambooth --lora) applied on --model"),
+    "--image": ("image", str, "photo to condition on (ImageDream models; RGBA or RGB on a "
+                "plain background)"),
+    "--background": ("background", float, "grey level in [0, 1] behind an RGBA --image "
+                     "(default: drawn from the seed, as the official demo)"),
 }  # fmt: skip
 
 
@@ -88,6 +112,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     for flag, (_, tp, help_) in _FLAGS.items():
         p.add_argument(flag, type=tp, default=None, help=help_)
+    p.add_argument(
+        "--no-reference-frame",
+        dest="no_reference_frame",
+        action="store_true",
+        help="with --image: image tokens only, no fifth reference view (ImageDream 'local' mode)",
+    )
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--settings", default=None, help="settings.json of an earlier run to repeat")
     p.add_argument("--cache-dir", default=None, help="where converted checkpoints are cached")
@@ -110,16 +140,28 @@ def resolve_settings(args: argparse.Namespace) -> SampleSettings:
         if unknown:
             raise UserError(f"--settings {path}: unknown keys {sorted(unknown)}")
         values.update(saved)
+    explicit = set(saved) if args.settings else set()
     for field, _, _ in _FLAGS.values():
         given = getattr(args, field)
         if given is not None:
             values[field] = given
+            explicit.add(field)
+    if getattr(args, "no_reference_frame", False):
+        values["reference_frame"] = False
+    if values["image"]:
+        for field, value in IMAGE_DEFAULTS.items():
+            if field not in explicit:
+                values[field] = value
     s = SampleSettings(**values)
 
     if not s.model:
         raise UserError("--model is required (or --settings)")
-    if not s.prompt.strip():
-        raise UserError("--prompt is required and must not be empty")
+    if not s.prompt.strip() and not s.image:
+        raise UserError("--prompt is required and must not be empty (or give --image)")
+    if s.image and not Path(s.image).is_file():
+        raise UserError(f"--image {s.image}: no such file")
+    if s.background is not None and not 0 <= s.background <= 1:
+        raise UserError(f"--background must be in [0, 1], got {s.background}")
     if s.num_views < 1:
         raise UserError(f"--num-views must be >= 1, got {s.num_views}")
     if s.num_views > 1 and not 0 < s.azimuth_span <= 360:
@@ -233,6 +275,8 @@ def run(args: argparse.Namespace) -> int:
     pipe, model_info = load_pipeline(
         s.model, getattr(torch, dtype_name), s.original_config, args.cache_dir, lora=s.lora
     )
+    if s.image and not pipe.has_image_prompt:
+        raise UserError(f"--image: this model has no image prompt (not ImageDream): {s.model}")
     pipe.scheduler = make_scheduler(s.scheduler, pipe.scheduler.config)
     pipe.to(device)
     adapter = model_info.get("adapter", {}).get("folder")
@@ -240,6 +284,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"loaded {base}{f' + LoRA {adapter}' if adapter else ''} "
           f"on {device} ({dtype_name})", flush=True)  # fmt: skip
 
+    photo = None
+    if s.image:
+        try:
+            with PIL.Image.open(s.image) as im:
+                im.load()
+                photo = im.copy()
+        except (OSError, ValueError) as e:
+            raise UserError(f"--image {s.image}: not a readable image ({e})") from None
     t1 = time.perf_counter()
     result = pipe(
         s.prompt,
@@ -257,6 +309,9 @@ def run(args: argparse.Namespace) -> int:
         eta=s.eta,
         generator=torch.Generator("cpu").manual_seed(s.seed),
         output_type="pil",
+        image=photo,
+        reference_frame=s.reference_frame,
+        image_background=s.background,
     )
     sample_seconds = time.perf_counter() - t1
     images = result.images
@@ -278,8 +333,17 @@ def run(args: argparse.Namespace) -> int:
         loop=0,
     )
     cameras = cameras_record(s, result.cameras)
+    if photo is not None and s.reference_frame:
+        cameras["reference_frame"] = {
+            "file": "input.png",
+            "camera_vector": [0.0] * 16,
+            "note": "the input photo, a fifth view with the zero camera (official ImageDream)",
+        }
     write_json(out / "cameras.json", cameras)
     files += ["grid.png", "turntable.gif", "cameras.json"]
+    if photo is not None:
+        save_image(out / "input.png", result.input_images[0])
+        files.append("input.png")
 
     resolved = dataclasses.replace(s, device=device, dtype=dtype_name)
     settings = {

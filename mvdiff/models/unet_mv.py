@@ -8,6 +8,18 @@ Exactly two changes to the stock diffusers ``UNet2DConditionModel`` (DESIGN §5)
    with ``projection_class_embeddings_input_dim=16``; with ``camera=None`` it is skipped
    (not fed zeros), which is 2D mode.
 
+With ``num_image_tokens > 0`` in the config it is also ImageDream's image-conditioned UNet
+(off by default, so MVDream folders load unchanged):
+
+3. an IP-Adapter-Plus resampler (``image_proj``, diffusers' ``IPAdapterPlusImageProjection``)
+   maps per-object image embeddings ``[B, 257, image_embed_dim]`` (OpenCLIP ViT-H
+   penultimate hidden states) to ``num_image_tokens`` tokens of the text width;
+4. every cross-attention adds decoupled image attention (``to_k_ip`` / ``to_v_ip``, see
+   :mod:`mvdiff.models.attention_ip`);
+5. the "pixel controller": with ``reference_latents`` the last of each object's views is
+   replaced by the reference image's latent, and the joined self-attention carries it to
+   the other views (as the official forward writes ``ip_img`` into ``x``).
+
 The batch is laid out ``(object, view)`` with the views of one object contiguous:
 ``sample`` is ``[B*V, C, h, w]``, ``encoder_hidden_states`` ``[B*V, L, D]``, ``camera``
 ``[B*V, 16]``.
@@ -15,7 +27,7 @@ The batch is laid out ``(object, view)`` with the views of one object contiguous
 
 from __future__ import annotations
 
-import functools
+import inspect
 from typing import Any
 
 import torch
@@ -23,11 +35,30 @@ import torch
 # diffusers' pipeline loader recognises a component as a model by looking `ModelMixin` up by
 # name in the module its model_index.json names, so it must be importable from here.
 from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from mvdiff.models.attention import MultiViewAttnProcessor
+from mvdiff.models.attention_ip import (
+    MultiViewIPAttnProcessor,
+    accepts_image_tokens,
+    add_image_projections,
+)
 
 CAMERA_DIM = 16
+
+#: ImageDream's resampler (official ``Resampler(dim=context_dim, depth=4, dim_head=64,
+#: heads=12, num_queries=ip_dim, embedding_dim=1280, output_dim=context_dim, ff_mult=4)``);
+#: only the token count and the embedding width are configurable, as in the official code.
+IMAGE_PROJ_DEPTH = 4
+IMAGE_PROJ_HEADS = 12
+IMAGE_PROJ_DIM_HEAD = 64
+IMAGE_PROJ_FF_MULT = 4
+#: Width of OpenCLIP ViT-H/14 hidden states (the official ``hidden_dim``).
+IMAGE_EMBED_DIM = 1280
+
+_IMAGE_PROMPT_CONFIG = {"num_image_tokens": 0, "image_embed_dim": IMAGE_EMBED_DIM}
 
 
 class MultiViewUNet2DConditionModel(UNet2DConditionModel):
@@ -38,11 +69,53 @@ class MultiViewUNet2DConditionModel(UNet2DConditionModel):
     :func:`multiview_unet_config`); ``save_pretrained`` / ``from_pretrained`` work as usual.
     """
 
-    # Same signature as the parent (ConfigMixin reads it to build configs).
-    @functools.wraps(UNet2DConditionModel.__init__)
-    def __init__(self, *args, **kwargs):
+    def __init__(
+        self,
+        *args,
+        num_image_tokens: int = 0,
+        image_embed_dim: int = IMAGE_EMBED_DIM,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        self.set_attn_processor(MultiViewAttnProcessor())
+        # the parent's @register_to_config records only its own arguments
+        self.register_to_config(num_image_tokens=num_image_tokens, image_embed_dim=image_embed_dim)
+        self.image_proj = None
+        if num_image_tokens:
+            if num_image_tokens < 0 or image_embed_dim < 1:
+                raise ValueError("num_image_tokens and image_embed_dim must be positive")
+            for name, module in self.named_modules():
+                if name.endswith(".attn2") and isinstance(module, Attention):
+                    add_image_projections(module)
+            width = self.config.cross_attention_dim
+            # diffusers' resampler computes exactly the official one: LayerNorm'd image
+            # features and latents, latents attend to [features; latents] (no bias, scale
+            # 1/sqrt(dim_head), the official to_kv is to_k/to_v stacked), residual, LayerNorm
+            # + bias-free GELU MLP, residual; then proj_out and norm_out.
+            self.image_proj = IPAdapterPlusImageProjection(
+                embed_dims=image_embed_dim,
+                output_dims=width,
+                hidden_dims=width,
+                depth=IMAGE_PROJ_DEPTH,
+                dim_head=IMAGE_PROJ_DIM_HEAD,
+                heads=IMAGE_PROJ_HEADS,
+                num_queries=num_image_tokens,
+                ffn_ratio=IMAGE_PROJ_FF_MULT,
+            )
+            self.set_attn_processor(MultiViewIPAttnProcessor())
+        else:
+            self.set_attn_processor(MultiViewAttnProcessor())
+
+    # ConfigMixin builds and loads configs from the __init__ signature: the parent's
+    # arguments plus the image-prompt ones.
+    __init__.__signature__ = inspect.signature(UNet2DConditionModel.__init__).replace(
+        parameters=[
+            *inspect.signature(UNet2DConditionModel.__init__).parameters.values(),
+            *(
+                inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
+                for k, v in _IMAGE_PROMPT_CONFIG.items()
+            ),
+        ]
+    )
 
     def get_class_embed(self, sample: torch.Tensor, class_labels: torch.Tensor | None):
         if class_labels is None:  # 2D mode or "no camera": skip the camera MLP entirely
@@ -56,6 +129,8 @@ class MultiViewUNet2DConditionModel(UNet2DConditionModel):
         encoder_hidden_states: torch.Tensor,
         camera: torch.Tensor | None = None,
         num_views: int = 1,
+        image_embeds: torch.Tensor | None = None,
+        reference_latents: torch.Tensor | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
         **kwargs,
@@ -64,6 +139,12 @@ class MultiViewUNet2DConditionModel(UNet2DConditionModel):
 
         ``camera`` is ``None`` (no camera embedding) or ``[B*V, 16]`` model camera vectors
         (:func:`mvdiff.cameras.camera_vectors`). ``num_views=1`` is plain 2D Stable Diffusion.
+
+        Image prompt (``num_image_tokens > 0`` models only): ``image_embeds`` is
+        ``[B, N, image_embed_dim]``, one image per object (the official unconditional input
+        is all zeros; ``None`` leaves the image attention out). ``reference_latents``
+        ``[B, C, h, w]`` replaces the last view of every object (the reference frame, whose
+        camera is the zero vector in ImageDream); ``sample`` itself is not modified.
         Other keyword arguments go to ``UNet2DConditionModel.forward``.
         """
         if num_views < 1 or sample.shape[0] % num_views:
@@ -82,6 +163,15 @@ class MultiViewUNet2DConditionModel(UNet2DConditionModel):
                 device=sample.device, dtype=self.class_embedding.linear_1.weight.dtype
             )
         cross_attention_kwargs = {**(cross_attention_kwargs or {}), "num_views": num_views}
+        objects = sample.shape[0] // num_views
+        if reference_latents is not None:
+            sample = self._write_reference(sample, reference_latents, num_views)
+        if image_embeds is not None:
+            cross_attention_kwargs["image_tokens"] = (
+                self._image_tokens(image_embeds, objects)
+                .to(sample.device)
+                .repeat_interleave(num_views, dim=0)
+            )  # (B, T, D) -> (B*V, T, D)
         return super().forward(
             sample,
             timestep,
@@ -91,6 +181,52 @@ class MultiViewUNet2DConditionModel(UNet2DConditionModel):
             return_dict=return_dict,
             **kwargs,
         )
+
+    def _image_tokens(self, image_embeds: torch.Tensor, objects: int) -> torch.Tensor:
+        """Per-object image embeddings ``[B, N, E]`` -> resampled tokens ``[B, T, D]``."""
+        if self.image_proj is None:
+            raise ValueError(
+                "this UNet has no image prompt (num_image_tokens=0); pass image_embeds=None"
+            )
+        dim = self.config.image_embed_dim
+        if (
+            image_embeds.ndim != 3
+            or image_embeds.shape[0] != objects
+            or image_embeds.shape[2] != dim
+        ):
+            raise ValueError(
+                f"image_embeds must be [{objects}, N, {dim}] (one image per object), "
+                f"got {tuple(image_embeds.shape)}"
+            )
+        for name, module in self.named_modules():
+            if hasattr(module, "to_k_ip") and not accepts_image_tokens(module.processor):
+                raise ValueError(
+                    f"{name} has the processor {type(module.processor).__name__}, which ignores "
+                    "the image prompt; use mvdiff.models.attention_ip.MultiViewIPAttnProcessor"
+                )
+        param = self.image_proj.proj_in.weight
+        return self.image_proj(image_embeds.to(device=param.device, dtype=param.dtype))
+
+    @staticmethod
+    def _write_reference(
+        sample: torch.Tensor, reference_latents: torch.Tensor, num_views: int
+    ) -> torch.Tensor:
+        """``sample`` with the last view of every object replaced by ``reference_latents``."""
+        bv, c, h, w = sample.shape
+        objects = bv // num_views
+        if num_views < 2:
+            raise ValueError(
+                "reference_latents needs num_views >= 2 (the last view is the reference)"
+            )
+        if tuple(reference_latents.shape) != (objects, c, h, w):
+            raise ValueError(
+                f"reference_latents must be [{objects}, {c}, {h}, {w}], "
+                f"got {tuple(reference_latents.shape)}"
+            )
+        views = sample.reshape(objects, num_views, c, h, w)  # (B*V, C, h, w) -> (B, V, C, h, w)
+        ref = reference_latents.to(sample)[:, None]  # (B, C, h, w) -> (B, 1, C, h, w)
+        # (B, V-1, C, h, w) + (B, 1, C, h, w) -> (B, V, C, h, w) -> (B*V, C, h, w)
+        return torch.cat([views[:, :-1], ref], dim=1).reshape(bv, c, h, w)
 
 
 def multiview_unet_config(

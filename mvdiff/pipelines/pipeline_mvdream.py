@@ -17,6 +17,14 @@ objects]`` (2*B*V rows) and both halves carry the same cameras — exactly the o
 MVDream sampler. ``num_views=1`` without cameras is plain 2D Stable Diffusion (the camera MLP
 is skipped).
 
+Image prompt (ImageDream folders: a UNet with ``num_image_tokens`` plus ``image_encoder`` and
+``feature_extractor``): ``image=`` adds the photo's OpenCLIP penultimate hidden states as
+image tokens and, by default, a reference frame: every object gets a fifth view whose latent
+is the photo's (VAE-encoded, resized to the output size) and whose camera is the zero vector
+(official ``get_camera(V, extra_view=True)``). The unconditional half of CFG gets the
+negative text, all-zero image embeddings and an all-zero reference latent, exactly as the
+official sampler. The reference frame is dropped from the outputs.
+
 Latents and scheduler arithmetic stay in float32; the UNet, text encoder and VAE run in
 their own dtype (``pipe.to(torch.bfloat16)``), so half precision only touches the networks.
 """
@@ -53,10 +61,12 @@ ENTRY_FILE = str(Path(__file__).with_name("diffusers_entry.py"))
 class MVDreamPipelineOutput(BaseOutput):
     """``images``: B*V views, object-major (list of PIL images, ``np`` ``[B*V, H, W, 3]`` or
     ``pt`` ``[B*V, 3, H, W]`` in [0, 1], or latents ``[B*V, 4, h, w]``); ``cameras``: the
-    ``[B*V, 16]`` camera vectors used (None in 2D mode)."""
+    ``[B*V, 16]`` camera vectors used (None in 2D mode); ``input_images``: with ``image=``,
+    the RGB images the model was conditioned on (one per prompt, alpha composited)."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     cameras: torch.Tensor | None = None
+    input_images: list[PIL.Image.Image] | None = None
 
 
 def rescale_noise_cfg(
@@ -85,16 +95,34 @@ class MVDreamPipeline(DiffusionPipeline):
     :func:`mvdiff.pipelines.make_scheduler` for DPM-Solver++).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    # ImageDream folders (converted ``sd-v2.1-base-4view-ipmv``) add the OpenCLIP ViT-H
+    # vision tower and its preprocessing; MVDream folders have neither.
+    _optional_components = ["image_encoder", "feature_extractor"]
     # Decode on CPU in float32 with NNPACK's Winograd 3x3 convolutions (~1e-5 relative
     # difference, ~2x faster); set to False for PyTorch's own convolutions.
     winograd_decode = True
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+    ):
         super().__init__()
         self.register_modules(
-            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae else 8
 
@@ -233,6 +261,64 @@ class MVDreamPipeline(DiffusionPipeline):
             images.append(self.vae.decode(z).sample.float())
         return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
+    @property
+    def has_image_prompt(self) -> bool:
+        return bool(getattr(self.unet.config, "num_image_tokens", 0))
+
+    @staticmethod
+    def composite_image(image, background: float | tuple | None, generator=None) -> PIL.Image.Image:
+        """An input photo -> RGB PIL image. RGBA (or PIL with transparency) is composited over
+        ``background`` (a grey level or RGB in [0, 1]; None draws a grey level from
+        ``generator``, as the official demo's ``add_random_background``); RGB is taken as is
+        (a plain background is the user's job, as for the official model)."""
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().float().numpy()
+            if image.ndim == 3 and image.shape[0] in (3, 4):
+                image = image.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8:
+                image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+            image = PIL.Image.fromarray(image)
+        if not isinstance(image, PIL.Image.Image):
+            raise UserError(
+                f"image must be a PIL image, array or tensor, got {type(image).__name__}"
+            )
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255
+            if background is None:
+                background = float(torch.rand((), generator=generator))
+            bg = np.broadcast_to(np.asarray(background, dtype=np.float32), (3,))
+            alpha = rgba[..., 3:]
+            rgb = rgba[..., :3] * alpha + bg * (1 - alpha)
+            return PIL.Image.fromarray((rgb * 255).round().astype(np.uint8))
+        return image.convert("RGB")
+
+    @torch.no_grad()
+    def encode_image(
+        self, images: list[PIL.Image.Image], height: int, width: int, generator=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RGB images -> (image embeddings ``[N, T, E]``: the vision tower's penultimate hidden
+        states after the official OpenCLIP preprocessing, reference latents ``[N, 4, h, w]``:
+        the image resized to ``height x width`` (no aspect kept, as the official
+        ``T.Resize((size, size))``), VAE-encoded (a posterior sample, as the official
+        ``get_first_stage_encoding``) and scaled)."""
+        if self.image_encoder is None or self.feature_extractor is None:
+            raise UserError(
+                "image: this model folder has no image_encoder/feature_extractor (not ImageDream)"
+            )
+        device = self._execution_device
+        pixels = self.feature_extractor(images=images, return_tensors="pt").pixel_values
+        pixels = pixels.to(device, self.image_encoder.dtype)
+        hidden = self.image_encoder(pixels, output_hidden_states=True).hidden_states
+        embeds = hidden[-2].float()  # (N, T, E), no post-layernorm
+        arrays = [np.asarray(im.resize((width, height), PIL.Image.BICUBIC)) for im in images]
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = x.to(device, self.vae.dtype)  # (N, H, W, 3) -> (N, 3, H, W) in [-1, 1]
+        dist = self.vae.encode(x).latent_dist
+        latents = dist.sample(generator=generator).float()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return embeds, (latents - shift) * self.vae.config.scaling_factor
+
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
@@ -262,6 +348,9 @@ class MVDreamPipeline(DiffusionPipeline):
         decode_chunk_size: int = 1,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+        image=None,
+        reference_frame: bool = True,
+        image_background: float | tuple | None = None,
     ) -> MVDreamPipelineOutput | tuple:
         """Sample ``num_views`` views for each prompt (and each of ``num_images_per_prompt``).
 
@@ -282,6 +371,10 @@ class MVDreamPipeline(DiffusionPipeline):
             output_type: ``"pil"`` | ``"np"`` | ``"pt"`` | ``"latent"``.
             decode_chunk_size: views decoded by the VAE at once (1 bounds memory).
             callback_on_step_end: ``fn(pipe, step, t, tensors) -> dict`` as in diffusers.
+            image: ImageDream models only: the photo (PIL, ``[H, W, C]`` array or ``[C, H, W]``
+                tensor in [0, 1]; RGBA composited over ``image_background``), or one per
+                prompt. ``reference_frame`` (default True, the ``ipmv`` "pixel" mode) adds the
+                photo as a fifth, zero-camera view; False uses the image tokens only.
         """
         prompts = self.check_inputs(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_views,
@@ -291,6 +384,19 @@ class MVDreamPipeline(DiffusionPipeline):
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
         V = num_views
+        if image is not None:
+            if not self.has_image_prompt:
+                raise UserError("image: this UNet has no image prompt (not an ImageDream model)")
+            if reference_frame and (num_views < 1 or not self.has_camera_mlp):
+                raise UserError("image: the reference frame needs a multi-view UNet with cameras")
+            n = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+            images_in = list(image) if isinstance(image, (list, tuple)) else [image] * n
+            if len(images_in) != n:
+                raise UserError(f"image: {len(images_in)} images for {n} prompt(s)")
+            images_in = [self.composite_image(im, image_background, generator) for im in images_in]
+            image_embeds, reference = self.encode_image(images_in, height, width, generator)
+        # views the UNet sees per object: the V views, plus the reference frame
+        F = V + 1 if image is not None and reference_frame else V
 
         # 1. Text: one embedding per prompt, repeated for its objects and their views.
         if prompt_embeds is None:
@@ -302,20 +408,39 @@ class MVDreamPipeline(DiffusionPipeline):
             negatives = [negatives] * n_prompts if isinstance(negatives, str) else list(negatives)
             negative_prompt_embeds = self.encode_prompt(negatives)
 
-        def per_view(embeds):  # (P, L, D) -> (P*N*V, L, D), rows (prompt, object, view)
-            return embeds.repeat_interleave(num_images_per_prompt * V, dim=0)
+        def per_view(embeds):  # (P, L, D) -> (P*N*F, L, D), rows (prompt, object, view)
+            return embeds.repeat_interleave(num_images_per_prompt * F, dim=0)
 
-        text = per_view(prompt_embeds)  # (B*V, L, D)
+        text = per_view(prompt_embeds)  # (B*F, L, D)
         if do_cfg:
-            text = torch.cat([per_view(negative_prompt_embeds), text])  # (2*B*V, L, D)
+            text = torch.cat([per_view(negative_prompt_embeds), text])  # (2*B*F, L, D)
         text = text.to(device, self.unet.dtype)
 
-        # 2. Cameras: the same ones on the unconditional and the conditional half.
+        # 2. Cameras: the same ones on the unconditional and the conditional half; the
+        # reference frame's is the zero vector (official get_camera(V, extra_view=True)).
         camera = self.make_cameras(V, elevation, azimuth_start, azimuth_span, cameras, B)
         unet_camera = None
         if camera is not None:
-            unet_camera = torch.cat([camera, camera]) if do_cfg else camera  # (2*B*V, 16)
-            unet_camera = unet_camera.to(device)
+            unet_camera = camera
+            if F > V:
+                per_object = camera.reshape(B, V, -1)  # (B*V, 16) -> (B, V, 16)
+                zero = per_object.new_zeros(B, F - V, per_object.shape[-1])
+                # (B, V, 16) + (B, 1, 16) -> (B, F, 16) -> (B*F, 16)
+                unet_camera = torch.cat([per_object, zero], dim=1).reshape(B * F, -1)
+            unet_camera = torch.cat([unet_camera, unet_camera]) if do_cfg else unet_camera
+            unet_camera = unet_camera.to(device)  # (2*B*F, 16)
+
+        # 2b. Image prompt: per object; the unconditional half gets zeros (official uncond).
+        image_kwargs = {}
+        if image is not None:
+            embeds = image_embeds.repeat_interleave(num_images_per_prompt, dim=0)  # (B, T, E)
+            ref = reference.repeat_interleave(num_images_per_prompt, dim=0)  # (B, 4, h, w)
+            if do_cfg:
+                embeds = torch.cat([torch.zeros_like(embeds), embeds])  # (2B, T, E)
+                ref = torch.cat([torch.zeros_like(ref), ref])  # (2B, 4, h, w)
+            image_kwargs["image_embeds"] = embeds.to(device, self.unet.dtype)
+            if F > V:
+                image_kwargs["reference_latents"] = ref.to(device, self.unet.dtype)
 
         # 3. Timesteps and initial noise (float32; one noise draw per object and view).
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -327,6 +452,12 @@ class MVDreamPipeline(DiffusionPipeline):
                                    dtype=torch.float32)  # fmt: skip
             latents = latents.reshape(B * V, C, h, w)  # (B, V, C, h, w) -> (B*V, C, h, w)
         latents = latents.to(device, torch.float32) * self.scheduler.init_noise_sigma
+        if F > V:
+            # the reference frame's latent is replaced inside the UNet at every step; zeros
+            # keep the scheduler's arithmetic on it finite
+            per_object = latents.reshape(B, V, C, h, w)  # (B*V, C, h, w) -> (B, V, C, h, w)
+            zero = per_object.new_zeros(B, F - V, C, h, w)
+            latents = torch.cat([per_object, zero], dim=1).reshape(B * F, C, h, w)
 
         step_params = inspect.signature(self.scheduler.step).parameters
         step_kwargs = {}
@@ -345,13 +476,14 @@ class MVDreamPipeline(DiffusionPipeline):
                     t,
                     encoder_hidden_states=text,
                     camera=unet_camera,
-                    num_views=V,
+                    num_views=F,
+                    **image_kwargs,
                 ).sample.float()
                 if do_cfg:
-                    eps_uncond, eps_cond = eps.chunk(2)  # (2*B*V, ...) -> 2 x (B*V, ...)
+                    eps_uncond, eps_cond = eps.chunk(2)  # (2*B*F, ...) -> 2 x (B*F, ...)
                     eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
                     if guidance_rescale > 0:
-                        eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale, V)
+                        eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale, F)
                 latents = self.scheduler.step(eps, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     local = {"latents": latents, "text": text, "camera": unet_camera}
@@ -360,7 +492,10 @@ class MVDreamPipeline(DiffusionPipeline):
                     latents = out.get("latents", latents)
                 progress_bar.update()
 
-        # 5. Decode view by view.
+        # 5. Drop the reference frame, decode view by view.
+        if F > V:
+            # (B*F, C, h, w) -> (B, F, C, h, w) -> (B, V, C, h, w) -> (B*V, C, h, w)
+            latents = latents.reshape(B, F, C, h, w)[:, :V].reshape(B * V, C, h, w)
         if output_type == "latent":
             images = latents
         else:
@@ -371,9 +506,10 @@ class MVDreamPipeline(DiffusionPipeline):
                 arrays = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
                 images = [PIL.Image.fromarray(a) for a in arrays]
         self.maybe_free_model_hooks()
+        inputs = images_in if image is not None else None
         if not return_dict:
             return (images, camera)
-        return MVDreamPipelineOutput(images=images, cameras=camera)
+        return MVDreamPipelineOutput(images=images, cameras=camera, input_images=inputs)
 
 
 def _register_with_diffusers() -> None:
