@@ -18,11 +18,13 @@ Each test name reads as "entry point -- fault or bad input -- what the user gets
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -384,3 +386,191 @@ def test_train_cli_negative_max_steps_is_one_line_and_exports_nothing(shards, tm
     assert proc.returncode == 2
     assert "max_steps" in error_line(proc)
     assert not (tmp_path / "run" / "model").exists()
+
+
+# ---- 5. SIGTERM ------------------------------------------------------------------------------
+
+
+def _wait_for(predicate, proc, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while not predicate() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("entry", ["mvdiff", "train.py"])
+def test_train_sigterm_saves_a_checkpoint_and_exits_143_with_one_line(shards, tmp_path, entry):
+    """mvdiff train / train/train.py -- SIGTERM (scheduler, Docker, Ray) mid-run -- finishes the
+    step, saves a checkpoint of it, exits 143 with one line naming it; --resume latest goes on
+    from there."""
+    from mvdiff.training.trainer import train
+
+    out = tmp_path / "run"
+    head = [sys.executable, "-m", "mvdiff.cli", "train"] if entry == "mvdiff" else [
+        sys.executable, str(ROOT / "train" / "train.py")]  # fmt: skip
+    cmd = [*head, "--config", str(TINY)]
+    for o in _overrides(shards, out, "max_steps=1000", "checkpoint.every=0"):
+        cmd += ["--set", o]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    log = out / "log.jsonl"
+    _wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 2, proc, 120)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    prog = "mvdiff train" if entry == "mvdiff" else "train.py"
+    lines = [x for x in stderr.splitlines() if x.startswith(f"{prog}: ")]
+    assert len(lines) == 1 and "SIGTERM" in lines[0], stderr[-3000:]
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and str(ckpts[0]) in lines[0]
+    assert not list((out / "checkpoints").glob("tmp-*"))
+    step = json.loads((ckpts[0] / "trainer_state.json").read_text())["step"]
+    assert step >= 2
+    summary = train(config(shards, out, f"max_steps={step + 1}", "checkpoint.resume=latest"))
+    assert summary["steps"] == step + 1
+
+
+# ---- 6. disk full --------------------------------------------------------------------------------
+
+
+class SmallDisk:
+    """A folder on a file system that can be made full: a tmpfs mount (root) filled with a
+    ballast file, or, where mounting is not permitted, RLIMIT_FSIZE in the child process
+    (writes past the limit fail with EFBIG; SIGXFSZ ignored so they raise OSError)."""
+
+    def __init__(self, root: Path, size_mb: int = 128):
+        self.dir = root / "disk"
+        self.dir.mkdir()
+        self.mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mb}M", "tmpfs", str(self.dir)],
+            capture_output=True,
+        ).returncode == 0  # fmt: skip
+        self.ballast = self.dir / "ballast"
+        self.full = False
+
+    def fill(self, leave_bytes: int = 2 << 20) -> None:
+        self.full = True
+        if not self.mounted:
+            return
+        st = os.statvfs(self.dir)
+        free = st.f_bavail * st.f_frsize
+        with open(self.ballast, "wb") as f:
+            f.truncate(0)
+            f.write(b"\0" * max(0, free - leave_bytes))
+
+    def free(self) -> None:
+        self.full = False
+        self.ballast.unlink(missing_ok=True)
+
+    def preexec(self):
+        """For subprocess.Popen(preexec_fn=...): the file-size limit when there is no tmpfs."""
+        if self.mounted or not self.full:
+            return None
+
+        def limit():
+            import resource
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, resource.RLIM_INFINITY))
+
+        return limit
+
+    @contextlib.contextmanager
+    def in_process(self):
+        """The same limit for code run in this process (no-op with a tmpfs)."""
+        if self.mounted or not self.full:
+            yield
+            return
+        import resource
+
+        before = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, before[1]))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, before)
+            signal.signal(signal.SIGXFSZ, handler)
+
+    def close(self) -> None:
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.dir)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = SmallDisk(tmp_path)
+    yield disk
+    disk.close()
+
+
+def test_train_disk_full_while_saving_keeps_the_last_checkpoint_and_resume_works(
+    shards, small_disk
+):
+    """mvdiff train -- the disk fills up while a checkpoint is written -- the partial tmp-step-*
+    folder is removed, the last good checkpoint is kept, one line naming the checkpoint and the
+    cause, exit 2; after space is freed, --resume latest goes on from the last good one."""
+    from mvdiff.training.trainer import train
+
+    out = small_disk.dir / "run"
+    train(config(shards, out, "max_steps=1", "ema=true", "checkpoint.every=1"))
+    small_disk.fill()
+    args = ["train", "--config", str(TINY)]
+    for o in _overrides(shards, out, "max_steps=2", "ema=true", "checkpoint.resume=latest"):
+        args += ["--set", o]
+    proc = subprocess.run([sys.executable, "-m", "mvdiff.cli", *args], env=_env(), text=True,
+                          capture_output=True, timeout=120,
+                          preexec_fn=small_disk.preexec())  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = error_line(proc)
+    assert "step-0000002" in line and "step-0000001" in line, line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]
+    small_disk.free()
+    summary = train(config(shards, out, "max_steps=2", "ema=true", "checkpoint.resume=latest"))
+    assert summary["steps"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001",
+                                                                       "step-0000002"]  # fmt: skip
+
+
+# ---- sample / eval load paths ---------------------------------------------------------------------
+
+
+def test_sample_lora_adapter_with_damaged_weights_is_one_line(tmp_path):
+    """mvdiff sample --model ADAPTER (a dreambooth LoRA) -- adapter weights truncated, or a
+    pickle in their place -- one line naming the adapter, nothing unpickled."""
+    from mvdiff.pipelines.loading import apply_lora_adapter, save_lora_adapter
+    from mvdiff.testing import tiny_components
+    from mvdiff.training.config import LoraSettings
+    from mvdiff.training.dreambooth import add_lora
+
+    unet = tiny_components(seed=0)["unet"]
+    folder = save_lora_adapter(unet, add_lora(unet, LoraSettings(rank=2)), tmp_path / "adapter",
+                               {"base_model": "tiny"})  # fmt: skip
+    weights = next(folder.glob("*.safetensors"))
+    marker = tmp_path / "pwned"
+    for content in [weights.read_bytes()[:-50], evil_bytes(marker, "torch")]:
+        weights.write_bytes(content)
+        with pytest.raises(UserError, match="--lora") as err:
+            apply_lora_adapter(tiny_components(seed=0)["unet"], folder, log=lambda *_: None)
+        assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_train_disk_full_while_exporting_the_model_is_one_line_and_leaves_no_partial_folder(
+    small_disk,
+):
+    """train (export at the end) -- the disk fills up while model/ is written -- one line
+    naming the folder, no model.tmp left behind."""
+    from mvdiff.testing import tiny_components
+    from mvdiff.training.export import export_pipeline_folder
+
+    parts = tiny_components(seed=0)
+    small_disk.fill()
+    with small_disk.in_process(), pytest.raises(UserError, match="model") as err:
+        export_pipeline_folder(small_disk.dir / "model", parts["unet"], parts["vae"],
+                               parts["text_encoder"], parts["tokenizer"], parts["scheduler"])  # fmt: skip
+    assert "\n" not in str(err.value)
+    assert not (small_disk.dir / "model.tmp").exists() and not (small_disk.dir / "model").exists()

@@ -178,16 +178,20 @@ def save_checkpoint(
         error = e
     accelerator.wait_for_everyone()
     if error is None and tmp.is_dir():
+        from safetensors import SafetensorError
+
         try:
             _write_own(accelerator, tmp, model, optimizer, ema)
-        except OSError as e:  # disk full (ENOSPC), file too large (EFBIG), quota, permissions
+        # disk full (ENOSPC), file too large (EFBIG), quota, permissions; safetensors and
+        # torch.save report the same failures as their own errors
+        except (OSError, RuntimeError, SafetensorError) as e:
             error = e
     if not _all_ok(accelerator, error is None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
         good = list_checkpoints(output_dir)
-        reason = (error.strerror or str(error)) if error is not None else "failed on another rank"
+        reason = _reason(error) if error is not None else "failed on another rank"
         raise CheckpointError(
             f"could not write checkpoint {final} ({reason}); removed the partial folder, "
             f"the last good checkpoint is {good[-1] if good else 'none'}"
@@ -207,7 +211,7 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
     if not _all_ok(accelerator, error is None):
         good = list_checkpoints(output_dir)
-        reason = (error.strerror or str(error)) if error is not None else "failed on rank 0"
+        reason = _reason(error) if error is not None else "failed on rank 0"
         raise CheckpointError(
             f"could not write checkpoint {final} ({reason}); removed the partial folder, "
             f"the last good checkpoint is {good[-1] if good else 'none'}"
@@ -217,6 +221,13 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip().splitlines()
+    return text[-1][:200] if text else type(error).__name__
 
 
 def _all_ok(accelerator, ok: bool) -> bool:
