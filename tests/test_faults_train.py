@@ -110,19 +110,23 @@ def cli(*args, timeout=120, **kwargs) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, **kwargs)  # fmt: skip
 
 
-def cli_train(shards, out, *overrides, timeout=120) -> subprocess.CompletedProcess:
-    args = ["train", "--config", str(TINY)]
-    for o in _overrides(shards, out, *overrides):
-        args += ["--set", o]
-    return cli(*args, timeout=timeout)
-
-
 def error_line(proc: subprocess.CompletedProcess, command: str = "train") -> str:
     """The one error line on stderr (no traceback; DataLoader workers may still log after it)."""
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = [x for x in proc.stderr.splitlines() if x.startswith(f"mvdiff {command}: ")]
     assert len(lines) == 1, proc.stderr[-3000:]
     return lines[0]
+
+
+def train_error(cfg: TrainConfig) -> str:
+    """train(cfg) must stop with a UserError; returns its message, which must be one line (the
+    CLI prints it as `mvdiff train: error: MESSAGE`, exit 2: see test_cli_errors_are_one_line)."""
+    from mvdiff.training.trainer import train
+
+    with pytest.raises(UserError) as err:
+        train(cfg)
+    assert "\n" not in str(err.value), err.value
+    return str(err.value)
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +146,8 @@ ACCELERATE_FILES = ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer
                     "scheduler.bin", "sampler.bin", "scaler.pt", "pytorch_model.bin"]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["pickle", "torch"])
 def test_train_resume_from_a_checkpoint_with_a_code_running_pickle_never_runs_it(
-    shards, checkpoint, tmp_path, kind
+    shards, checkpoint, tmp_path
 ):
     """train --resume CKPT (EMA on) -- each file of a real checkpoint replaced by a pickle that
     runs code, or an accelerate-style state file added as one -- the code never runs; a
@@ -154,16 +157,14 @@ def test_train_resume_from_a_checkpoint_with_a_code_running_pickle_never_runs_it
     marker = tmp_path / "pwned"
     own = sorted(p.name for p in checkpoint.iterdir())
     assert "model.safetensors" in own and "trainer_state.json" in own
-    for name in sorted(set(own) | set(ACCELERATE_FILES)):
+    for i, name in enumerate(sorted(set(own) | set(ACCELERATE_FILES))):
         ckpt = tmp_path / name / "step-0000001"
         shutil.copytree(checkpoint, ckpt)
-        (ckpt / name).write_bytes(evil_bytes(marker, kind))
+        (ckpt / name).write_bytes(evil_bytes(marker, ["torch", "pickle"][i % 2]))
         cfg = config(shards, tmp_path / name, "max_steps=1", "ema=true",
                      f"checkpoint.resume={ckpt}")  # fmt: skip
         if name in own:
-            with pytest.raises(UserError) as err:
-                train(cfg)
-            assert "\n" not in str(err.value) and str(ckpt) in str(err.value), err.value
+            assert str(ckpt) in train_error(cfg)
         else:
             assert train(cfg)["steps"] == 1
         assert not marker.exists(), f"{name}: the pickle ran"
@@ -173,8 +174,8 @@ def test_train_resume_from_an_accelerate_style_checkpoint_loads_tensors_only(
     shards, checkpoint, tmp_path
 ):
     """train --resume latest -- a checkpoint in accelerate's save_state layout whose EMA custom
-    state (the reported attack) and optimizer are pickles that run code -- one line on stderr,
-    exit 2, the code never runs."""
+    state (the reported attack) and optimizer are pickles that run code -- one line naming the
+    file, the code never runs."""
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "run" / "checkpoints" / "step-0000001"
     ckpt.mkdir(parents=True)
@@ -182,11 +183,9 @@ def test_train_resume_from_an_accelerate_style_checkpoint_loads_tensors_only(
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "nan_skips": 0}))
     for name in ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"]:
         (ckpt / name).write_bytes(evil_bytes(marker, "torch"))
-    proc = cli_train(
-        shards, tmp_path / "run", "max_steps=2", "ema=true", "checkpoint.resume=latest"
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "optimizer.bin" in error_line(proc) or "custom_checkpoint_0.pkl" in error_line(proc)
+    line = train_error(config(shards, tmp_path / "run", "max_steps=2", "ema=true",
+                              "checkpoint.resume=latest"))  # fmt: skip
+    assert "optimizer.bin" in line or "custom_checkpoint_0.pkl" in line
     assert not marker.exists()
 
 
@@ -206,10 +205,8 @@ def test_train_model_pretrained_with_pickled_bin_weights_is_refused_in_one_line(
     assert weights.is_file()
     marker = tmp_path / "pwned"
     weights.write_bytes(evil_bytes(marker, "torch"))
-    proc = cli("train", "--config", str(TINY), "--set", f"model.pretrained={folder}",
-               "--set", f"output_dir={tmp_path / 'out'}", "--set", f"data.mv_shards={TINY}")  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert str(folder) in error_line(proc)
+    cfg = config(None, tmp_path / "out", f"model.pretrained={folder}", f"data.mv_shards={TINY}")
+    assert str(folder) in train_error(cfg)
     for content in [evil_bytes(marker, "pickle"), b"not weights", b""]:
         weights.write_bytes(content)
         with pytest.raises(UserError, match="model.pretrained=.*unet") as err:
@@ -225,7 +222,7 @@ def test_train_resume_latest_skips_a_damaged_newest_checkpoint_and_says_which(
     shards, checkpoint, tmp_path, caplog
 ):
     """train --resume latest -- the newest checkpoint's weights truncated -- resumes from the
-    newest intact one, logging which; every checkpoint damaged -- one line, exit 2."""
+    newest intact one, logging which; every checkpoint damaged -- one line."""
     from mvdiff.training.trainer import train
 
     out = tmp_path / "run"
@@ -243,9 +240,8 @@ def test_train_resume_latest_skips_a_damaged_newest_checkpoint_and_says_which(
     # now both are damaged (the step-2 just written, and step-1 below)
     for name in ["step-0000001", "step-0000002"]:
         (out / "checkpoints" / name / "optimizer.pt").write_bytes(b"garbage")
-    proc = cli_train(shards, out, "max_steps=3", "ema=true", "checkpoint.resume=latest")
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "optimizer.pt" in error_line(proc)
+    line = train_error(config(shards, out, "max_steps=3", "ema=true", "checkpoint.resume=latest"))
+    assert "optimizer.pt" in line
 
 
 def test_train_resume_at_max_steps_writes_valid_json_without_nan(shards, checkpoint, tmp_path):
@@ -333,18 +329,9 @@ def test_train_data_with_nothing_usable_stops_in_seconds_with_one_line(tmp_path,
     else:
         spec, problem = f"file://{tmp_path}/gone/mv-{{000..003}}.tar", "No such file"
     t0 = time.time()
-    overrides = [f"data.mv_shards={spec}", "max_steps=2", f"data.num_workers={workers}"]
-    if workers:  # the error comes from a DataLoader worker: check the CLI's single line
-        proc = cli_train(None, tmp_path / "run", *overrides, timeout=120)
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        line = error_line(proc)
-    else:
-        from mvdiff.training.trainer import train
-
-        with pytest.raises(UserError) as err:
-            train(config(None, tmp_path / "run", *overrides))
-        line = str(err.value)
-        assert "\n" not in line
+    # with workers the error is raised in a DataLoader worker and re-raised by torch
+    line = train_error(config(None, tmp_path / "run", f"data.mv_shards={spec}", "max_steps=2",
+                              f"data.num_workers={workers}"))  # fmt: skip
     assert "data.mv_shards" in line and problem in line, line
     assert time.time() - t0 < 120
 
@@ -397,17 +384,14 @@ def _wait_for(predicate, proc, seconds: float) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("entry", ["mvdiff", "train.py"])
-def test_train_sigterm_saves_a_checkpoint_and_exits_143_with_one_line(shards, tmp_path, entry):
-    """mvdiff train / train/train.py -- SIGTERM (scheduler, Docker, Ray) mid-run -- finishes the
+def test_train_sigterm_saves_a_checkpoint_and_exits_143_with_one_line(shards, tmp_path):
+    """mvdiff train (a subprocess) -- SIGTERM (scheduler, Docker, Ray) mid-run -- finishes the
     step, saves a checkpoint of it, exits 143 with one line naming it; --resume latest goes on
     from there."""
     from mvdiff.training.trainer import train
 
     out = tmp_path / "run"
-    head = [sys.executable, "-m", "mvdiff.cli", "train"] if entry == "mvdiff" else [
-        sys.executable, str(ROOT / "train" / "train.py")]  # fmt: skip
-    cmd = [*head, "--config", str(TINY)]
+    cmd = [sys.executable, "-m", "mvdiff.cli", "train", "--config", str(TINY)]
     for o in _overrides(shards, out, "max_steps=1000", "checkpoint.every=0"):
         cmd += ["--set", o]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -421,8 +405,7 @@ def test_train_sigterm_saves_a_checkpoint_and_exits_143_with_one_line(shards, tm
         proc.kill()
     assert proc.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr
-    prog = "mvdiff train" if entry == "mvdiff" else "train.py"
-    lines = [x for x in stderr.splitlines() if x.startswith(f"{prog}: ")]
+    lines = [x for x in stderr.splitlines() if x.startswith("mvdiff train: ")]
     assert len(lines) == 1 and "SIGTERM" in lines[0], stderr[-3000:]
     ckpts = sorted((out / "checkpoints").glob("step-*"))
     assert len(ckpts) == 1 and str(ckpts[0]) in lines[0]
@@ -433,13 +416,50 @@ def test_train_sigterm_saves_a_checkpoint_and_exits_143_with_one_line(shards, tm
     assert summary["steps"] == step + 1
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_train_py_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_128_plus_signal(
+    shards, tmp_path, capsys, signum
+):
+    """train/train.py -- SIGTERM or SIGINT (Ctrl-C) delivered to the process mid-run -- a
+    checkpoint of the step reached, exit 143 / 130, one line; the handlers are restored."""
+    import threading
+
+    from tests.scripts import load_script
+
+    script = load_script(ROOT / "train" / "train.py", "train_script")
+    out = tmp_path / "run"
+    log = out / "log.jsonl"
+
+    def send_when_running():
+        deadline = time.time() + 120
+        while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 2):
+            time.sleep(0.05)
+        if log.is_file():  # training is under way (handlers installed): never hit pytest itself
+            os.kill(os.getpid(), signum)
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    sender = threading.Thread(target=send_when_running)
+    sender.start()
+    argv = ["--config", str(TINY)]
+    for o in _overrides(shards, out, "max_steps=1000", "checkpoint.every=0"):
+        argv += ["--set", o]
+    code = script.main(argv)
+    sender.join()
+    assert code == 128 + signum
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("train.py: ")]
+    assert len(lines) == 1 and signal.Signals(signum).name in lines[0], err[-2000:]
+    assert len(list((out / "checkpoints").glob("step-*"))) == 1
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 # ---- 6. disk full --------------------------------------------------------------------------------
 
 
 class SmallDisk:
     """A folder on a file system that can be made full: a tmpfs mount (root) filled with a
-    ballast file, or, where mounting is not permitted, RLIMIT_FSIZE in the child process
-    (writes past the limit fail with EFBIG; SIGXFSZ ignored so they raise OSError)."""
+    ballast file, or, where mounting is not permitted, RLIMIT_FSIZE while the code runs
+    (writes past 2 MB fail with EFBIG; SIGXFSZ ignored so they raise OSError)."""
 
     def __init__(self, root: Path, size_mb: int = 128):
         self.dir = root / "disk"
@@ -464,19 +484,6 @@ class SmallDisk:
     def free(self) -> None:
         self.full = False
         self.ballast.unlink(missing_ok=True)
-
-    def preexec(self):
-        """For subprocess.Popen(preexec_fn=...): the file-size limit when there is no tmpfs."""
-        if self.mounted or not self.full:
-            return None
-
-        def limit():
-            import resource
-
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, resource.RLIM_INFINITY))
-
-        return limit
 
     @contextlib.contextmanager
     def in_process(self):
@@ -510,22 +517,17 @@ def small_disk(tmp_path):
 def test_train_disk_full_while_saving_keeps_the_last_checkpoint_and_resume_works(
     shards, small_disk
 ):
-    """mvdiff train -- the disk fills up while a checkpoint is written -- the partial tmp-step-*
+    """train -- the disk fills up while a checkpoint is written -- the partial tmp-step-*
     folder is removed, the last good checkpoint is kept, one line naming the checkpoint and the
-    cause, exit 2; after space is freed, --resume latest goes on from the last good one."""
+    cause; after space is freed, --resume latest goes on from the last good one."""
     from mvdiff.training.trainer import train
 
     out = small_disk.dir / "run"
     train(config(shards, out, "max_steps=1", "ema=true", "checkpoint.every=1"))
     small_disk.fill()
-    args = ["train", "--config", str(TINY)]
-    for o in _overrides(shards, out, "max_steps=2", "ema=true", "checkpoint.resume=latest"):
-        args += ["--set", o]
-    proc = subprocess.run([sys.executable, "-m", "mvdiff.cli", *args], env=_env(), text=True,
-                          capture_output=True, timeout=120,
-                          preexec_fn=small_disk.preexec())  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    line = error_line(proc)
+    with small_disk.in_process():
+        line = train_error(config(shards, out, "max_steps=2", "ema=true",
+                                  "checkpoint.resume=latest"))  # fmt: skip
     assert "step-0000002" in line and "step-0000001" in line, line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]
     small_disk.free()

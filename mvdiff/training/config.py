@@ -56,7 +56,8 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    #: save an accelerate checkpoint every N optimizer steps (0 = only at the end)
+    #: save a checkpoint (tensors + JSON, see training/checkpoint.py) every N optimizer steps
+    #: (0 = only at the end)
     every: int = 1000
     #: keep the last N checkpoints
     keep: int = 3
