@@ -118,6 +118,26 @@ def error_line(proc: subprocess.CompletedProcess, command: str = "train") -> str
     return lines[0]
 
 
+class Hang(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Raise Hang in the main thread after ``seconds`` (SIGALRM)."""
+
+    def expire(signum, frame):
+        raise Hang(f"still waiting after {seconds} s")
+
+    before = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
 def train_error(cfg: TrainConfig) -> str:
     """train(cfg) must stop with a UserError; returns its message, which must be one line (the
     CLI prints it as `mvdiff train: error: MESSAGE`, exit 2: see test_cli_errors_are_one_line)."""
@@ -330,10 +350,11 @@ def test_train_data_with_nothing_usable_stops_in_seconds_with_one_line(tmp_path,
         spec, problem = f"file://{tmp_path}/gone/mv-{{000..003}}.tar", "No such file"
     t0 = time.time()
     # with workers the error is raised in a DataLoader worker and re-raised by torch
-    line = train_error(config(None, tmp_path / "run", f"data.mv_shards={spec}", "max_steps=2",
-                              f"data.num_workers={workers}"))  # fmt: skip
+    with deadline(90):  # a hang fails the test instead of stalling the suite
+        line = train_error(config(None, tmp_path / "run", f"data.mv_shards={spec}",
+                                  "max_steps=2", f"data.num_workers={workers}"))  # fmt: skip
     assert "data.mv_shards" in line and problem in line, line
-    assert time.time() - t0 < 120
+    assert time.time() - t0 < 90
 
 
 # ---- 4. numbers out of range are one line -------------------------------------------------------
@@ -437,20 +458,30 @@ def test_train_py_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_128_plus_signal
         if log.is_file():  # training is under way (handlers installed): never hit pytest itself
             os.kill(os.getpid(), signum)
 
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    def not_handled(signum, frame):  # reached only if train.py left the signal alone
+        raise RuntimeError(f"{signal.Signals(signum).name} was not handled by train.py")
+
+    ours = {s: signal.signal(s, not_handled) for s in (signal.SIGINT, signal.SIGTERM)}
     sender = threading.Thread(target=send_when_running)
     sender.start()
     argv = ["--config", str(TINY)]
     for o in _overrides(shards, out, "max_steps=1000", "checkpoint.every=0"):
         argv += ["--set", o]
-    code = script.main(argv)
-    sender.join()
+    try:
+        code = script.main(argv)
+    except (RuntimeError, KeyboardInterrupt) as e:
+        code = repr(e)
+    finally:
+        sender.join()
+        after = {s: signal.getsignal(s) for s in ours}
+        for s, handler in ours.items():
+            signal.signal(s, handler)
     assert code == 128 + signum
+    assert after == dict.fromkeys(ours, not_handled)  # restored
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("train.py: ")]
     assert len(lines) == 1 and signal.Signals(signum).name in lines[0], err[-2000:]
     assert len(list((out / "checkpoints").glob("step-*"))) == 1
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 # ---- 6. disk full --------------------------------------------------------------------------------
