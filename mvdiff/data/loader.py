@@ -124,7 +124,7 @@ class StreamGuard:
             if self.shards_since_good > 2 * self.pass_len:
                 self._fail(
                     f"no usable sample in {self.shards_since_good} shards in a row "
-                    f"(this reader's {self.pass_len} shards, twice)"
+                    f"(every one of this reader's {self.pass_len} shard(s), twice)"
                 )
             self.shards_since_good += 1
             yield item
