@@ -12,11 +12,21 @@ and the resolved config can be printed and saved next to the outputs::
     save_config(cfg, out_dir / "config.yaml")
 
 Nested dataclasses are addressed with dots (``--set optim.lr=1e-4``).
+
+Numbers are checked too: a float must be finite, and a dataclass may declare the range of
+its numeric fields in a ``LIMITS`` class variable, checked whenever a config is built::
+
+    LIMITS: ClassVar[dict] = {"steps": ">=1", "lr": ">0", "p": "[0,1]", "size": "%8"}
+
+(``>x``, ``>=x``, ``<=x``, ``[a,b]``, ``[a,b)``, ``%n`` = a positive multiple of n; list
+fields are checked element-wise). A value out of range is a :class:`ConfigError` naming the
+key, e.g. ``data.num_views: must be >= 1, got -1``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -109,6 +119,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
         if tp is int and isinstance(value, float) and value != out:
             raise ConfigError(f"{where}: expected int, got {value!r}")
+        if tp is float and not math.isfinite(out):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return out
     if tp is str:
         if isinstance(value, (dict, list)):
@@ -124,7 +136,41 @@ def _from_dict(cls: type[T], data: dict, where: str) -> T:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_limits(obj, where)
+    return obj
+
+
+def _violates(rule: str, value) -> str | None:
+    """The complaint if ``value`` breaks ``rule`` (see the module docstring), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if rule.startswith("%"):
+        n = int(rule[1:])
+        return None if value > 0 and value % n == 0 else f"must be a positive multiple of {n}"
+    if rule.startswith("["):
+        lo, hi = (float(x) for x in rule[1:-1].split(","))
+        upper_ok = value <= hi if rule.endswith("]") else value < hi
+        return None if lo <= value and upper_ok else f"must be in {rule}"
+    for op, test in ((">=", lambda a, b: a >= b), ("<=", lambda a, b: a <= b),
+                     (">", lambda a, b: a > b)):  # fmt: skip
+        if rule.startswith(op):
+            bound = float(rule[len(op) :])
+            text = f"{bound:g}"
+            return None if test(value, bound) else f"must be {op} {text}"
+    raise ValueError(f"bad LIMITS rule {rule!r}")
+
+
+def check_limits(obj: Any, where: str = "") -> None:
+    """Check ``obj``'s fields against its class's ``LIMITS`` (not nested dataclasses: each
+    checks its own when built)."""
+    for name, rule in getattr(type(obj), "LIMITS", {}).items():
+        value = getattr(obj, name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            problem = _violates(rule, v)
+            if problem:
+                key = f"{where}.{name}" if where else name
+                raise ConfigError(f"{key}: {problem}, got {v!r}")
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -26,12 +26,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
-        from mvdiff.training.trainer import train
+        from mvdiff.training.trainer import TrainingInterrupted, train
 
         train(cfg)
     except UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # SIGTERM / Ctrl-C: a checkpoint was saved
+        print(f"train.py: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -9,6 +9,7 @@ launch). Writes ``OUTPUT/model`` (a full model folder) or, with ``--lora``, only
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "personalise a multi-view model from 3-10 photos of a subject (MVDreamBooth)"
 
@@ -113,9 +114,13 @@ def run(args) -> int:
     cfg = config_from_args(args)
     if not cfg.model.pretrained:
         raise UserError("--model is required: the multi-view model to personalise")
-    from mvdiff.training.trainer import train
+    from mvdiff.training.trainer import TrainingInterrupted, train
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except TrainingInterrupted as e:  # SIGTERM / Ctrl-C: a checkpoint was saved
+        print(f"mvdiff {getattr(args, 'command', 'dreambooth')}: {e}", file=sys.stderr)
+        return e.exit_code
     result = summary.get("adapter") or summary.get("model")
     if result:
         print(f"wrote {result}; try: mvdiff sample --model {result} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "train a multi-view diffusion model on multi-view + 2D shards (accelerate-ready)"
 
@@ -52,7 +53,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from mvdiff.training.trainer import train
+    from mvdiff.training.trainer import TrainingInterrupted, train
 
-    train(config_from_args(args))
+    try:
+        train(config_from_args(args))
+    except TrainingInterrupted as e:  # SIGTERM / Ctrl-C: a checkpoint was saved
+        print(f"mvdiff {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     return 0

@@ -93,10 +93,11 @@ class ImageTextDecoder:
                 sample = self.decode(raw, rng)
             except SampleError as e:
                 self.skipped.add(f"{raw.get('__key__', '?')} ({raw.get('__url__', '?')})", str(e))
-                yield {"__skipped__": True}
+                yield {"__skipped__": True, "__reason__": str(e)}
                 continue
             if sample is None:
                 self.filtered += 1
-                yield {"__filtered__": True}
+                yield {"__filtered__": True,
+                       "__reason__": f"image smaller than data.min_size_2d={self.min_size}"}  # fmt: skip
                 continue
             yield sample

@@ -17,14 +17,21 @@ A batch is a dict::
     num_views int
     skipped  int  samples skipped (corrupt / incomplete) since the previous batch of that worker
     filtered int  samples filtered out (2D minimum size) since the previous batch
+
+A stream never waits forever on data it cannot use: a reader that goes through all of its
+shards (twice, to cover the shuffle across epochs) without one usable sample, or that decodes
+a long run of samples without one usable, stops with :class:`DataError` naming the data and
+the last problem seen (shards that cannot be opened or are not tar archives, samples that
+fail validation, images that do not decode).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -41,8 +48,117 @@ from mvdiff.data.shards import (
     tar_samples,
     worker_info,
 )
+from mvdiff.errors import UserError
 
-__all__ = ["DataConfig", "ShardDataset", "batch_samples", "build_loader", "collate"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DataConfig",
+    "DataError",
+    "ShardDataset",
+    "batch_samples",
+    "build_loader",
+    "collate",
+]
+
+
+class DataError(UserError):
+    """The training data yields no usable sample; the message names the data and the problem.
+
+    Raised inside a DataLoader worker, it reaches the main process re-raised by torch as
+    ``DataError("Caught DataError in DataLoader worker ...\n<traceback>")``: the constructor
+    keeps only the original one-line message.
+    """
+
+    def __init__(self, message: str = ""):
+        marker = "DataError: "
+        if message.startswith("Caught DataError") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip().splitlines()[0]
+        super().__init__(message)
+
+
+class StreamGuard:
+    """Watches one reader's pipeline (one rank x worker) and raises :class:`DataError`
+    instead of letting it wait forever on data it cannot use.
+
+    * :meth:`shards` wraps the shard URL stream: when ``2 * pass_len + 1`` shards in a row
+      were opened without one sample passing ``check`` (every window of ``2n - 1`` draws
+      holds a whole epoch of ``n`` shards, plus one for the sample still being grouped),
+      the data is unusable.
+    * :meth:`raw` runs the decoder's cheap ``check`` (before the shuffle buffer) and counts.
+    * :meth:`decoded` counts decoded samples: ``max_bad`` skipped or filtered samples in a
+      row (e.g. every PNG corrupt) also stop the stream.
+    """
+
+    def __init__(self, name: str, num_shards: int, resample: bool, check=None,
+                 max_bad: int = 1000):  # fmt: skip
+        self.name, self.check, self.max_bad = name, check, max_bad
+        # resampling draws with replacement: ~10 draws per shard almost surely see them all
+        self.pass_len = 10 * num_shards if resample else num_shards
+        self.shards_since_good = 0
+        self.read = self.usable = 0
+        self.problem = "no samples in the shards"
+        self.problems = 0
+
+    def note(self, problem: str) -> None:
+        self.problem = problem
+        self.problems += 1
+        if self.problems <= 5:
+            log.warning("%s: %s", self.name, problem)
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset-style handler for shards that cannot be opened or read: note, continue."""
+        args = [str(a) for a in exn.args]
+        text = " ".join(args[:-1] if len(args) > 1 and args[-1] in " ".join(args[:-1]) else args)
+        self.note(f"{type(exn).__name__}: {text}" if text else type(exn).__name__)
+        return True
+
+    def _fail(self, what: str) -> None:
+        raise DataError(
+            f"{self.name}: {what}; last problem: {self.problem} "
+            f"({self.read} samples read, {self.usable} usable)"
+        )
+
+    def shards(self, urls: Iterable[dict]) -> Iterator[dict]:
+        for item in urls:
+            if self.shards_since_good > 2 * self.pass_len:
+                self._fail(
+                    f"no usable sample in {self.shards_since_good} shards in a row "
+                    f"(every one of this reader's {self.pass_len} shard(s), twice)"
+                )
+            self.shards_since_good += 1
+            yield item
+
+    def raw(self, samples: Iterable[dict]) -> Iterator[dict]:
+        for sample in samples:
+            self.read += 1
+            if self.check is not None:
+                try:
+                    self.check(sample)
+                except ValueError as e:  # SampleError: skipped and counted downstream
+                    self.note(
+                        f"sample {sample.get('__key__', '?')} ({sample.get('__url__', '?')}): {e}"
+                    )
+                    yield {"__skipped__": True, "__reason__": str(e)}
+                    continue
+            self.usable += 1
+            self.shards_since_good = 0
+            yield sample
+
+    def decoded(self, samples: Iterable[dict]) -> Iterator[dict]:
+        bad = 0
+        for sample in samples:
+            if sample.get("__skipped__") or sample.get("__filtered__"):
+                bad += 1
+                if sample.get("__filtered__"):
+                    self.problem = sample.get("__reason__", "sample filtered out")
+                elif "__reason__" in sample:
+                    self.problem = sample["__reason__"]
+                if bad >= self.max_bad:
+                    self._fail(f"{bad} samples in a row skipped or filtered out")
+            else:
+                bad = 0
+            yield sample
 
 
 @dataclass
@@ -73,6 +189,11 @@ class DataConfig:
     resample: bool = False
     num_workers: int = 2
     prefetch_factor: int = 2
+
+    LIMITS: ClassVar[dict] = {"p_2d": "[0,1]", "num_views": ">=1", "resolution": "%8",
+                              "min_size_2d": ">=0", "batch_size": ">=1", "batch_size_2d": ">=0",
+                              "shuffle_buffer": ">=0", "num_workers": ">=0",
+                              "prefetch_factor": ">=1"}  # fmt: skip
 
     def images_per_2d_batch(self) -> int:
         return self.batch_size_2d or self.batch_size * self.num_views
@@ -136,8 +257,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         epochs: int | None = None,
         shuffle_buffer: int = 500,
         drop_last: bool = True,
+        name: str = "",
     ):
         super().__init__()
+        self.name = name or f"{kind} shards"
         self.kind, self.urls, self.decoder = kind, urls, decoder
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -154,19 +277,34 @@ class ShardDataset(torch.utils.data.IterableDataset):
             resample=self.resample,
             epochs=self.epochs,
         )
-        stream = open_shards(iter(shards))
-        stream = tar_samples(stream)
+        index, count = shards.split_size()
+        mine = (
+            len(self.urls)
+            if shards.samples_split or self.resample
+            else len(self.urls[index::count])
+        )
+        guard = StreamGuard(
+            self.name,
+            mine,
+            self.resample,
+            check=getattr(self.decoder, "check", None),
+            max_bad=max(1000, 2 * self.shuffle_buffer),
+        )
+        stream = open_shards(guard.shards(iter(shards)), handler=guard.handler)
+        stream = tar_samples(stream, handler=guard.handler)
         stream = split_samples(stream, shards.samples_split)
+        stream = guard.raw(stream)
         if self.shuffle_buffer > 1:
-            stream = wds.filters._shuffle(
-                stream,
+            shuffle = wds.shuffle(
                 bufsize=self.shuffle_buffer,
                 initial=min(100, self.shuffle_buffer),
                 seed=make_seed("shuffle", self.kind, self.seed, self.rank, worker),
             )
+            stream = shuffle(stream)
         stream = self.decoder(
             stream, stream_seed=make_seed("decode", self.kind, self.seed, self.rank, worker)
         )
+        stream = guard.decoded(stream)
         yield from batch_samples(stream, self.batch_size, drop_last=self.drop_last)
 
 
@@ -182,6 +320,7 @@ def build_loader(
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of batches of one kind from ``cfg`` (``epochs=None``: endless)."""
     if kind == "mv":
+        name = f"data.mv_shards={cfg.mv_shards}"
         urls = expand_urls(cfg.mv_shards, "data.mv_shards")
         decoder = MultiViewDecoder(
             num_views=cfg.num_views,
@@ -192,6 +331,7 @@ def build_loader(
         )
         batch_size = cfg.batch_size
     elif kind == "2d":
+        name = f"data.shards_2d={cfg.shards_2d}"
         urls = expand_urls(cfg.shards_2d, "data.shards_2d")
         decoder = ImageTextDecoder(
             resolution=cfg.resolution, min_size=cfg.min_size_2d, crop=cfg.crop_2d
@@ -211,6 +351,7 @@ def build_loader(
         epochs=epochs,
         shuffle_buffer=cfg.shuffle_buffer,
         drop_last=drop_last,
+        name=name,
     )
     workers = cfg.num_workers if num_workers is None else num_workers
     return torch.utils.data.DataLoader(

@@ -5,8 +5,10 @@ One object becomes::
     {"key": uid, "pixels": uint8 [V, 3, H, W] (RGBA composited on the background, resized),
      "camera": float32 [V, 16] (model camera vectors, DESIGN §4), "caption": str + suffix}
 
-Only the selected views are decoded. A sample with a corrupt PNG, a missing view or bad
-metadata is skipped and counted (:class:`SkipCounter`), never a crash.
+Only the selected views are decoded. A sample with a corrupt PNG, a missing view, bad
+metadata or cameras that are not finite rigid transforms (what ``mvdiff shard-info`` checks,
+:meth:`MultiViewDecoder.check`) is skipped and counted (:class:`SkipCounter`), never a crash
+and never a NaN in the loss.
 """
 
 from __future__ import annotations
@@ -132,14 +134,22 @@ class MultiViewDecoder:
             return np.zeros(3, dtype=np.uint8)
         return np.full(3, rng.randrange(256), dtype=np.uint8)
 
-    def decode(self, raw: dict, rng: random.Random) -> dict:
-        key = raw.get("__key__", "?")
+    def check(self, raw: dict) -> tuple[dict, np.ndarray]:
+        """The cheap part of validation (no image decoding): ``(meta, c2w)`` or SampleError.
+
+        JSON and schema, cameras ``[N, 4, 4]`` that are finite rigid transforms, finite
+        azimuths, every one of the ``N`` views present, at least ``num_views`` of them.
+        """
+        from mvdiff.render.shards import SampleInvalid, check_cameras
+
         if "json" not in raw:
             raise SampleError("no .json member")
         try:
             meta = json.loads(raw["json"])
         except ValueError as e:
             raise SampleError(f"bad .json ({e})") from None
+        if not isinstance(meta, dict):
+            raise SampleError(".json is not an object")
         if meta.get("schema", 1) != 1:
             raise SampleError(f"unsupported schema {meta.get('schema')!r}")
         if "cameras.npy" not in raw:
@@ -148,9 +158,36 @@ class MultiViewDecoder:
             c2w = np.load(io.BytesIO(raw["cameras.npy"]), allow_pickle=False)
         except Exception as e:  # noqa: BLE001
             raise SampleError(f"bad cameras.npy ({e})") from None
-        num_rendered = int(meta.get("num_views", c2w.shape[0]))
+        if c2w.dtype.kind not in "fiu":
+            raise SampleError(f"cameras.npy has dtype {c2w.dtype}, expected float32")
+        try:
+            num_rendered = int(meta.get("num_views", c2w.shape[0] if c2w.ndim else 0))
+        except (TypeError, ValueError):
+            raise SampleError(f"bad num_views {meta.get('num_views')!r}") from None
         if c2w.shape != (num_rendered, 4, 4):
             raise SampleError(f"cameras.npy has shape {c2w.shape}, expected ({num_rendered}, 4, 4)")
+        if num_rendered < self.num_views:
+            raise SampleError(f"{num_rendered} rendered views, {self.num_views} requested")
+        try:
+            check_cameras(np.asarray(c2w), num_rendered)
+        except SampleInvalid as e:
+            raise SampleError(str(e)) from None
+        azimuths = meta.get("azimuth_deg")
+        if isinstance(azimuths, list) and not all(
+            isinstance(a, (int, float)) and np.isfinite(a) for a in azimuths
+        ):
+            raise SampleError("azimuth_deg holds non-finite or non-numeric values")
+        missing = [
+            f"rgba.{v:03d}.png" for v in range(num_rendered) if f"rgba.{v:03d}.png" not in raw
+        ]
+        if missing:
+            raise SampleError(f"missing view(s) {', '.join(missing[:3])}")
+        return meta, c2w
+
+    def decode(self, raw: dict, rng: random.Random) -> dict:
+        key = raw.get("__key__", "?")
+        meta, c2w = self.check(raw)
+        num_rendered = c2w.shape[0]
         indices = self.select(meta, num_rendered, rng)
         background = self.background_color(rng)
         pixels = np.empty((self.num_views, 3, self.resolution, self.resolution), np.uint8)
@@ -182,10 +219,13 @@ class MultiViewDecoder:
     def __call__(self, data: Iterable[dict], stream_seed: int | None = None) -> Iterator[dict]:
         rng = random.Random(self.seed if stream_seed is None else stream_seed)
         for raw in data:
+            if raw.get("__skipped__"):  # already rejected by check() (counted by the loader)
+                yield raw
+                continue
             try:
                 sample = self.decode(raw, rng)
             except SampleError as e:
                 self.skipped.add(f"{raw.get('__key__', '?')} ({raw.get('__url__', '?')})", str(e))
-                yield {"__skipped__": True}
+                yield {"__skipped__": True, "__reason__": str(e)}
                 continue
             yield sample

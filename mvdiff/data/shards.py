@@ -203,10 +203,13 @@ def iter_tar_members(stream, url: str = "?") -> Iterator[tuple[str, bytes]]:
         header = stream.read(512)
         if len(header) < 512 or header.count(0) == 512:
             return
-        stored = _octal(header[148:156])
+        try:
+            stored = _octal(header[148:156])
+            size = _octal(header[124:136])
+        except ValueError:
+            raise tarfile.ReadError(f"{url}: not a tar archive (unreadable header)") from None
         if stored != sum(header[:148]) + 256 + sum(header[156:]):
             raise tarfile.ReadError(f"{url}: bad tar header checksum")
-        size = _octal(header[124:136])
         kind = header[156:157]
         data = stream.read(size)
         if len(data) < size:

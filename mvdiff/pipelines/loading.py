@@ -247,8 +247,12 @@ def apply_lora_adapter(unet, folder: str | Path, merge: bool = True, base_info=N
     if base_info and trained_on and base_info.get("fingerprint") not in (None, trained_on):
         log(f"warning: {folder} was trained on another version of the base model "
             f"({meta.get('base_model')})")  # fmt: skip
-    config = LoraConfig.from_pretrained(str(folder))
-    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    try:
+        config = LoraConfig.from_pretrained(str(folder))
+        state = load_file(str(folder / ADAPTER_WEIGHTS))
+    except Exception as e:  # noqa: BLE001 - safetensors / json / peft parse errors: bad input
+        text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"--lora {folder}: unreadable adapter ({text})") from None
     try:
         inject_adapter_in_model(config, unet)
         result = set_peft_model_state_dict(unet, state)

@@ -10,7 +10,10 @@ tokenizer/ scheduler/``) of either
 
 or ``"tiny"`` for :func:`mvdiff.testing.tiny_components` (tests, quickstart, benchmarks), or an
 official checkpoint file (``.pt`` ...), converted once into the cache (as ``mvdiff sample``).
-Weights are read from safetensors (or ``torch.load(weights_only=True)`` for ``.bin``).
+Weights are read from safetensors (or ``torch.load(weights_only=True)`` for ``.bin``, by
+diffusers / transformers): a ``.bin`` holding anything but tensors, a truncated or foreign
+weights file or a broken ``config.json`` is a one-line :class:`~mvdiff.errors.UserError`
+naming the folder, never unpickled.
 """
 
 from __future__ import annotations
@@ -44,6 +47,21 @@ def _require(folder: Path, sub: str) -> Path:
     return path
 
 
+def _load(pretrained: str, sub: str, load, *args):
+    """``load(*args)``; any failure to read the weights or config -> one line naming them."""
+    try:
+        return load(*args)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - diffusers/transformers/safetensors/pickle errors
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        text = lines[0][:300] if lines else ""
+        raise UserError(
+            f"model.pretrained={pretrained}: cannot load {sub}/ ({type(e).__name__}: {text}); "
+            "weights must be safetensors or a .bin of plain tensors"
+        ) from None
+
+
 def load_components(pretrained: str) -> Components:
     """Components from a diffusers folder or ``"tiny"`` (see module docstring)."""
     if pretrained == "tiny":
@@ -70,19 +88,22 @@ def load_components(pretrained: str) -> Components:
     from mvdiff.models import MultiViewUNet2DConditionModel, add_camera_mlp
 
     unet_dir = _require(folder, "unet")
-    config = json.loads((unet_dir / "config.json").read_text())
-    if config.get("class_embed_type") == "projection":
-        unet = MultiViewUNet2DConditionModel.from_pretrained(unet_dir)
+    config = _load(pretrained, "unet", lambda: json.loads((unet_dir / "config.json").read_text()))
+    if isinstance(config, dict) and config.get("class_embed_type") == "projection":
+        unet = _load(pretrained, "unet", MultiViewUNet2DConditionModel.from_pretrained, unet_dir)
         source = "multiview"
     else:
-        unet = add_camera_mlp(UNet2DConditionModel.from_pretrained(unet_dir))
+        unet = _load(pretrained, "unet", UNet2DConditionModel.from_pretrained, unet_dir)
+        unet = add_camera_mlp(unet)
         source = "sd"
-    vae = AutoencoderKL.from_pretrained(_require(folder, "vae"))
-    text_encoder = CLIPTextModel.from_pretrained(_require(folder, "text_encoder"))
-    tokenizer = CLIPTokenizer.from_pretrained(_require(folder, "tokenizer"))
+    vae = _load(pretrained, "vae", AutoencoderKL.from_pretrained, _require(folder, "vae"))
+    text_encoder = _load(pretrained, "text_encoder", CLIPTextModel.from_pretrained,
+                         _require(folder, "text_encoder"))  # fmt: skip
+    tokenizer = _load(pretrained, "tokenizer", CLIPTokenizer.from_pretrained,
+                      _require(folder, "tokenizer"))  # fmt: skip
     sched_dir = folder / "scheduler"
     scheduler = (
-        DDIMScheduler.from_pretrained(sched_dir)
+        _load(pretrained, "scheduler", DDIMScheduler.from_pretrained, sched_dir)
         if sched_dir.is_dir()
         else DDIMScheduler(
             beta_start=0.00085,

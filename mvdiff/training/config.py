@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from mvdiff.data.loader import DataConfig
 
@@ -49,10 +49,15 @@ class OptimConfig:
     #: gradient clipping by global norm; 0 = off
     max_grad_norm: float = 1.0
 
+    LIMITS: ClassVar[dict] = {"lr": ">0", "betas": "[0,1)", "weight_decay": ">=0", "eps": ">0",
+                              "warmup_steps": ">=0", "min_lr_ratio": "[0,1]",
+                              "max_grad_norm": ">=0"}  # fmt: skip
+
 
 @dataclass
 class CheckpointConfig:
-    #: save an accelerate checkpoint every N optimizer steps (0 = only at the end)
+    #: save a checkpoint (tensors + JSON, see training/checkpoint.py) every N optimizer steps
+    #: (0 = only at the end)
     every: int = 1000
     #: keep the last N checkpoints
     keep: int = 3
@@ -61,6 +66,8 @@ class CheckpointConfig:
     #: on resume, replay the data streams to the exact batch ("skip", exact but slow for long
     #: runs) or restart them with a new seed ("reseed", fast, not bit-identical)
     resume_data: Literal["skip", "reseed"] = "skip"
+
+    LIMITS: ClassVar[dict] = {"every": ">=0", "keep": ">=0"}
 
 
 @dataclass
@@ -73,6 +80,9 @@ class ValidationConfig:
     steps: int = 20
     guidance_scale: float = 7.5
     seed: int = 0
+
+    LIMITS: ClassVar[dict] = {"every": ">=0", "num_views": ">=1", "steps": ">=1",
+                              "guidance_scale": ">=0"}  # fmt: skip
 
 
 @dataclass
@@ -106,6 +116,11 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
+    LIMITS: ClassVar[dict] = {"max_steps": ">=1", "gradient_accumulation_steps": ">=1",
+                              "ema_decay": "[0,1]", "snr_gamma": ">=0", "noise_offset": ">=0",
+                              "caption_dropout": "[0,1]", "max_nan_skips": ">=0",
+                              "log_every": ">=1", "debug_nan_step": ">=-1"}  # fmt: skip
+
 
 # ---- MVDreamBooth (DESIGN §6): the same loop, photos instead of shards ---------------------
 
@@ -132,6 +147,9 @@ class PriorConfig:
     #: cache folder; "" = OUTPUT_DIR/class_images (a subfolder per model + settings)
     cache_dir: str = ""
 
+    LIMITS: ClassVar[dict] = {"num_objects": ">=1", "num_views": ">=1", "steps": ">=1",
+                              "guidance_scale": ">=0", "batch_size": ">=1", "weight": ">=0"}  # fmt: skip
+
 
 @dataclass
 class LoraSettings:
@@ -142,6 +160,8 @@ class LoraSettings:
     alpha: float = 16.0
     #: learning rate of the adapter (replaces optim.lr when LoRA is on)
     lr: float = 1.0e-4
+
+    LIMITS: ClassVar[dict] = {"rank": ">=1", "alpha": ">0", "lr": ">0"}
     #: module names (suffix match): every attention projection and the feed-forward layers
     target_modules: list[str] = field(
         default_factory=lambda: [
@@ -178,6 +198,9 @@ class DreamBoothConfig:
     min_images: int = 3
     #: suffix of the validation prompt (the instance prompt rendered as 4 views)
     validation_suffix: str = ", 3d asset"
+
+    LIMITS: ClassVar[dict] = {"param_preservation": ">=0", "min_images": ">=1"}
+
     prior: PriorConfig = field(default_factory=PriorConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
 

@@ -10,17 +10,36 @@ import os
 import shutil
 from pathlib import Path
 
+from mvdiff.errors import UserError
+
 __all__ = ["export_pipeline_folder"]
 
 
 def export_pipeline_folder(
     out_dir: str | Path, unet, vae, text_encoder, tokenizer, scheduler
 ) -> Path:
-    """Save the five components (safetensors) and ``model_index.json``; atomic via rename."""
-    import diffusers
+    """Save the five components (safetensors) and ``model_index.json``; atomic via rename.
+
+    A failed write (disk full) removes the partial ``.tmp`` folder and is a one-line
+    :class:`~mvdiff.errors.UserError` (the final training checkpoint is already on disk)."""
+    from safetensors import SafetensorError
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
+    try:
+        return _export(out_dir, tmp, unet, vae, text_encoder, tokenizer, scheduler)
+    except (OSError, RuntimeError, SafetensorError) as e:  # disk full, quota, permissions
+        shutil.rmtree(tmp, ignore_errors=True)
+        text = str(e).strip().splitlines()
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else text[-1] if text else e
+        raise UserError(
+            f"could not write the model folder {out_dir} ({reason}); removed the partial folder"
+        ) from None
+
+
+def _export(out_dir: Path, tmp: Path, unet, vae, text_encoder, tokenizer, scheduler) -> Path:
+    import diffusers
+
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     unet.save_pretrained(tmp / "unet", safe_serialization=True)

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -32,14 +33,15 @@ from mvdiff.data.loader import build_loader
 from mvdiff.data.mixer import BatchMixer
 from mvdiff.data.shards import expand_urls, make_seed
 from mvdiff.errors import UserError
-from mvdiff.training.checkpoint import find_checkpoint, read_trainer_state, save_checkpoint
+from mvdiff.training.checkpoint import find_checkpoint, resume_checkpoint, save_checkpoint
 from mvdiff.training.components import freeze, load_components, noise_scheduler_from
 from mvdiff.training.config import OptimConfig, TrainConfig
+from mvdiff.training.interrupt import StopSignals, TrainingInterrupted
 from mvdiff.training.loss import diffusion_loss, encode_images, encode_prompts
 
 log = logging.getLogger("mvdiff.train")
 
-__all__ = ["NonFiniteLossError", "base_lr", "learning_rate", "train"]
+__all__ = ["NonFiniteLossError", "TrainingInterrupted", "base_lr", "learning_rate", "train"]
 
 #: extra loss terms logged in MVDreamBooth mode
 TERMS = ("instance_loss", "prior_loss", "preservation")
@@ -92,7 +94,15 @@ def build_optimizer(params, optim: OptimConfig, lr: float) -> torch.optim.Optimi
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train a multi-view UNet as configured; returns a summary dict (also in summary.json)."""
+    """Train a multi-view UNet as configured; returns a summary dict (also in summary.json).
+
+    SIGTERM / SIGINT stop it after the current step with a checkpoint
+    (:class:`~mvdiff.training.interrupt.TrainingInterrupted`, see that module)."""
+    with StopSignals() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
@@ -164,15 +174,12 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.ema:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(trainable, decay=cfg.ema_decay)
-        accelerator.register_for_checkpointing(ema)
+        ema = EMAModel(trainable, decay=cfg.ema_decay)  # saved by save_checkpoint (safetensors)
 
     # ---- resume ---------------------------------------------------------------------------
-    start_step, nan_skips_total = 0, 0
-    ckpt = find_checkpoint(cfg.checkpoint.resume, out)
+    start_step, nan_skips_total, skipped_total = 0, 0, 0
+    ckpt, state = resume_checkpoint(accelerator, cfg.checkpoint.resume, out, unet, optimizer, ema)
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        state = read_trainer_state(ckpt)
         start_step, nan_skips_total = int(state["step"]), int(state.get("nan_skips", 0))
         log.info("resumed from %s at step %d", ckpt, start_step)
     elif cfg.checkpoint.resume == "latest":
@@ -209,7 +216,7 @@ def train(cfg: TrainConfig) -> dict:
         val_prompts = [db.prompt + db.validation_suffix]  # 4 views of the subject
 
     # ---- the loop ---------------------------------------------------------------------------
-    step = start_step
+    step = saved_step = start_step
     consecutive_nan = 0
     window = {"loss": 0.0, "n": 0, "images": 0, "data_s": 0.0, "t0": time.perf_counter(),
               "skipped": 0, "n2d": 0, "nb": 0, **dict.fromkeys(TERMS, 0.0)}  # fmt: skip
@@ -218,11 +225,24 @@ def train(cfg: TrainConfig) -> dict:
         total=cfg.max_steps, initial=start_step, desc="train",
         disable=not accelerator.is_main_process, dynamic_ncols=True,
     )  # fmt: skip
+    stop.on_exit.append(bar.close)  # also on errors: the message gets a line of its own
     tracker_started = False
     if tb:
         accelerator.init_trackers("mvdiff", config={"output_dir": str(out)})
         tracker_started = True
     while step < cfg.max_steps:
+        if (signum := stop.requested(accelerator)) is not None:  # SIGTERM / Ctrl-C
+            if step > saved_step:
+                saved_step = step
+                save_checkpoint(accelerator, out, step, {"nan_skips": nan_skips_total},
+                                keep=cfg.checkpoint.keep, model=unet, optimizer=optimizer,
+                                ema=ema)  # fmt: skip
+            last = find_checkpoint("latest", out)
+            raise TrainingInterrupted(
+                f"stopped by {signal.Signals(signum).name} at step {step}; "
+                + (f"resume from {last} with --resume latest" if last else "no checkpoint yet"),
+                signum,
+            )
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -342,6 +362,7 @@ def train(cfg: TrainConfig) -> dict:
                 device=accelerator.device,
             )
             stats = accelerator.reduce(stats, reduction="sum").tolist()
+            skipped_total += int(stats[3])  # bad samples skipped by the decoders (all ranks)
             logs = {
                 "loss": stats[0] / max(1.0, stats[1]),
                 "lr": lr,
@@ -363,7 +384,7 @@ def train(cfg: TrainConfig) -> dict:
                             ips=f"{logs['samples_per_s']:.1f}")  # fmt: skip
             if accelerator.is_main_process:
                 with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, **logs}) + "\n")
+                    f.write(json.dumps(_json_safe({"step": step, **logs}), allow_nan=False) + "\n")
             window = {"loss": 0.0, "n": 0, "images": 0, "data_s": 0.0,
                       "t0": time.perf_counter(), "skipped": 0, "n2d": 0, "nb": 0,
                       **dict.fromkeys(TERMS, 0.0)}  # fmt: skip
@@ -371,7 +392,9 @@ def train(cfg: TrainConfig) -> dict:
         # ---- checkpoint -----------------------------------------------------------------------
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.max_steps:
             save_checkpoint(accelerator, out, step, {"nan_skips": nan_skips_total},
-                            keep=cfg.checkpoint.keep)  # fmt: skip
+                            keep=cfg.checkpoint.keep, model=unet, optimizer=optimizer,
+                            ema=ema)  # fmt: skip
+            saved_step = step
 
         # ---- validation samples ---------------------------------------------------------------
         if cfg.validation.every and (step % cfg.validation.every == 0 or step == cfg.max_steps):
@@ -392,6 +415,7 @@ def train(cfg: TrainConfig) -> dict:
         "rank_checksums": checksums,
         "ranks_in_sync": len(set(checksums)) == 1,
         "nan_skips": nan_skips_total,
+        "skipped_samples": skipped_total,
     }
     if db is not None:
         summary["class_images_generated"] = class_generated
@@ -421,7 +445,8 @@ def train(cfg: TrainConfig) -> dict:
                 result = summary.get("adapter") or summary["model"]
                 log.info("sample the subject: mvdiff sample --model %s --prompt %r --output "
                          "%s/samples-final", result, db.prompt, out)  # fmt: skip
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        summary = _json_safe(summary)  # valid JSON: a loss that never came is null, not NaN
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
         log.info("done: %s", json.dumps(summary))
     accelerator.wait_for_everyone()
     if tracker_started:
@@ -458,6 +483,17 @@ def _validate(accelerator, unet, ema, trainable, parts, vae, text_encoder, cfg, 
         tracker.add_image("validation", grid, step, dataformats="HWC")
     except Exception:  # noqa: BLE001 - no tensorboard tracker: the PNG is enough
         pass
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float replaced by None (JSON has no NaN / Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _tensorboard_available() -> bool:
