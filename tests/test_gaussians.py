@@ -142,3 +142,111 @@ def test_gsplat_agrees_with_the_torch_rasteriser():
     theirs = rasterize(**gs, c2w=c2w, fov_deg=fov, width=32, background=bg, backend="gsplat")
     for key in ("rgb", "opacity"):
         torch.testing.assert_close(ours[key], theirs[key], atol=2e-2, rtol=0)
+
+
+def small_model(n=50, sh_degree=0, seed=0):
+    from mvdiff.sds.gaussians import GaussianConfig, GaussianModel
+
+    model = GaussianModel(
+        GaussianConfig(num_init=n, sh_degree=sh_degree),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    with torch.no_grad():  # distinct values in every attribute
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + 1)))
+    return model
+
+
+@pytest.mark.parametrize("sh_degree", [0, 1])
+def test_ply_has_the_3dgs_layout_and_round_trips(tmp_path, sh_degree):
+    from plyfile import PlyData
+
+    from mvdiff.sds.ply import load_gaussians_ply, save_gaussians_ply
+    from mvdiff.sds.splat import SH_C0
+
+    model = small_model(50, sh_degree)
+    path = save_gaussians_ply(tmp_path / "gaussians.ply", model)
+    ply = PlyData.read(str(path))
+    assert ply.text is False and ply.byte_order == "<"
+    (el,) = ply.elements
+    n_rest = 3 * ((sh_degree + 1) ** 2 - 1)
+    names = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    names += [f"f_rest_{i}" for i in range(n_rest)]
+    names += ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    assert el.name == "vertex" and el.count == 50
+    assert [p.name for p in el.properties] == names
+    assert all(p.val_dtype in ("f4", "float32") for p in el.properties)
+    # the release's conventions: logit opacity, log scale, DC coefficient of the colour
+    v = el.data
+    np.testing.assert_allclose(v["opacity"], model.opacity_logits.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        1 / (1 + np.exp(-v["opacity"])), model.opacities.detach().numpy(), rtol=1e-5
+    )
+    np.testing.assert_allclose(np.exp(v["scale_1"]), model.scales[:, 1].detach().numpy(), rtol=1e-5)
+    rgb = np.stack([v[f"f_dc_{i}"] for i in range(3)], 1) * SH_C0 + 0.5
+    np.testing.assert_allclose(np.clip(rgb, 0, None), model.colors.detach().numpy(), atol=1e-6)
+    np.testing.assert_allclose(v["rot_0"], model.quats[:, 0].detach().numpy())
+    if sh_degree:  # f_rest channel-major: red coefficients 1..3, then green, then blue
+        np.testing.assert_allclose(v["f_rest_3"], model.sh[:, 1, 1].detach().numpy())
+    back = load_gaussians_ply(path)
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], t, msg=name)
+
+
+def test_ply_reader_rejects_other_layouts(tmp_path):
+    from mvdiff.errors import UserError
+    from mvdiff.sds.ply import load_gaussians_ply
+
+    bad = tmp_path / "mesh.ply"
+    bad.write_bytes(b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nend_header\n0\n")
+    with pytest.raises(UserError, match="mesh.ply"):
+        load_gaussians_ply(bad)
+
+
+def test_densify_clones_small_splits_large_and_prune_keeps_adam_state_aligned():
+    from mvdiff.sds.gaussians import GaussianConfig, GaussianModel
+
+    cfg = GaussianConfig(
+        num_init=4, grad_threshold=0.5, percent_dense=0.05, prune_opacity=0.05, prune_scale=0.5
+    )
+    model = GaussianModel(cfg, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.log_scales.copy_(
+            torch.log(torch.tensor([[0.01] * 3, [0.2] * 3, [0.01] * 3, [0.2] * 3]))
+        )
+        model.opacity_logits.copy_(torch.tensor([2.0, 2.0, -5.0, 2.0]))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.render(camera()[0].float(), 40.0, 8)["rgb"].sum().backward()
+    opt.step()
+    marker = opt.state[model.means]["exp_avg"].clone()
+    big_scale = model.scales[1].detach().clone()
+    # hot: 0 (small -> cloned) and 1 (large -> split into two, original removed)
+    grads = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    counts = model.densify(grads, opt, torch.Generator().manual_seed(0))
+    assert counts == {"cloned": 1, "split": 1}
+    assert model.num == 4 - 1 + 1 + 2
+    assert all(opt.state[p]["exp_avg"].shape == p.shape for p in model.parameters())
+    torch.testing.assert_close(opt.state[model.means]["exp_avg"][:3], marker[[0, 2, 3]])
+    torch.testing.assert_close(model.scales[-1], big_scale / 1.6)  # split: smaller
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {
+        id(p) for p in model.parameters()
+    }
+    dropped = model.prune(opt)
+    assert dropped == 1 and model.num == 5 and bool((model.opacities >= 0.05).all())
+    model.reset_opacity(0.01, opt)
+    assert float(model.opacities.detach().max()) <= 0.01 + 1e-6
+
+
+def test_density_grid_mesh_of_one_gaussian_is_its_3_sigma_ellipsoid():
+    from mvdiff.sds.gaussians import GaussianConfig, GaussianModel
+
+    model = GaussianModel(GaussianConfig(mesh_level=0.5), num=1)
+    with torch.no_grad():
+        model.quats[0, 0] = 1.0
+        model.log_scales.copy_(torch.log(torch.tensor([[0.2, 0.1, 0.1]])))
+        model.opacity_logits.fill_(10.0)  # opacity ~1
+    verts, faces, colors = model.extract_mesh(48)
+    assert len(faces) > 0 and colors.shape == verts.shape
+    # density 0.5 where (x/sx)² + ... = 2 ln 2: semi-axes sqrt(2 ln 2) * scale
+    k = math.sqrt(2 * math.log(2))
+    np.testing.assert_allclose(np.abs(verts).max(0), [0.2 * k, 0.1 * k, 0.1 * k], rtol=0.05)

@@ -19,18 +19,36 @@ import torch.nn.functional as F
 from mvdiff.sds.background import Background
 from mvdiff.sds.config import TextTo3DConfig
 from mvdiff.sds.field import RadianceField
-from mvdiff.sds.render import OccupancyGrid, render_rays
+from mvdiff.sds.mesh import extract_mesh
+from mvdiff.sds.ref_views import prepare_rays
+from mvdiff.sds.render import OccupancyGrid, render, render_rays
 
-__all__ = ["FitState", "ref_view_loss", "render_size", "run_steps", "train_step"]
+__all__ = ["FitState", "make_fit_state", "ref_view_loss", "render_size", "run_steps", "train_step"]
+
+
+def make_fit_state(config: TextTo3DConfig, device="cpu"):
+    """The fit state of ``config.representation``: :class:`FitState` (radiance field) or
+    :class:`mvdiff.sds.gaussian_fit.GaussianFitState` (3D Gaussians); both have the interface
+    used here (render, prepare_ref, ref_loss, before_step, after_step, mesh, write_outputs,
+    state_dict, load_state_dict, optimizer, background, generator, device)."""
+    if config.representation == "gaussians":
+        from mvdiff.sds.gaussian_fit import GaussianFitState
+
+        return GaussianFitState(config, device)
+    return FitState(config, device)
 
 
 class FitState:
     """Field, background, Adam (grids at ``lr``, MLP heads at ``lr / 10``), occupancy grid
     and generator of one run, seeded from ``config.seed``."""
 
+    #: config sections that must match to resume a checkpoint
+    config_keys = ("field", "background")
+
     def __init__(self, config: TextTo3DConfig, device="cpu"):
         config.check()
         torch.manual_seed(config.seed)
+        self.config = config
         self.field = RadianceField(config.field).to(device)
         self.background = Background(config.background).to(device)
         heads = [p for n, p in self.field.named_parameters() if not n.startswith("encoding.")]
@@ -62,6 +80,37 @@ class FitState:
         self.occupancy.values = state["occupancy"]
         if self.occupancy.values is not None:
             self.occupancy.occupied = self.occupancy.values > self.occupancy.threshold
+
+    # The representation interface (shared with GaussianFitState).
+    def render(self, c2w, fov_deg, size, *, background=None, generator=None, training=False,
+               shading="albedo", light=None, ambient=0.3) -> dict:  # fmt: skip
+        """Views ``[V, 3, H, W]`` etc. (:func:`mvdiff.sds.render.render`); ``training``:
+        stratified samples and occupancy skipping."""
+        return render(
+            self.field, c2w, fov_deg, size, self.config.samples, background=background,
+            stratified=training, generator=generator,
+            occupancy=self.occupancy if training else None, shading=shading, light=light,
+            ambient=ambient,
+        )  # fmt: skip
+
+    def prepare_ref(self, views: dict, resolution: int, indices=None) -> dict:
+        return prepare_rays(views, resolution, indices)
+
+    def ref_loss(self, rays: dict, config: TextTo3DConfig) -> torch.Tensor:
+        return ref_view_loss(self, rays, config)
+
+    def before_step(self, step: int) -> None:
+        if step % self.config.occupancy_every == 0:
+            self.occupancy.update(self.field, self.generator)
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def mesh(self, resolution: int):
+        return extract_mesh(self.field, resolution)
+
+    def write_outputs(self, folder) -> dict:
+        return {}
 
 
 def render_size(config: TextTo3DConfig, step: int) -> int:
@@ -108,20 +157,20 @@ def ref_view_loss(fit: FitState, rays: dict, config: TextTo3DConfig) -> torch.Te
 
 def train_step(fit: FitState, config: TextTo3DConfig, step: int, sds=None, rays=None) -> dict:
     """One optimisation step; returns ``loss`` (float) and ``t`` (SDS timestep or None)."""
-    if step % config.occupancy_every == 0:
-        fit.occupancy.update(fit.field, fit.generator)
+    fit.before_step(step)
     loss = torch.zeros((), device=fit.device)
     t = None
     if sds is not None and config.sds_weight > 0:
         sds_loss, t = sds(fit, config, step, render_size(config, step))
         loss = loss + config.sds_weight * sds_loss
     if rays is not None and config.ref_weight > 0:
-        loss = loss + config.ref_weight * ref_view_loss(fit, rays, config)
+        loss = loss + config.ref_weight * fit.ref_loss(rays, config)
     if not loss.requires_grad:
         raise ValueError("nothing to optimise: no SDS term and no reference views")
     fit.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     fit.optimizer.step()
+    fit.after_step(step)
     return {"loss": float(loss.detach()), "t": t}
 
 

@@ -157,19 +157,28 @@ def _composite_tiles(
     """Front-to-back compositing of pixels ``pix`` ``[T, P, 2]`` against the Gaussians
     ``idx`` ``[T, K]`` (depth order, ``ok`` masks the padding). ``feats`` ``[N, C]`` are the
     quantities composited (colour and depth). Returns (features ``[T, P, C]``, alpha ``[T, P]``)."""
-    mu = means2d[idx]  # (T, K, 2)
-    con = conic[idx]  # (T, K, 3)
-    dx = pix[:, None, :, 0] - mu[:, :, None, 0]  # (T, K, P)
-    dy = pix[:, None, :, 1] - mu[:, :, None, 1]  # (T, K, P)
-    power = -0.5 * (con[..., 0:1] * dx * dx + con[..., 2:3] * dy * dy) - con[..., 1:2] * dx * dy
-    alpha = (opac[idx][..., None] * torch.exp(power)).clamp(max=ALPHA_MAX)  # (T, K, P)
+    centre = pix.mean(1, keepdim=True)  # (T, 1, 2): coordinates relative to the tile centre
+    q = pix - centre  # (T, P, 2)
+    mu = means2d[idx] - centre  # (T, K, 2)
+    con = conic[idx]  # (T, K, 3): a, b, c of [[a, b], [b, c]]
+    a, b, c = con.unbind(-1)
+    mx, my = mu.unbind(-1)
+    # -1/2 (x - m)^T C (x - m) is linear in (x², y², xy, x, y, 1): one batched matmul
+    coef = torch.stack(
+        [-0.5 * a, -0.5 * c, -b, a * mx + b * my, c * my + b * mx,
+         -0.5 * (a * mx * mx + c * my * my) - b * mx * my + torch.log(opac[idx])],
+        -1,
+    )  # fmt: skip  # (T, K, 6), the last term carrying log(opacity)
+    qx, qy = q.unbind(-1)
+    basis = torch.stack([qx * qx, qy * qy, qx * qy, qx, qy, torch.ones_like(qx)], 1)  # (T, 6, P)
+    alpha = torch.exp(torch.bmm(coef, basis)).clamp(max=ALPHA_MAX)  # (T, K, P)
     alpha = torch.where((alpha >= ALPHA_MIN) & ok[..., None], alpha, torch.zeros_like(alpha))
     # Exclusive transmittance in log space: T_k = exp(sum_{j<k} log(1 - alpha_j)); alpha <= 0.99
     # keeps the log finite, and cumsum's backward is cheaper and safer than cumprod's.
-    log_t = torch.cumsum(torch.log1p(-alpha), dim=1)  # (T, K, P)
-    trans = torch.exp(torch.cat([torch.zeros_like(log_t[:, :1]), log_t[:, :-1]], dim=1))
+    log1m = torch.log1p(-alpha)  # (T, K, P)
+    trans = torch.exp(torch.cumsum(log1m, dim=1) - log1m)  # exclusive: without the own term
     weights = alpha * trans  # (T, K, P)
-    out = torch.einsum("tkp,tkc->tpc", weights, feats[idx])  # (T, K, P) x (T, K, C) -> (T, P, C)
+    out = torch.bmm(weights.transpose(1, 2), feats[idx])  # (T, P, K) x (T, K, C) -> (T, P, C)
     return out, weights.sum(1)  # (T, P, C), (T, K, P) -> (T, P)
 
 
@@ -252,28 +261,34 @@ def rasterize_torch(
             & (ty[:, None] >= y0[order][None])
             & (ty[:, None] <= y1[order][None])
         )  # (T, N) in depth order
-        counts = hits.sum(1)
-        kmax = max(int(counts.max()) if counts.numel() else 0, 1)
+        counts = hits.sum(1)  # (T,)
         n = means.shape[0]
-        key = torch.where(
-            hits, torch.arange(n, device=dev)[None], torch.full_like(hits, n, dtype=torch.long)
-        )
-        pos = torch.sort(key, dim=1).values[:, :kmax]  # (T, K) depth ranks, padding = n
-        ok = pos < n
-        idx = order[pos.clamp(max=max(n - 1, 0))]  # (T, K) Gaussian ids
+        rank = torch.arange(n, device=dev)[None]
+        key = torch.where(hits, rank, torch.full_like(rank, n))  # (T, N): rank or n (absent)
+        pos = torch.sort(key, dim=1).values  # (T, N): each tile's depth ranks first
         feats = torch.cat([col, proj["depth"][:, None]], -1)  # (N, 4)
-        opac = opacities * 1.0
-        per = max(1, chunk // (kmax * tile * tile))
-        outs, alps = [], []
-        for s in range(0, idx.shape[0], per):
-            o, a = _composite_tiles(
-                pix[s : s + per], idx[s : s + per], ok[s : s + per], means2d, proj["conic"],
-                opac, feats,
-            )  # fmt: skip
-            outs.append(o)
-            alps.append(a)
-        out = torch.cat(outs)  # (T, P, 4)
-        alpha = torch.cat(alps)  # (T, P)
+        opac = opacities.clamp(min=1e-12)
+        # Tiles in groups of similar overlap counts, each padded to its own largest count.
+        by_count = torch.argsort(counts, descending=True)
+        sorted_counts = counts[by_count].tolist()
+        out = torch.zeros(pix.shape[0], tile * tile, 4, dtype=dt, device=dev)
+        alpha = torch.zeros(pix.shape[0], tile * tile, dtype=dt, device=dev)
+        s = 0
+        while s < by_count.numel():
+            kmax = max(sorted_counts[s], 1)
+            per = max(1, chunk // (kmax * tile * tile))
+            e = s + 1  # the group: tiles with at least 60% of its largest count (less padding)
+            while e < min(s + per, len(sorted_counts)) and sorted_counts[e] >= 0.6 * kmax:
+                e += 1
+            per = e - s
+            grp = by_count[s:e]  # (G,)
+            sel = pos[grp, :kmax]  # (G, K)
+            ok = sel < n
+            idx = order[sel.clamp(max=max(n - 1, 0))]  # (G, K) Gaussian ids
+            o, a = _composite_tiles(pix[grp], idx, ok, means2d, proj["conic"], opac, feats)
+            out = out.index_put((grp,), o)
+            alpha = alpha.index_put((grp,), a)
+            s += per
         # tiles -> image: (T, P, C) -> (th, tw, tile, tile, C) -> (th, tile, tw, tile, C)
         img = torch.cat([out, alpha[..., None]], -1).reshape(th, tw, tile, tile, 5)
         img = img.permute(0, 2, 1, 3, 4).reshape(th * tile, tw * tile, 5)[:height, :width]
