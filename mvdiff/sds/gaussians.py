@@ -68,8 +68,8 @@ class GaussianConfig:
     max_gaussians: int = 30000
     #: rasteriser tile side (pixels)
     tile: int = 8
-    #: reference views rendered per step for the posed-view loss (random subset)
-    ref_views_per_step: int = 4
+    #: reference views rendered per step for the posed-view loss (random subset; 3DGS: 1)
+    ref_views_per_step: int = 1
     #: density at which the mesh surface is extracted
     mesh_level: float = 0.5
 
