@@ -338,3 +338,32 @@ def test_text_to_3d_gaussians_with_the_sds_prior(tmp_path, capsys):
     # a field checkpoint is not resumed as Gaussians
     assert main([*argv[:-3], "--resume"]) == 2
     assert "representation" in capsys.readouterr().err
+
+
+def test_fit_loop_densifies_and_resets_opacity_on_the_scaled_schedule():
+    """20 steps: densification every 4 steps after step 4 until step 12 (at 8 and 12), opacity
+    reset at step 10; the gradient statistics follow the growing set."""
+    from mvdiff.sds.config import TextTo3DConfig
+    from mvdiff.sds.gaussians import GaussianConfig
+    from mvdiff.sds.loop import make_fit_state, train_step
+
+    gs = GaussianConfig(num_init=200, densify_from=0.2, densify_until=0.6, densify_every=0.2,
+                        opacity_reset_every=0.5, grad_threshold=0.0)  # fmt: skip
+    cfg = TextTo3DConfig(steps=20, sds_weight=0.0, representation="gaussians", gaussians=gs)
+    fit = make_fit_state(cfg)
+    c2w, fov = camera()
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
+    alpha = ((xx**2 + yy**2) < 0.4).float()[None, None]  # a disc
+    views = {"rgba": torch.cat([torch.full((1, 3, 16, 16), 0.3), alpha], 1),
+             "c2w": c2w.float(), "fov_deg": torch.tensor([fov])}  # fmt: skip
+    ref = fit.prepare_ref(views, 16)
+    counts = []
+    for step in range(20):
+        train_step(fit, cfg, step, rays=ref)
+        counts.append(fit.gaussians.num)
+        assert fit.grad_sum.shape == (fit.gaussians.num,)
+        if step + 1 == 10:
+            assert float(fit.gaussians.opacities.detach().max()) <= 0.01 + 1e-6
+    # grad_threshold 0: every seen Gaussian is cloned or split, at steps 8 and 12 only
+    grew = [i + 1 for i in range(1, 20) if counts[i] > counts[i - 1]]
+    assert grew == [8, 12], (grew, counts)

@@ -161,16 +161,18 @@ class GaussianFitState:
         """Accumulate the view-space positional gradients; densify, prune and reset opacity
         on the schedule (module docstring)."""
         c, steps, g = self.config.gaussians, max(int(self.config.steps), 1), self.gaussians
-        views = len(self._means2d)
-        for m in self._means2d:
-            if m.grad is None:
-                continue
+        # one [N, 2] per view (torch rasteriser) or [V, N, 2] per call (gsplat)
+        grads = [
+            m.grad.norm(dim=-1).reshape(-1, g.num) for m in self._means2d if m.grad is not None
+        ]
+        if grads:
+            grads = torch.cat(grads)  # (views, N)
             # NDC units as 3DGS: pixel gradients times half the image size, times the views of
             # the step (the loss is a mean over them)
-            grad = m.grad.norm(dim=-1) * (self._last_size / 2.0) * views  # (N,)
-            seen = grad > 0
-            self.grad_sum += grad * seen
-            self.grad_count += seen
+            grads = grads * (self._last_size / 2.0) * grads.shape[0]
+            seen = grads > 0
+            self.grad_sum += (grads * seen).sum(0)
+            self.grad_count += seen.sum(0)
         self._means2d = []
         done = step + 1
         start, stop = _at(c.densify_from, steps), _at(c.densify_until, steps)

@@ -324,7 +324,7 @@ def _gsplat_available(t: torch.Tensor) -> bool:
 
 def rasterize_gsplat(
     means, quats, scales, opacities, colors, c2w, fov_deg, width, height=None, background=None,
-    near: float = 0.01,
+    near: float = 0.01, means2d_out: list | None = None,
 ) -> dict:  # fmt: skip
     """The same contract as :func:`rasterize_torch` on gsplat's CUDA kernels (``gsplat`` >= 1.0).
 
@@ -350,6 +350,9 @@ def rasterize_gsplat(
         means, F.normalize(quats, dim=-1), scales, opacities, colors, viewmats, ks, width, height,
         near_plane=near, sh_degree=sh_degree, render_mode="RGB+ED", packed=False,
     )  # fmt: skip
+    if means2d_out is not None and meta["means2d"].requires_grad:
+        meta["means2d"].retain_grad()  # (V, N, 2) pixels
+        means2d_out.append(meta["means2d"])
     rgb = rendered[..., :3].permute(0, 3, 1, 2)  # (V, H, W, 3) -> (V, 3, H, W)
     depth = (rendered[..., 3:4] * alpha).permute(0, 3, 1, 2)  # expected depth -> weighted sum
     alpha = alpha.permute(0, 3, 1, 2)  # (V, H, W, 1) -> (V, 1, H, W)
@@ -372,14 +375,12 @@ def rasterize_gsplat(
 
 def rasterize(*args, backend: str = "auto", **kwargs) -> dict:
     """:func:`rasterize_gsplat` when ``backend`` is "gsplat", or "auto" with gsplat installed
-    and CUDA tensors (and no ``means2d_out``); otherwise :func:`rasterize_torch`."""
+    and CUDA tensors; otherwise :func:`rasterize_torch`."""
     if backend not in ("auto", "torch", "gsplat"):
         raise ValueError(f"backend must be auto, torch or gsplat, got {backend!r}")
     means = args[0] if args else kwargs["means"]
-    use = backend == "gsplat" or (
-        backend == "auto" and kwargs.get("means2d_out") is None and _gsplat_available(means)
-    )
-    if use:
-        kwargs = {k: w for k, w in kwargs.items() if k in ("height", "background", "near")}
+    if backend == "gsplat" or (backend == "auto" and _gsplat_available(means)):
+        torch_only = ("tile", "chunk", "dilation")  # gsplat tiles itself; its eps2d is 0.3
+        kwargs = {k: w for k, w in kwargs.items() if k not in torch_only}
         return rasterize_gsplat(*args, **kwargs)
     return rasterize_torch(*args, **kwargs)
