@@ -367,3 +367,29 @@ def test_fit_loop_densifies_and_resets_opacity_on_the_scaled_schedule():
     # grad_threshold 0: every seen Gaussian is cloned or split, at steps 8 and 12 only
     grew = [i + 1 for i in range(1, 20) if counts[i] > counts[i - 1]]
     assert grew == [8, 12], (grew, counts)
+
+
+def test_gaussians_start_on_a_mesh_surface(tmp_path):
+    """gaussians.init_mesh: the Gaussians start on the surface of a mesh (+Y up file), in the
+    z-up world, normalised to the unit box; a missing file is a one-line error."""
+    import trimesh
+
+    from mvdiff.errors import UserError
+    from mvdiff.sds.config import TextTo3DConfig
+    from mvdiff.sds.gaussians import GaussianConfig
+    from mvdiff.sds.loop import make_fit_state
+    from mvdiff.sds.mesh import Z_UP_TO_Y_UP
+
+    box = trimesh.creation.box(extents=[2.0, 1.0, 0.5])  # world x 2, y 1, z 0.5
+    box.apply_transform(np.block([[Z_UP_TO_Y_UP, np.zeros((3, 1))], [np.zeros((1, 3)), 1]]))
+    box.export(tmp_path / "box.glb")
+    cfg = TextTo3DConfig(representation="gaussians", sds_weight=0.0,
+                         gaussians=GaussianConfig(num_init=500, init_mesh=str(tmp_path / "box.glb")))  # fmt: skip
+    means = make_fit_state(cfg).gaussians.means.detach()
+    extent = means.amax(0) - means.amin(0)
+    torch.testing.assert_close(extent, torch.tensor([1.0, 0.5, 0.25]), atol=0.02, rtol=0)
+    on_face = ((means.abs() - extent / 2).abs() < 1e-4).any(1)  # on the surface, not inside
+    assert bool(on_face.all())
+    cfg.gaussians.init_mesh = str(tmp_path / "missing.glb")
+    with pytest.raises(UserError, match="missing.glb"):
+        make_fit_state(cfg)

@@ -28,12 +28,44 @@ import torch.nn.functional as F
 from mvdiff.sds.background import Background
 from mvdiff.sds.gaussians import GaussianModel
 
-__all__ = ["GaussianFitState"]
+__all__ = ["GaussianFitState", "mesh_surface_points"]
 
 log = logging.getLogger(__name__)
 
 _LR = {"means": "lr_means", "quats": "lr_quats", "log_scales": "lr_scales",
        "opacity_logits": "lr_opacity", "sh": "lr_sh"}  # fmt: skip
+
+
+def mesh_surface_points(path, n: int, generator=None):
+    """``n`` random surface points ``[n, 3]`` of a mesh file (+Y up, as mvdiff's exports and
+    glTF), in the z-up world, normalised like the assets (bounding box centred, longest side 1),
+    and their colours ``[n, 3]`` (None without vertex colours)."""
+    import numpy as np
+    import trimesh
+
+    from mvdiff.errors import UserError
+    from mvdiff.sds.mesh import Z_UP_TO_Y_UP
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"gaussians.init_mesh {path}: no such file")
+    try:
+        mesh = trimesh.load(path, force="mesh")
+    except Exception as e:  # trimesh raises many kinds for unreadable files
+        raise UserError(f"gaussians.init_mesh {path}: not a readable mesh ({e})") from None
+    if len(mesh.faces) == 0:
+        raise UserError(f"gaussians.init_mesh {path}: no triangles")
+    seed = int(torch.randint(2**31 - 1, (), generator=generator))
+    pts, face_ids = trimesh.sample.sample_surface(mesh, n, seed=seed)
+    pts = torch.from_numpy(np.asarray(pts) @ Z_UP_TO_Y_UP).float()  # +Y up -> z up
+    lo, hi = pts.amin(0), pts.amax(0)
+    pts = (pts - (lo + hi) / 2) / (hi - lo).amax().clamp(min=1e-8)
+    colors = None
+    vc = getattr(mesh.visual, "vertex_colors", None)
+    if vc is not None and len(vc) == len(mesh.vertices):
+        tri = np.asarray(vc)[np.asarray(mesh.faces)[face_ids], :3].mean(1) / 255.0  # (n, 3)
+        colors = torch.from_numpy(tri).float()
+    return pts, colors
 
 
 def _at(fraction: float, steps: int) -> int:
@@ -52,7 +84,14 @@ class GaussianFitState:
         self.config = config
         self.generator = torch.Generator().manual_seed(config.seed)
         self.device = torch.device(device)
-        self.gaussians = GaussianModel(config.gaussians, generator=self.generator).to(device)
+        points = colors = None
+        if config.gaussians.init_mesh:
+            points, colors = mesh_surface_points(
+                config.gaussians.init_mesh, config.gaussians.num_init, self.generator
+            )
+        self.gaussians = GaussianModel(
+            config.gaussians, generator=self.generator, points=points, colors=colors
+        ).to(device)
         self.background = Background(config.background).to(device)
         self._build_optimizer()
         self._reset_stats()

@@ -38,7 +38,7 @@ class GaussianConfig:
     num_init: int = 2000
     init_extent: float = 1.0
     #: optional mesh file (glTF/OBJ/PLY, +Y up like mvdiff's exports) whose surface points
-    #: seed the Gaussians instead (normalised to the unit box)
+    #: seed the Gaussians instead (normalised to the unit box; loaded by the fit state)
     init_mesh: str | None = None
     init_opacity: float = 0.1
     sh_degree: int = 0
@@ -74,17 +74,19 @@ class GaussianConfig:
     mesh_level: float = 0.5
 
 
-def _normalise_points(pts: torch.Tensor) -> torch.Tensor:
-    lo, hi = pts.amin(0), pts.amax(0)
-    return (pts - (lo + hi) / 2) / (hi - lo).amax().clamp(min=1e-8)
-
-
 class GaussianModel(nn.Module):
-    """N 3D Gaussians (module docstring). ``GaussianModel(config)`` initialises them;
-    ``GaussianModel(config, num=n)`` makes ``n`` zeros to load a state dict into."""
+    """N 3D Gaussians (module docstring). ``GaussianModel(config)`` initialises
+    ``config.num_init`` of them uniformly in the box, or at ``points`` ``[N, 3]`` (with
+    optional ``colors`` ``[N, 3]``); ``GaussianModel(config, num=n)`` makes ``n`` zeros to load
+    a state dict into."""
 
     def __init__(
-        self, config: GaussianConfig | None = None, num: int | None = None, generator=None
+        self,
+        config: GaussianConfig | None = None,
+        num: int | None = None,
+        generator=None,
+        points: torch.Tensor | None = None,
+        colors: torch.Tensor | None = None,
     ):
         super().__init__()
         self.config = c = config or GaussianConfig()
@@ -98,11 +100,11 @@ class GaussianModel(nn.Module):
                 torch.zeros(num, k, 3),
             )  # fmt: skip
             return
-        n = c.num_init
-        colors = None
-        if c.init_mesh:
-            means, colors = self._mesh_points(c.init_mesh, n, generator)
+        if points is not None:
+            means = points.float()
+            n = means.shape[0]
         else:
+            n = c.num_init
             means = (torch.rand(n, 3, generator=generator) - 0.5) * c.init_extent
         spacing = (c.init_extent**3 / n) ** (1 / 3)  # mean distance between neighbours
         if colors is None:
@@ -113,24 +115,6 @@ class GaussianModel(nn.Module):
         quats[:, 0] = 1.0
         op = torch.full((n,), math.log(c.init_opacity / (1 - c.init_opacity)))
         self._set(means, quats, torch.full((n, 3), math.log(0.5 * spacing)), op, sh)
-
-    @staticmethod
-    def _mesh_points(path, n, generator):
-        import numpy as np
-        import trimesh
-
-        from mvdiff.sds.mesh import Z_UP_TO_Y_UP
-
-        mesh = trimesh.load(path, force="mesh")
-        seed = int(torch.randint(2**31 - 1, (), generator=generator))
-        pts, faces = trimesh.sample.sample_surface(mesh, n, seed=seed)
-        pts = torch.from_numpy(np.asarray(pts) @ Z_UP_TO_Y_UP).float()  # +Y up -> z up
-        colors = None
-        vc = getattr(mesh.visual, "vertex_colors", None)
-        if vc is not None and len(vc) == len(mesh.vertices):
-            tri = np.asarray(vc)[np.asarray(mesh.faces)[faces], :3].mean(1) / 255.0  # (n, 3)
-            colors = torch.from_numpy(tri).float()
-        return _normalise_points(pts), colors
 
     def _set(self, means, quats, log_scales, opacity_logits, sh):
         for name, t in zip(_NAMES, (means, quats, log_scales, opacity_logits, sh)):
