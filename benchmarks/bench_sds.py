@@ -13,6 +13,13 @@ Prints one JSON line per render size, then one for posed-view reconstruction
 (:func:`mvdiff.sds.recon.reconstruct_from_views`: 4 views at 64², random ray batches, the loop
 of ``mvdiff text-to-3d --ref-views ... --sds-weight 0``; ``--recon-steps 0`` skips it). Each
 line carries the 1-minute load average: on a shared machine the numbers are lower bounds.
+
+``--compare-steps N`` (issue 19) adds one row per representation (radiance field, 3D
+Gaussians) per bundled asset (``--compare-assets``, rendered by Blender: 8 views at 64²,
+elevations 15/40, views 1 and 6 held out): training seconds (evaluation excluded), final
+held-out PSNR, seconds to reach the field's final held-out PSNR (``time_to_field_psnr``),
+and the silhouette IoU of the exported mesh against the alpha of all 8 views. The field runs
+N steps, the Gaussians ``--gaussian-steps``.
 """
 
 from __future__ import annotations
@@ -168,6 +175,66 @@ def bench_recon(steps: int) -> dict:
     }
 
 
+def render_asset(name: str, folder, res: int = 64) -> str:
+    """Blender renders of a bundled asset (tests/fixtures/assets): a shard path."""
+    from pathlib import Path
+
+    from mvdiff.render.config import RenderConfig
+    from mvdiff.render.runner import render_objects
+
+    assets = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "assets"
+    cfg = RenderConfig(
+        inputs=[str(assets / name)], output=str(folder), rig="orbit", views=8,
+        elevations=[15.0, 40.0] * 4, fov=40.0, resolution=res, samples=16, workers=1,
+        timeout=300.0,
+    )  # fmt: skip
+    if render_objects(cfg, progress=False)["done"] != 1:
+        raise RuntimeError(f"could not render {name}")
+    return str(next(Path(folder).glob("*.tar")))
+
+
+def bench_compare(asset: str, representation: str, steps: int, eval_every: int, res: int = 64):
+    """One row of the field / Gaussians comparison (module docstring)."""
+    import tempfile
+
+    from mvdiff.sds.config import TextTo3DConfig
+    from mvdiff.sds.loop import make_fit_state, run_steps
+    from mvdiff.sds.recon import psnr, render_fit, silhouette_iou
+    from mvdiff.sds.ref_views import composite, load_shard_sample
+    from mvdiff.sds.silhouette import mesh_silhouettes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        views = load_shard_sample(render_asset(asset, tmp, res))
+    holdout, train = [1, 6], [0, 2, 3, 4, 5, 7]
+    cfg = TextTo3DConfig.reconstruction(steps=steps, representation=representation)
+    bg = torch.tensor(cfg.background.color)
+    fit = make_fit_state(cfg)
+    ref = fit.prepare_ref(views, res, train)
+    target = composite(views["rgba"][holdout], bg)
+    curve, seconds = [], 0.0
+    for start in range(0, steps, eval_every):
+        t0 = time.perf_counter()
+        run_steps(fit, cfg, start, min(start + eval_every, steps), rays=ref, progress=False)
+        seconds += time.perf_counter() - t0
+        rgb, _ = render_fit(fit, views["c2w"][holdout], views["fov_deg"][holdout], res, bg)
+        curve.append(
+            (min(start + eval_every, steps), round(seconds, 2), round(psnr(rgb, target), 2))
+        )
+    verts, faces, _ = fit.mesh(64)
+    sil = mesh_silhouettes(verts, faces, views["c2w"], views["fov_deg"], res)
+    return {
+        "mode": "compare", "asset": asset, "representation": representation, "steps": steps,
+        "resolution": res, "train_views": len(train), "seconds_train": round(seconds, 2),
+        "psnr_holdout": curve[-1][2], "mesh_iou": round(silhouette_iou(sil, views["rgba"][:, 3:4]), 3),
+        "curve": curve, "threads": torch.get_num_threads(), "load_avg_1min": _load(),
+    }  # fmt: skip
+
+
+def time_to(curve, target: float):
+    """Training seconds of the first evaluation at or above ``target`` dB (None if never)."""
+    return next((sec for _, sec, p in curve if p >= target), None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["tiny", "full"], default="tiny")
@@ -176,6 +243,11 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--recon-steps", type=int, default=200, help="0: skip the reconstruction line")
+    p.add_argument("--compare-steps", type=int, default=0, help="field steps of the field / "
+                   "Gaussians comparison on bundled assets (0: skip it)")  # fmt: skip
+    p.add_argument("--gaussian-steps", type=int, default=600)
+    p.add_argument("--compare-assets", nargs="+", default=["monkey.glb"])
+    p.add_argument("--eval-every", type=int, default=50)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     result = {"bench": "sds", "model": args.model, "sds": []}
@@ -185,6 +257,16 @@ def main() -> None:
         result["sds"].append(row)
     if args.recon_steps > 0:
         result["reconstruction"] = bench_recon(args.recon_steps)
+    if args.compare_steps > 0:
+        result["compare"] = []
+        for asset in args.compare_assets:
+            field = bench_compare(asset, "field", args.compare_steps, args.eval_every)
+            gs = bench_compare(asset, "gaussians", args.gaussian_steps, args.eval_every)
+            target = field["psnr_holdout"]
+            for row in (field, gs):
+                row["time_to_field_psnr"] = time_to(row["curve"], target)
+                print(f"# {json.dumps(row)}", file=sys.stderr, flush=True)
+                result["compare"].append(row)
     print(json.dumps(result), flush=True)  # one JSON line, like every benchmark
 
 

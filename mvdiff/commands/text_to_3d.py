@@ -80,6 +80,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="SDS weight (default 1; 0 = plain reconstruction)",
     )
+    p.add_argument(
+        "--representation",
+        choices=["field", "gaussians"],
+        default=None,
+        help="3D representation: field (radiance field, default) | gaussians (3D Gaussian "
+        "splatting; also writes gaussians.ply in the 3DGS layout; albedo shading only)",
+    )
     p.add_argument("--config", default=None, help="YAML/JSON file of TextTo3DConfig values")
     p.add_argument(
         "--set",
@@ -160,6 +167,8 @@ def resolve_config(args: argparse.Namespace):
         config.shading = args.shading
     if args.background is not None:
         config.background.mode = args.background
+    if args.representation is not None:
+        config.representation = args.representation
     if config.sds_weight > 0 and not args.model:
         raise UserError("--model is required (unless --sds-weight 0 with --ref-views)")
     if config.sds_weight > 0 and not config.prompt.strip():

@@ -1,9 +1,11 @@
 """Score distillation and reconstruction (issue 7): radiance field, renderer, SDS guidance,
-the shared optimisation loop, posed-view reconstruction and mesh export."""
+the shared optimisation loop, posed-view reconstruction and mesh export; 3D Gaussians and
+their rasteriser as a second representation (issue 19)."""
 
 from mvdiff.sds.background import Background, BackgroundConfig
 from mvdiff.sds.config import TextTo3DConfig
 from mvdiff.sds.field import FieldConfig, RadianceField
+from mvdiff.sds.gaussians import GaussianConfig, GaussianModel
 from mvdiff.sds.guidance import MultiViewSDS, SDSConfig, timestep_bounds
 from mvdiff.sds.recon import posed_view_loss, reconstruct_from_views
 from mvdiff.sds.render import (
@@ -19,6 +21,8 @@ __all__ = [
     "Background",
     "BackgroundConfig",
     "FieldConfig",
+    "GaussianConfig",
+    "GaussianModel",
     "MultiViewSDS",
     "OccupancyGrid",
     "RadianceField",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 from mvdiff.sds.background import BackgroundConfig
 from mvdiff.sds.field import FieldConfig
+from mvdiff.sds.gaussians import GaussianConfig
 from mvdiff.sds.guidance import SDSConfig
 
 __all__ = ["TextTo3DConfig"]
@@ -53,7 +55,11 @@ class TextTo3DConfig:
     ref_fov_deg: float = 40.0
     sds_weight: float = 1.0
     save_every: int = 1000
+    #: the 3D representation: a radiance field (:mod:`mvdiff.sds.field`) or 3D Gaussians
+    #: (:mod:`mvdiff.sds.gaussians`, albedo shading only)
+    representation: Literal["field", "gaussians"] = "field"
     field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
+    gaussians: GaussianConfig = dataclasses.field(default_factory=GaussianConfig)
     sds: SDSConfig = dataclasses.field(default_factory=SDSConfig)
     background: BackgroundConfig = dataclasses.field(default_factory=BackgroundConfig)
 
@@ -87,6 +93,7 @@ class TextTo3DConfig:
     def from_dict(cls, d: dict) -> TextTo3DConfig:
         d = dict(d)
         d["field"] = FieldConfig(**d.get("field", {}))
+        d["gaussians"] = GaussianConfig(**d.get("gaussians", {}))
         d["sds"] = SDSConfig(**d.get("sds", {}))
         d["background"] = BackgroundConfig(**d.get("background", {}))
         return cls(**d)
@@ -104,6 +111,14 @@ class TextTo3DConfig:
         ):
             raise ValueError(
                 f"shading_probs must be 3 non-negative weights, got {self.shading_probs}"
+            )
+        if self.representation not in ("field", "gaussians"):
+            raise ValueError(
+                f"representation must be field or gaussians, got {self.representation!r}"
+            )
+        if self.representation == "gaussians" and self.shading != "albedo":
+            raise ValueError(
+                f"shading {self.shading!r}: the gaussians representation is albedo only"
             )
         if self.ref_mask not in ("auto", "none"):
             raise ValueError(f"ref_mask must be auto or none, got {self.ref_mask!r}")

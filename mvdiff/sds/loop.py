@@ -20,11 +20,14 @@ from mvdiff.errors import UserError
 from mvdiff.sds.background import Background
 from mvdiff.sds.config import TextTo3DConfig
 from mvdiff.sds.field import RadianceField
-from mvdiff.sds.render import OccupancyGrid, render_rays
+from mvdiff.sds.mesh import extract_mesh
+from mvdiff.sds.ref_views import prepare_rays
+from mvdiff.sds.render import OccupancyGrid, render, render_rays
 
 __all__ = [
     "FitState",
     "load_checkpoint",
+    "make_fit_state",
     "ref_view_loss",
     "render_size",
     "restore",
@@ -33,13 +36,31 @@ __all__ = [
 ]
 
 
+def make_fit_state(config: TextTo3DConfig, device="cpu"):
+    """The fit state of ``config.representation``: :class:`FitState` (radiance field) or
+    :class:`mvdiff.sds.gaussian_fit.GaussianFitState` (3D Gaussians); both have the interface
+    used here (render, prepare_ref, ref_loss, before_step, after_step, mesh, write_outputs,
+    state_dict, load_state_dict, optimizer, background, generator, device)."""
+    if config.representation == "gaussians":
+        from mvdiff.sds.gaussian_fit import GaussianFitState
+
+        return GaussianFitState(config, device)
+    return FitState(config, device)
+
+
 class FitState:
     """Field, background, Adam (grids at ``lr``, MLP heads at ``lr / 10``), occupancy grid
     and generator of one run, seeded from ``config.seed``."""
 
+    #: config sections that must match to resume a checkpoint
+    config_keys = ("field", "background")
+    #: checkpoint entries that are dicts of tensors (checked by :func:`restore`)
+    checkpoint_parts = ("field", "background")
+
     def __init__(self, config: TextTo3DConfig, device="cpu"):
         config.check()
         torch.manual_seed(config.seed)
+        self.config = config
         self.field = RadianceField(config.field).to(device)
         self.background = Background(config.background).to(device)
         heads = [p for n, p in self.field.named_parameters() if not n.startswith("encoding.")]
@@ -72,8 +93,50 @@ class FitState:
         if self.occupancy.values is not None:
             self.occupancy.occupied = self.occupancy.values > self.occupancy.threshold
 
+    def check_state(self, state: dict) -> str | None:
+        """What is wrong with the parts of a checkpoint only a field has, or None."""
+        occ, r = state.get("occupancy"), self.occupancy.res
+        if occ is not None and not (
+            isinstance(occ, torch.Tensor) and occ.shape == (r, r, r) and occ.isfinite().all()
+        ):
+            return f"occupancy must be None or finite ({r}, {r}, {r})"
+        return None
 
-CHECKPOINT_KEYS = ("field", "background", "optimizer", "generator", "occupancy", "step", "config")
+    # The representation interface (shared with GaussianFitState).
+    def render(self, c2w, fov_deg, size, *, background=None, generator=None, training=False,
+               shading="albedo", light=None, ambient=0.3) -> dict:  # fmt: skip
+        """Views ``[V, 3, H, W]`` etc. (:func:`mvdiff.sds.render.render`); ``training``:
+        stratified samples and occupancy skipping."""
+        return render(
+            self.field, c2w, fov_deg, size, self.config.samples, background=background,
+            stratified=training, generator=generator,
+            occupancy=self.occupancy if training else None, shading=shading, light=light,
+            ambient=ambient,
+        )  # fmt: skip
+
+    def prepare_ref(self, views: dict, resolution: int, indices=None) -> dict:
+        return prepare_rays(views, resolution, indices)
+
+    def ref_loss(self, rays: dict, config: TextTo3DConfig) -> torch.Tensor:
+        return ref_view_loss(self, rays, config)
+
+    def before_step(self, step: int) -> None:
+        if step % self.config.occupancy_every == 0:
+            self.occupancy.update(self.field, self.generator)
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def mesh(self, resolution: int):
+        return extract_mesh(self.field, resolution)
+
+    def write_outputs(self, folder) -> dict:
+        return {}
+
+
+#: what every text-to-3d checkpoint holds; the representation's own parts are listed by its
+#: fit state (``checkpoint_parts``) and checked by :func:`restore`
+CHECKPOINT_KEYS = ("background", "optimizer", "generator", "step", "config")
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
@@ -114,7 +177,10 @@ def restore(fit: FitState, state: dict, path) -> int:
     """Load a :func:`load_checkpoint` state into ``fit``; return its step. A state that does
     not fit (shapes, optimiser groups, generator) or holds non-finite weights is a one-line
     :class:`UserError` naming ``path``."""
-    for part in ("field", "background"):
+    missing = [part for part in fit.checkpoint_parts if part not in state]
+    if missing:
+        raise UserError(f"--resume {path}: not a text-to-3d checkpoint (lacks {missing})")
+    for part in fit.checkpoint_parts:
         tensors = state[part]
         if not isinstance(tensors, dict) or not all(
             isinstance(t, torch.Tensor) for t in tensors.values()
@@ -123,11 +189,9 @@ def restore(fit: FitState, state: dict, path) -> int:
         bad = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
         if bad:
             raise UserError(f"--resume {path}: {part} weights are not finite ({bad[0]})")
-    occ, r = state["occupancy"], fit.occupancy.res
-    if occ is not None and not (
-        isinstance(occ, torch.Tensor) and occ.shape == (r, r, r) and occ.isfinite().all()
-    ):
-        raise UserError(f"--resume {path}: occupancy must be None or finite ({r}, {r}, {r})")
+    problem = fit.check_state(state)
+    if problem:
+        raise UserError(f"--resume {path}: {problem}")
     try:
         fit.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
@@ -181,20 +245,20 @@ def ref_view_loss(fit: FitState, rays: dict, config: TextTo3DConfig) -> torch.Te
 
 def train_step(fit: FitState, config: TextTo3DConfig, step: int, sds=None, rays=None) -> dict:
     """One optimisation step; returns ``loss`` (float) and ``t`` (SDS timestep or None)."""
-    if step % config.occupancy_every == 0:
-        fit.occupancy.update(fit.field, fit.generator)
+    fit.before_step(step)
     loss = torch.zeros((), device=fit.device)
     t = None
     if sds is not None and config.sds_weight > 0:
         sds_loss, t = sds(fit, config, step, render_size(config, step))
         loss = loss + config.sds_weight * sds_loss
     if rays is not None and config.ref_weight > 0:
-        loss = loss + config.ref_weight * ref_view_loss(fit, rays, config)
+        loss = loss + config.ref_weight * fit.ref_loss(rays, config)
     if not loss.requires_grad:
         raise ValueError("nothing to optimise: no SDS term and no reference views")
     fit.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     fit.optimizer.step()
+    fit.after_step(step)
     return {"loss": float(loss.detach()), "t": t}
 
 

@@ -14,8 +14,8 @@ import time
 import torch
 
 from mvdiff.sds.config import TextTo3DConfig
-from mvdiff.sds.loop import FitState, run_steps
-from mvdiff.sds.ref_views import composite, posed_view_loss, prepare_rays
+from mvdiff.sds.loop import make_fit_state, run_steps
+from mvdiff.sds.ref_views import composite, posed_view_loss
 from mvdiff.sds.render import render
 
 __all__ = [
@@ -59,6 +59,19 @@ def render_views(
     return rgb, torch.cat([o["opacity"] for o in outs]).cpu()  # V x (1, 1, H, W) -> (V, 1, H, W)
 
 
+@torch.no_grad()
+def render_fit(fit, c2w, fov_deg, resolution: int, background):
+    """Deterministic renders of a fit state (any representation), one view at a time:
+    (rgb ``[V, 3, H, W]``, opacity ``[V, 1, H, W]``) on the CPU."""
+    fov = torch.as_tensor(fov_deg, dtype=torch.float32).reshape(-1).expand(c2w.shape[0])  # (V,)
+    outs = [
+        fit.render(c2w[i : i + 1], fov[i : i + 1], resolution, background=background)
+        for i in range(c2w.shape[0])
+    ]
+    rgb = torch.cat([o["rgb"] for o in outs]).cpu()  # V x (1, 3, H, W) -> (V, 3, H, W)
+    return rgb, torch.cat([o["opacity"] for o in outs]).cpu()  # V x (1, 1, H, W) -> (V, 1, H, W)
+
+
 def reconstruct_from_views(
     rgba: torch.Tensor,
     c2w: torch.Tensor,
@@ -89,7 +102,11 @@ def reconstruct_from_views(
             are set from the arguments on a copy.
         progress: show a tqdm bar.
 
-    Returns a dict: ``field`` (the fitted :class:`~mvdiff.sds.field.RadianceField`),
+    With ``config.representation = "gaussians"`` the fit is 3D Gaussians
+    (:mod:`mvdiff.sds.gaussian_fit`) with the same losses.
+
+    Returns a dict: ``field`` (the fitted :class:`~mvdiff.sds.field.RadianceField`; None for
+    Gaussians), ``fit`` (the fit state: ``fit.gaussians`` for Gaussians),
     ``renders`` ``[V, 3, H, W]`` (final deterministic renders at all cameras over the solid
     ``config.background.color``, on CPU), ``targets`` ``[V, 3, H, W]`` (the views composited
     over the same colour), ``psnr_train`` (renders vs targets of the non-held-out views),
@@ -118,20 +135,18 @@ def reconstruct_from_views(
     device = rgba.device
     views = {"rgba": rgba.detach().float().cpu(), "c2w": c2w.detach().float().cpu(), "fov_deg": fov}
     t0 = time.time()
-    fit = FitState(cfg, device)
-    rays = prepare_rays(views, res, train)
+    fit = make_fit_state(cfg, device)
+    rays = fit.prepare_ref(views, res, train)
     run_steps(fit, cfg, 0, cfg.steps, rays=rays, progress=progress, desc="reconstruct")
 
     bg = torch.tensor(cfg.background.color, dtype=torch.float32)
-    fit.field.eval()
-    renders, opacity = render_views(
-        fit.field, views["c2w"], fov, res, cfg.samples, bg, with_opacity=True
-    )
+    renders, opacity = render_fit(fit, views["c2w"], fov, res, bg)
     target_rgba = torch.nn.functional.interpolate(views["rgba"], size=(res, res), mode="area")
     targets = composite(target_rgba, bg)
     alpha = target_rgba[:, 3:]  # (V, 4, H, W) -> (V, 1, H, W)
     return {
-        "field": fit.field,
+        "field": getattr(fit, "field", None),
+        "fit": fit,
         "renders": renders,
         "targets": targets,
         "opacity": opacity,

@@ -9,6 +9,8 @@ Writes into the output folder:
 * ``turntable.gif``;
 * ``mesh.glb``, ``mesh.obj``, ``mesh.ply`` — marching tetrahedra on the density grid, vertex
   colours, +Y up (see :mod:`mvdiff.sds.mesh`);
+* ``gaussians.ply`` with ``representation: gaussians`` (the 3DGS layout, :mod:`mvdiff.sds.ply`;
+  the mesh then comes from the Gaussians' density on a grid);
 * ``config.json`` and ``summary.json``.
 
 Every file is written under a temporary name and renamed.
@@ -29,10 +31,17 @@ from mvdiff.errors import UserError, interrupts_deferred
 from mvdiff.io import atomic_write, save_image, write_json
 from mvdiff.sds.config import TextTo3DConfig
 from mvdiff.sds.guidance import MultiViewSDS
-from mvdiff.sds.loop import FitState, load_checkpoint, render_size, restore, run_steps
-from mvdiff.sds.mesh import export_mesh, extract_mesh, to_trimesh
-from mvdiff.sds.ref_views import load_ref_views, prepare_rays
-from mvdiff.sds.render import SHADING_MODES, render, sample_light
+from mvdiff.sds.loop import (
+    FitState,
+    load_checkpoint,
+    make_fit_state,
+    render_size,
+    restore,
+    run_steps,
+)
+from mvdiff.sds.mesh import export_mesh, to_trimesh
+from mvdiff.sds.ref_views import load_ref_views
+from mvdiff.sds.render import SHADING_MODES, sample_light
 
 __all__ = ["SDSTerm", "TextTo3DConfig", "choose_shading", "export_outputs", "text_to_3d"]
 
@@ -74,10 +83,9 @@ class SDSTerm:
         bg = fit.background.sample(v, gen, training=True)
         shading = choose_shading(config, step, gen)
         light = sample_light(g["c2w"], gen) if shading != "albedo" else None
-        out = render(
-            fit.field, g["c2w"], g["fov_deg"], size, config.samples, background=bg,
-            stratified=True, generator=gen, occupancy=fit.occupancy, shading=shading,
-            light=light, ambient=config.ambient,
+        out = fit.render(
+            g["c2w"], g["fov_deg"], size, background=bg, generator=gen, training=True,
+            shading=shading, light=light, ambient=config.ambient,
         )  # fmt: skip
         if self.on_group is not None:
             self.on_group(g, bg)
@@ -101,11 +109,11 @@ def export_outputs(fit: FitState, config: TextTo3DConfig, output: Path) -> dict:
     """Final views, turntable GIF and meshes of ``fit`` into ``output``; returns counts."""
     from PIL import Image
 
-    fld, size, s = fit.field, config.render_size_late, config.samples
+    size = config.render_size_late
     bg = torch.tensor(config.background.color, dtype=torch.float32)
     dist = framing_distance(40.0)
     c2w = torch.from_numpy(orbit_c2w(np.full(4, 15.0), np.arange(4) * 90.0, dist)).float()
-    views = _to_uint8(render(fld, c2w, 40.0, size, s, background=bg)["rgb"])
+    views = _to_uint8(fit.render(c2w, 40.0, size, background=bg)["rgb"])
     for i, arr in enumerate(views):
         save_image(output / f"view_{i:02d}.png", Image.fromarray(arr))
     save_image(output / "views.png", Image.fromarray(np.concatenate(list(views), 1)))
@@ -113,7 +121,7 @@ def export_outputs(fit: FitState, config: TextTo3DConfig, output: Path) -> dict:
     n = max(int(config.turntable_frames), 1)
     az = np.arange(n) * (360.0 / n)
     c2w = torch.from_numpy(orbit_c2w(np.full(n, 15.0), az, dist)).float()
-    frames = torch.cat([render(fld, c, 40.0, size, s, background=bg)["rgb"] for c in c2w.split(4)])
+    frames = torch.cat([fit.render(c, 40.0, size, background=bg)["rgb"] for c in c2w.split(4)])
     imgs = [Image.fromarray(a) for a in _to_uint8(frames)]
     save_image(
         output / "turntable.gif",
@@ -124,11 +132,12 @@ def export_outputs(fit: FitState, config: TextTo3DConfig, output: Path) -> dict:
         loop=0,
     )
 
-    verts, faces, colors = extract_mesh(fld, config.mesh_resolution)
+    verts, faces, colors = fit.mesh(config.mesh_resolution)
     mesh = to_trimesh(verts, faces, colors)
     for name in ("mesh.glb", "mesh.obj", "mesh.ply"):
         export_mesh(mesh, output / name)
-    return {"vertices": int(len(verts)), "faces": int(len(faces))}
+    extra = fit.write_outputs(output)  # gaussians.ply for the gaussians representation
+    return {"vertices": int(len(verts)), "faces": int(len(faces)), **extra}
 
 
 def text_to_3d(
@@ -149,12 +158,12 @@ def text_to_3d(
     ckpt_path = output / "checkpoint.pt"
     if device is None:
         device = pipe.unet.device if pipe is not None else torch.device("cpu")
-    fit = FitState(config, device)
+    fit = make_fit_state(config, device)
     start = 0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, device)  # tensors and plain data only; else one line
         now = config.to_dict()
-        for key in ("field", "background"):
+        for key in ("representation", *fit.config_keys):
             saved = state.get("config", {}).get(key)
             if saved is not None and saved != now[key]:
                 raise UserError(
@@ -174,7 +183,7 @@ def text_to_3d(
     if config.ref_views:
         ref = load_ref_views(config.ref_views, config.ref_uid, config.ref_fov_deg)
         res = config.ref_resolution or min(ref["rgba"].shape[-1], config.render_size_late)
-        rays = prepare_rays(ref, res, None)
+        rays = fit.prepare_ref(ref, res, None)
         if config.ref_mask == "auto" and not ref["has_alpha"]:
             log("reference views have no alpha: mask estimated from the background colour")
         log(f"reference views: {ref['uid']} ({ref['rgba'].shape[0]} views, fitted at {res}²)")
