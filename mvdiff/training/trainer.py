@@ -36,6 +36,7 @@ from mvdiff.training.checkpoint import find_checkpoint, read_trainer_state, save
 from mvdiff.training.components import freeze, load_components, noise_scheduler_from
 from mvdiff.training.config import OptimConfig, TrainConfig
 from mvdiff.training.loss import diffusion_loss, encode_images, encode_prompts
+from mvdiff.training.stepping import build_ema, optimizer_step, place_ema
 
 log = logging.getLogger("mvdiff.train")
 
@@ -162,9 +163,7 @@ def train(cfg: TrainConfig) -> dict:
         anchor = dbm.ParamAnchor(trainable)
     ema = None
     if cfg.ema:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(trainable, decay=cfg.ema_decay)
+        ema = build_ema(trainable, cfg.ema_decay)
         accelerator.register_for_checkpointing(ema)
 
     # ---- resume ---------------------------------------------------------------------------
@@ -172,6 +171,8 @@ def train(cfg: TrainConfig) -> dict:
     ckpt = find_checkpoint(cfg.checkpoint.resume, out)
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
+        if ema is not None:
+            place_ema(ema, trainable)  # accelerate reloads it onto the CPU
         state = read_trainer_state(ckpt)
         start_step, nan_skips_total = int(state["step"]), int(state.get("nan_skips", 0))
         log.info("resumed from %s at step %d", ckpt, start_step)
@@ -210,7 +211,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- the loop ---------------------------------------------------------------------------
     step = start_step
-    consecutive_nan = 0
+    consecutive_nan, overflow_skips = 0, 0
     window = {"loss": 0.0, "n": 0, "images": 0, "data_s": 0.0, "t0": time.perf_counter(),
               "skipped": 0, "n2d": 0, "nb": 0, **dict.fromkeys(TERMS, 0.0)}  # fmt: skip
     last_loss = float("nan")
@@ -298,13 +299,14 @@ def train(cfg: TrainConfig) -> dict:
             window["skipped"] += int(batch.get("skipped", 0))
             window["n2d"] += int(camera is None)
             window["nb"] += 1
-        grad_norm = float("nan")
-        if not bad:
-            if cfg.optim.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(unet.parameters(),
-                                                              cfg.optim.max_grad_norm))  # fmt: skip
-                bad = not math.isfinite(grad_norm)
-        if bad:
+        grad_norm, overflow = float("nan"), False
+        if not bad:  # clip + step; an fp16 loss-scale overflow skips the update, is not bad
+            outcome = optimizer_step(accelerator, optimizer, unet.parameters(),
+                                     cfg.optim.max_grad_norm)  # fmt: skip
+            grad_norm, overflow, bad = outcome.grad_norm, outcome.overflow, outcome.bad
+        if overflow:
+            overflow_skips += 1
+        elif bad:
             optimizer.zero_grad(set_to_none=True)
             what = f"non-finite loss or gradient at step {step}"
             if cfg.nan_policy == "stop":
@@ -321,8 +323,6 @@ def train(cfg: TrainConfig) -> dict:
                 raise NonFiniteLossError(f"{what}: {consecutive_nan} non-finite steps in a row")
         else:
             consecutive_nan = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.step(trainable)
             last_loss = step_loss
@@ -351,6 +351,7 @@ def train(cfg: TrainConfig) -> dict:
                 "skipped_samples": stats[3],
                 "frac_2d_batches": stats[4] / max(1.0, stats[5]),
                 "nan_skips": nan_skips_total,
+                "overflow_skips": overflow_skips,
             }
             if db is not None:
                 for i, name in enumerate(TERMS):
@@ -392,6 +393,7 @@ def train(cfg: TrainConfig) -> dict:
         "rank_checksums": checksums,
         "ranks_in_sync": len(set(checksums)) == 1,
         "nan_skips": nan_skips_total,
+        "overflow_skips": overflow_skips,
     }
     if db is not None:
         summary["class_images_generated"] = class_generated

@@ -1,0 +1,148 @@
+"""GPU code paths exercised on the CPU: fp16 loss scaling, EMA placement after a resume,
+attention switches that must keep the views joined, SDS random draws on the render device."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.test_train import TINY, one_thread, shards, tiny_config  # noqa: F401 - fixtures
+
+
+def _scaled_accelerator(init_scale=2.0**10, poison_calls=()):
+    """accelerate's Accelerator with a real (CPU) GradScaler, as it builds one on CUDA for
+    ``mixed_precision: fp16``; gradients of the backward calls numbered in ``poison_calls``
+    are made inf after the backward (a loss-scale overflow)."""
+    from accelerate import Accelerator
+
+    class ScaledAccelerator(Accelerator):
+        last = None
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=10**6)
+            self.native_amp = True  # what accelerate sets with a scaler (unscale_gradients)
+            self.backward_calls = 0
+            ScaledAccelerator.last = self
+
+        def backward(self, loss, **kwargs):
+            super().backward(loss, **kwargs)
+            if self.backward_calls in poison_calls:
+                for model in self._models:
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            p.grad.fill_(float("inf"))
+                            break
+            self.backward_calls += 1
+
+    return ScaledAccelerator
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizer_step_with_a_real_grad_scaler(fused):
+    """The call sequence of a step (backward, clip, step) with a GradScaler that overflows:
+    not bad, no update, scale halved, and the next step works (was: "unscale_() has already
+    been called" with nan_policy=skip, NonFiniteLossError with stop)."""
+    from mvdiff.training.stepping import optimizer_step
+
+    acc = _scaled_accelerator(init_scale=4.0, poison_calls={0, 2})(mixed_precision="fp16", cpu=True)
+    model = torch.nn.Linear(3, 2)
+    # fused AdamW skips inside its own step: accelerate's step_was_skipped cannot see it
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused or None)
+    model, opt = acc.prepare(model, opt)
+    x = torch.ones(4, 3)
+    for call in range(4):
+        before = [p.detach().clone() for p in model.parameters()]
+        acc.backward(model(x).square().mean())
+        out = optimizer_step(acc, opt, model.parameters(), max_grad_norm=1.0 if call < 2 else 0)
+        changed = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        if call in (0, 2):  # overflow: skipped, not bad, weights untouched
+            assert out.overflow and not out.stepped and not out.bad and not changed
+        else:
+            assert (
+                out.stepped
+                and not out.bad
+                and changed
+                and math.isfinite(out.grad_norm) == (call < 2)
+            )
+    assert acc.scaler.get_scale() == 1.0  # 4 -> 2 -> 1: halved on each overflow
+
+    # an overflow once the scale is below 1 is a real non-finite gradient: bad
+    acc2 = _scaled_accelerator(init_scale=0.5, poison_calls={0})(mixed_precision="fp16", cpu=True)
+    model2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    model2, opt2 = acc2.prepare(model2, opt2)
+    acc2.backward(model2(x).sum())
+    assert optimizer_step(acc2, opt2, model2.parameters(), 1.0).bad
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_fp16_training_survives_loss_scale_overflows(shards, tmp_path, monkeypatch, policy):  # noqa: F811
+    """train() with fp16 autocast and a GradScaler: overflows at steps 1 and 2 are skipped
+    updates, not non-finite steps (was: stop aborted; skip left the scaler un-updated and the
+    next clip raised "unscale_() has already been called"); EMA skips them too."""
+    import accelerate
+
+    from mvdiff.training.trainer import train
+
+    cls = _scaled_accelerator(init_scale=2.0**10, poison_calls={1, 2})
+    monkeypatch.setattr(accelerate, "Accelerator", cls)
+    cfg = tiny_config(shards, tmp_path / "fp16", "max_steps=4", "mixed_precision=fp16",
+                      "checkpoint.every=0", "export=false", "ema=true", "ema_decay=0.9",
+                      f"nan_policy={policy}")  # fmt: skip
+    summary = train(cfg)
+    assert summary["steps"] == 4 and summary["nan_skips"] == 0
+    assert summary["overflow_skips"] == 2 and math.isfinite(summary["final_loss"])
+    acc = cls.last
+    assert acc.scaler.get_scale() == 2.0**8
+    (ema,) = acc._custom_objects
+    assert ema.optimization_step == 2  # the two real updates only
+
+
+def test_ema_uses_foreach_and_follows_the_model_device():
+    """build_ema: diffusers' foreach update (same numbers); place_ema: shadow weights loaded
+    onto the CPU (as accelerate's load_state does) move to the model's device (here: meta)."""
+    from diffusers.training_utils import EMAModel
+
+    from mvdiff.training.stepping import build_ema, place_ema
+
+    model = torch.nn.Linear(3, 2)
+    ema, plain = build_ema(model.parameters(), 0.9), EMAModel(model.parameters(), decay=0.9)
+    assert ema.foreach and not plain.foreach
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.step(model.parameters())
+    plain.step(model.parameters())
+    for a, b in zip(ema.shadow_params, plain.shadow_params):
+        torch.testing.assert_close(a, b)
+
+    on_meta = torch.nn.Linear(3, 2, device="meta")
+    resumed = build_ema(on_meta.parameters(), 0.9)
+    resumed.load_state_dict(ema.state_dict())  # CPU tensors, as from a checkpoint file
+    assert {s.device.type for s in resumed.shadow_params} == {"cpu"}
+    place_ema(resumed, on_meta.parameters())
+    assert {s.device.type for s in resumed.shadow_params} == {"meta"}
+
+
+def test_resume_places_ema_after_loading(shards, tmp_path, monkeypatch):  # noqa: F811
+    """The trainer puts the EMA next to the model after accelerate's load_state."""
+    import mvdiff.training.trainer as trainer
+
+    common = ["checkpoint.every=1", "export=false", "ema=true", "ema_decay=0.9"]
+    trainer.train(tiny_config(shards, tmp_path / "r", "max_steps=1", *common))
+    calls = []
+
+    def spy(ema, params):
+        params = list(params)
+        calls.append(ema.optimization_step)
+        trainer_place(ema, params)
+        assert all(s.device == p.device for s, p in zip(ema.shadow_params, params))
+
+    trainer_place = trainer.place_ema
+    monkeypatch.setattr(trainer, "place_ema", spy)
+    trainer.train(tiny_config(shards, tmp_path / "r", "max_steps=2", *common,
+                              "checkpoint.resume=latest"))  # fmt: skip
+    assert calls == [1]  # after load_state: the step count of the checkpoint
