@@ -146,3 +146,118 @@ def test_resume_places_ema_after_loading(shards, tmp_path, monkeypatch):  # noqa
     trainer.train(tiny_config(shards, tmp_path / "r", "max_steps=2", *common,
                               "checkpoint.resume=latest"))  # fmt: skip
     assert calls == [1]  # after load_state: the step count of the checkpoint
+
+
+# ---- attention switches ------------------------------------------------------------------
+
+
+def _view0_sees_view3(unet) -> bool:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.full((4,), 500)
+    ctx = torch.randn(4, 7, 32, generator=g)
+    cam = torch.randn(4, 16, generator=g)
+    x2 = x.clone()
+    x2[3] += 1.0  # change view 3 only
+    with torch.no_grad():
+        a = unet(x, t, ctx, camera=cam, num_views=4).sample
+        b = unet(x2, t, ctx, camera=cam, num_views=4).sample
+    return bool((a[0] - b[0]).abs().max() > 1e-4)
+
+
+def _tiny_pipe():
+    from mvdiff.pipelines import MVDreamPipeline
+    from mvdiff.testing import tiny_components
+
+    return MVDreamPipeline(**tiny_components())
+
+
+@pytest.mark.parametrize(
+    "switch",
+    ["slicing_auto", "slicing_max", "slicing_off", "processor_2_0", "default", "fuse_qkv"],
+)
+def test_attention_switches_keep_the_views_joined(switch):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from mvdiff.models import MultiViewAttnProcessor
+
+    pipe = _tiny_pipe()
+    unet = pipe.unet
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        x, ctx = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 7, 32, generator=g)
+        before = unet(x, torch.full((4,), 500), ctx, num_views=4).sample
+    if switch == "slicing_auto":
+        pipe.enable_attention_slicing()
+    elif switch == "slicing_max":
+        pipe.enable_attention_slicing("max")
+    elif switch == "slicing_off":
+        pipe.enable_attention_slicing()
+        pipe.disable_attention_slicing()
+    elif switch == "processor_2_0":
+        unet.set_attn_processor(AttnProcessor2_0())
+    elif switch == "default":
+        unet.set_default_attn_processor()
+    else:
+        unet.fuse_qkv_projections()
+    assert all(isinstance(p, MultiViewAttnProcessor) for p in unet.attn_processors.values())
+    assert _view0_sees_view3(unet)
+    with torch.no_grad():
+        after = unet(x, torch.full((4,), 500), ctx, num_views=4).sample
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)  # the same attention
+
+
+def test_attention_switches_that_would_split_views_are_refused():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from mvdiff.models import MultiViewAttnProcessor
+
+    class Custom(AttnProcessor2_0):  # an unknown processor: cannot be translated
+        pass
+
+    unet = _tiny_pipe().unet
+    with pytest.raises(ValueError, match="Custom on a multi-view self-attention") as e:
+        unet.set_attn_processor(Custom())
+    assert "\n" not in str(e.value)
+    # all or nothing: every layer still joins the views
+    assert all(isinstance(p, MultiViewAttnProcessor) for p in unet.attn_processors.values())
+    assert _view0_sees_view3(unet)
+    # cross-attention layers may take a custom processor (they are per view anyway)
+    procs = {k: (Custom() if ".attn2." in k else v) for k, v in unet.attn_processors.items()}
+    unet.set_attn_processor(procs)
+    assert _view0_sees_view3(unet)
+
+
+def test_xformers_switch_keeps_views_and_failing_xformers_falls_back(monkeypatch, caplog):
+    """enable_xformers on the pipeline keeps the multi-view processor (xformers backend); an
+    xformers whose kernel fails on first call (a build for another torch) falls back to SDPA."""
+    import diffusers.models.attention_processor as ap
+
+    import mvdiff.models.attention as mva
+    from mvdiff.models import MultiViewAttnProcessor
+
+    calls = []
+
+    class BrokenXops:
+        @staticmethod
+        def memory_efficient_attention(*args, **kwargs):
+            calls.append(1)
+            raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+    # diffusers' own checks for xformers need CUDA; the translation is what is tested here
+    monkeypatch.setattr(ap.Attention, "set_use_memory_efficient_attention_xformers",
+                        lambda self, valid, op=None: self.set_processor(
+                            ap.XFormersAttnProcessor(op) if valid else ap.AttnProcessor2_0()))  # fmt: skip
+    pipe = _tiny_pipe()
+    unet = pipe.unet
+    reference = _view0_sees_view3(unet)
+    pipe.enable_xformers_memory_efficient_attention()
+    procs = list(unet.attn_processors.values())
+    assert all(isinstance(p, MultiViewAttnProcessor) and p.use_xformers for p in procs)
+    monkeypatch.setattr(mva, "_xops", BrokenXops)
+    monkeypatch.setattr(mva, "_XFORMERS_DEVICES", ("cpu",))
+    monkeypatch.setattr(mva, "_xformers_broken", False)
+    with caplog.at_level("WARNING", logger="mvdiff.models.attention"):
+        assert reference and _view0_sees_view3(unet)
+    assert len(calls) == 1  # tried once, then SDPA for good
+    assert "using PyTorch SDPA" in caplog.text

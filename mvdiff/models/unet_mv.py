@@ -23,9 +23,10 @@ import torch
 # diffusers' pipeline loader recognises a component as a model by looking `ModelMixin` up by
 # name in the module its model_index.json names, so it must be importable from here.
 from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401
+from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from mvdiff.models.attention import MultiViewAttnProcessor
+from mvdiff.models.attention import MultiViewAttention, MultiViewAttnProcessor
 
 CAMERA_DIM = 16
 
@@ -42,6 +43,24 @@ class MultiViewUNet2DConditionModel(UNet2DConditionModel):
     @functools.wraps(UNet2DConditionModel.__init__)
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        for module in self.modules():
+            if type(module) is Attention:
+                # same layer, a processor setter that keeps the views joined (attention.py)
+                module.__class__ = MultiViewAttention
+        self.set_attn_processor(MultiViewAttnProcessor())
+
+    def set_attn_processor(self, processor) -> None:
+        """As diffusers', all or nothing: a processor that would split the views is refused
+        (``ValueError``) with every layer left as it was."""
+        before = self.attn_processors
+        try:
+            super().set_attn_processor(processor)
+        except ValueError:
+            super().set_attn_processor(before)
+            raise
+
+    def set_default_attn_processor(self) -> None:
+        """The default here is the multi-view processor (diffusers' would split the views)."""
         self.set_attn_processor(MultiViewAttnProcessor())
 
     def get_class_embed(self, sample: torch.Tensor, class_labels: torch.Tensor | None):
