@@ -11,6 +11,15 @@ import torch
 from tests.test_train import TINY, one_thread, shards, tiny_config  # noqa: F401 - fixtures
 
 
+@pytest.fixture
+def fp16_state():
+    """accelerate keeps mixed_precision process-wide: reset it so later runs may use "no"."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _scaled_accelerator(init_scale=2.0**10, poison_calls=()):
     """accelerate's Accelerator with a real (CPU) GradScaler, as it builds one on CUDA for
     ``mixed_precision: fp16``; gradients of the backward calls numbered in ``poison_calls``
@@ -41,7 +50,7 @@ def _scaled_accelerator(init_scale=2.0**10, poison_calls=()):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_optimizer_step_with_a_real_grad_scaler(fused):
+def test_optimizer_step_with_a_real_grad_scaler(fused, fp16_state):
     """The call sequence of a step (backward, clip, step) with a GradScaler that overflows:
     not bad, no update, scale halved, and the next step works (was: "unscale_() has already
     been called" with nan_policy=skip, NonFiniteLossError with stop)."""
@@ -79,7 +88,13 @@ def test_optimizer_step_with_a_real_grad_scaler(fused):
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_fp16_training_survives_loss_scale_overflows(shards, tmp_path, monkeypatch, policy):  # noqa: F811
+def test_fp16_training_survives_loss_scale_overflows(
+    shards,  # noqa: F811 - the fixture imported above
+    tmp_path,
+    monkeypatch,
+    policy,
+    fp16_state,
+):
     """train() with fp16 autocast and a GradScaler: overflows at steps 1 and 2 are skipped
     updates, not non-finite steps (was: stop aborted; skip left the scaler un-updated and the
     next clip raised "unscale_() has already been called"); EMA skips them too."""
@@ -261,3 +276,96 @@ def test_xformers_switch_keeps_views_and_failing_xformers_falls_back(monkeypatch
         assert reference and _view0_sees_view3(unet)
     assert len(calls) == 1  # tried once, then SDPA for good
     assert "using PyTorch SDPA" in caplog.text
+
+
+# ---- text-to-3D on a GPU ------------------------------------------------------------------
+
+
+def _recon_setup():
+    from mvdiff.sds.config import TextTo3DConfig
+    from mvdiff.sds.ref_views import prepare_rays
+    from tests.test_sds_api import object_views
+
+    rgba, c2w, fov = object_views(16)
+    views = {"rgba": rgba, "c2w": c2w, "fov_deg": torch.full((6,), fov)}
+    cfg = TextTo3DConfig.reconstruction(steps=4, samples=8, ref_rays=256, occupancy_every=2)
+    return cfg, prepare_rays(views, 16, [0, 1, 2, 3])
+
+
+def test_render_jitter_comes_from_a_generator_on_the_render_device(monkeypatch):
+    """The stratified jitter (rays x samples) is drawn by FitState.render_generator on the
+    render device (was: a CPU generator and a copy every step)."""
+    from mvdiff.sds.loop import FitState, train_step
+
+    cfg, rays = _recon_setup()
+    fit = FitState(cfg, "cpu")
+    assert fit.render_generator.device == fit.device
+    draws, rand = [], torch.rand
+
+    def spy(*size, generator=None, device=None, **kw):
+        draws.append((generator, device))
+        return rand(*size, generator=generator, device=device, **kw)
+
+    monkeypatch.setattr(torch, "rand", spy)
+    train_step(fit, cfg, 1, rays=rays)
+    assert (fit.render_generator, fit.device) in draws
+
+
+def test_render_generator_state_round_trips_through_the_checkpoint(tmp_path):
+    """4 steps straight == 2 steps, checkpoint (file), 2 more: identical fields."""
+    from mvdiff.sds.loop import FitState, run_steps
+
+    cfg, rays = _recon_setup()
+    straight = FitState(cfg)
+    run_steps(straight, cfg, 0, 4, rays=rays, progress=False)
+    first = FitState(cfg)
+    run_steps(first, cfg, 0, 2, rays=rays, progress=False)
+    torch.save(first.state_dict(), tmp_path / "c.pt")
+    resumed = FitState(cfg)
+    resumed.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
+    run_steps(resumed, cfg, 2, 4, rays=rays, progress=False)
+    for (name, a), b in zip(
+        straight.field.state_dict().items(), resumed.field.state_dict().values()
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_sds_autocast_option():
+    """sds.autocast runs the UNet (and VAE) in bf16/fp16 under autocast; the loss stays fp32
+    and close to the fp32 one. (bf16 here: the CPU has it; fp16 is the CUDA choice.)"""
+    from mvdiff.cameras import sample_sds_group
+    from mvdiff.sds.config import TextTo3DConfig
+    from mvdiff.sds.guidance import MultiViewSDS, SDSConfig
+    from mvdiff.testing import tiny_components
+
+    parts = tiny_components()
+    seen = []
+    parts["unet"].register_forward_pre_hook(
+        lambda m, a: seen.append(torch.is_autocast_enabled("cpu"))
+    )
+    gen = torch.Generator().manual_seed(0)
+    g = sample_sds_group(gen)
+    rgb = torch.rand(4, 3, 32, 32, generator=gen)
+    cond, uncond = torch.randn(1, 7, 32, generator=gen), torch.randn(1, 7, 32, generator=gen)
+    noise = torch.randn(4, 4, 8, 8, generator=gen)
+    losses = {}
+    for mode in ("no", "bf16"):
+        cfg = SDSConfig(vae_sample=False, autocast=mode, guidance_scale=5.0)
+        sds = MultiViewSDS(parts["unet"], parts["vae"], parts["scheduler"].alphas_cumprod, cfg)
+        out = sds(rgb, cond, uncond, g["camera"], t=500, noise=noise)
+        assert out["loss"].dtype == torch.float32
+        losses[mode] = float(out["loss"])
+    assert seen == [False, True]
+    assert abs(losses["bf16"] - losses["no"]) < 0.05 * losses["no"]
+    with pytest.raises(ValueError, match="sds.autocast"):
+        TextTo3DConfig(sds=SDSConfig(autocast="fp8")).check()
+
+
+def test_tf32_only_on_cuda(monkeypatch):
+    from mvdiff.accel import enable_tf32
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert not enable_tf32("cpu") and not torch.backends.cuda.matmul.allow_tf32
+    assert enable_tf32(torch.device("cuda", 0))
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32

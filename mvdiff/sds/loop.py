@@ -44,6 +44,9 @@ class FitState:
         self.occupancy = OccupancyGrid(self.field.bound, 32, threshold=0.5)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.device = torch.device(device)
+        #: the stratified jitter of every render (the largest draw: rays x samples) comes
+        #: from a generator on the render device, so it is never drawn on the host and copied
+        self.render_generator = torch.Generator(self.device).manual_seed(config.seed)
 
     def state_dict(self) -> dict:
         return {
@@ -51,6 +54,7 @@ class FitState:
             "background": self.background.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
+            "render_generator": self.render_generator.get_state(),
             "occupancy": self.occupancy.values,
         }
 
@@ -58,7 +62,10 @@ class FitState:
         self.field.load_state_dict(state["field"])
         self.background.load_state_dict(state.get("background", {}))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        # generator states are CPU byte tensors, whatever map_location moved them to
+        self.generator.set_state(state["generator"].cpu())
+        if "render_generator" in state:  # checkpoints before it: continue with a fresh one
+            self.render_generator.set_state(state["render_generator"].cpu())
         self.occupancy.values = state["occupancy"]
         if self.occupancy.values is not None:
             self.occupancy.occupied = self.occupancy.values > self.occupancy.threshold
@@ -92,8 +99,8 @@ def ref_view_loss(fit: FitState, rays: dict, config: TextTo3DConfig) -> torch.Te
         if isinstance(bg, torch.Tensor):
             bg = bg.to(dev)
     out = render_rays(
-        fit.field, o, d, config.samples, background=bg, stratified=True, generator=gen,
-        occupancy=fit.occupancy,
+        fit.field, o, d, config.samples, background=bg, stratified=True,
+        generator=fit.render_generator, occupancy=fit.occupancy,
     )  # fmt: skip
     a = target[:, 3:4]
     if fixed is not None:

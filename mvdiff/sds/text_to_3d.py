@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mvdiff.accel import enable_tf32
 from mvdiff.cameras import orbit_c2w, sample_sds_group
 from mvdiff.errors import UserError
 from mvdiff.io import save_image, write_json
@@ -75,8 +76,8 @@ class SDSTerm:
         light = sample_light(g["c2w"], gen) if shading != "albedo" else None
         out = render(
             fit.field, g["c2w"], g["fov_deg"], size, config.samples, background=bg,
-            stratified=True, generator=gen, occupancy=fit.occupancy, shading=shading,
-            light=light, ambient=config.ambient,
+            stratified=True, generator=fit.render_generator, occupancy=fit.occupancy,
+            shading=shading, light=light, ambient=config.ambient,
         )  # fmt: skip
         if self.on_group is not None:
             self.on_group(g, bg)
@@ -148,6 +149,7 @@ def text_to_3d(
     ckpt_path = output / "checkpoint.pt"
     if device is None:
         device = pipe.unet.device if pipe is not None else torch.device("cpu")
+    enable_tf32(device)
     fit = FitState(config, device)
     start = 0
     if resume and ckpt_path.exists():

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from mvdiff.accel import enable_tf32
 from mvdiff.config import dump_config, save_config
 from mvdiff.data.loader import build_loader
 from mvdiff.data.mixer import BatchMixer
@@ -118,6 +119,7 @@ def train(cfg: TrainConfig) -> dict:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     rank, world = accelerator.process_index, accelerator.num_processes
+    enable_tf32(accelerator.device)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
