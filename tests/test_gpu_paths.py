@@ -369,3 +369,44 @@ def test_tf32_only_on_cuda(monkeypatch):
     assert not enable_tf32("cpu") and not torch.backends.cuda.matmul.allow_tf32
     assert enable_tf32(torch.device("cuda", 0))
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+# ---- benchmarks/gpu_smoke.py ------------------------------------------------------------
+
+
+def _smoke():
+    from tests.conftest import load_script
+    from tests.test_train import ROOT
+
+    return load_script(ROOT / "benchmarks" / "gpu_smoke.py", "bench_gpu_smoke")
+
+
+def test_gpu_smoke_without_cuda_says_skipped(monkeypatch, capsys):
+    smoke = _smoke()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert smoke.main([]) == smoke.SKIPPED == 77
+    assert capsys.readouterr().out.startswith("no GPU: skipped")
+
+
+@pytest.mark.slow
+def test_gpu_smoke_tiny_runs_every_phase(tmp_path):
+    """The smoke script's code path on tiny models: train (EMA, checkpoint, resume, export),
+    4-view sample, SDS at two sizes with random shading, fp32 and autocast."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_train import ROOT, _env
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py"), "--tiny", "--work-dir",
+         str(tmp_path)],
+        env=_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    phases = {r["phase"]: r for r in rows if "phase" in r}
+    assert set(phases) == {"train-bf16", "sample-4view", "sds-no", "sds-bf16"}, phases
+    assert all(r["ok"] and r["steps_per_s"] > 0 for r in phases.values())
+    assert phases["train-bf16"]["samples_per_s"] > 0
+    assert (tmp_path / "train-bf16" / "checkpoints" / "step-0000002").is_dir()
