@@ -410,3 +410,53 @@ def test_gpu_smoke_tiny_runs_every_phase(tmp_path):
     assert all(r["ok"] and r["steps_per_s"] > 0 for r in phases.values())
     assert phases["train-bf16"]["samples_per_s"] > 0
     assert (tmp_path / "train-bf16" / "checkpoints" / "step-0000002").is_dir()
+
+
+# ---- benchmarks/memory.py ----------------------------------------------------------------
+
+
+def _memory():
+    from tests.conftest import load_script
+    from tests.test_train import ROOT
+
+    return load_script(ROOT / "benchmarks" / "memory.py", "bench_memory")
+
+
+def test_memory_counts_what_flash_attention_keeps():
+    """Saved-tensor accounting on meta: each storage once, parameters excluded, and SDPA as
+    the CUDA kernels keep it (q, k, v, out, logsumexp), not the n x n matrix of the math path."""
+    mem = _memory()
+    q = torch.randn(2, 5, 1024, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    with mem.SavedBytes() as math_path:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    with mem.flash_attention_accounting(), mem.SavedBytes() as flash:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    qkv = q.numel() * 2
+    assert flash.bytes == 2 * qkv + 2 * 5 * 1024 * 4  # q (= k = v) once, out, lse fp32
+    assert math_path.bytes > 2 * 5 * 1024 * 1024 * 2  # holds an attention matrix
+    lin = torch.nn.Linear(64, 64, device="meta")
+    with mem.SavedBytes(lin.parameters()) as saved:
+        lin(q.float())
+    assert saved.bytes == q.numel() * 4  # the input; the weight is resident, not counted
+
+
+def test_memory_script_runs_on_tiny_models(capsys):
+    import json
+
+    mem = _memory()
+    assert mem.main(["--tiny", "--json", "--recipes", "train-sd21", "text-to-3d-shaded"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["recipe"] for r in rows] == ["train-sd21", "text-to-3d-shaded"]
+    for row in rows:
+        assert row["estimate_gib"] > 0 and row["claim_gib"] > 0
+        assert all(v >= 0 for v in row["parts_gib"].values())
+
+
+def test_memory_claims_in_configs_match_the_estimates():
+    """Every GPU recipe's config claims what benchmarks/memory.py estimates (rounded up,
+    at most 15% above), so a change that moves the figure has to update the claim."""
+    mem = _memory()
+    for name in mem.RECIPES:
+        row = mem.estimate(name, tiny=False)
+        assert row["claim_gib"] is not None, f"{row['config']}: no memory[{name}] line"
+        assert row["estimate_gib"] <= row["claim_gib"] <= 1.15 * row["estimate_gib"], row
