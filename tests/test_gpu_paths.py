@@ -112,6 +112,7 @@ def test_fp16_training_survives_loss_scale_overflows(
     assert summary["overflow_skips"] == 2 and math.isfinite(summary["final_loss"])
     acc = cls.last
     assert acc.scaler.get_scale() == 2.0**8
+    assert acc.ddp_handler.gradient_as_bucket_view  # DDP: no second copy of the gradients
     (ema,) = acc._custom_objects
     assert ema.optimization_step == 2  # the two real updates only
 
@@ -460,3 +461,28 @@ def test_memory_claims_in_configs_match_the_estimates():
         row = mem.estimate(name, tiny=False)
         assert row["claim_gib"] is not None, f"{row['config']}: no memory[{name}] line"
         assert row["estimate_gib"] <= row["claim_gib"] <= 1.15 * row["estimate_gib"], row
+
+
+# ---- smaller GPU bits ----------------------------------------------------------------------
+
+
+def test_loader_pins_memory_when_cuda_is_there(shards, monkeypatch):  # noqa: F811
+    from mvdiff.data.loader import DataConfig, build_loader
+
+    cfg = DataConfig(mv_shards=f"{shards}/mv/*.tar", resolution=32, batch_size=1, num_workers=0)
+    assert not build_loader(cfg, "mv").pin_memory  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert build_loader(cfg, "mv").pin_memory
+
+
+def test_vae_decodes_all_views_of_an_object_at_once_on_a_gpu(monkeypatch):
+    import mvdiff.pipelines.pipeline_mvdream as pm
+
+    assert pm.default_decode_chunk(torch.device("cuda", 0), 4) == 4
+    assert pm.default_decode_chunk("cpu", 4) == 1
+    pipe = _tiny_pipe()
+    rows, decode = [], pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda z, **kw: rows.append(len(z)) or decode(z, **kw))
+    monkeypatch.setattr(pm, "default_decode_chunk", lambda device, v: v)  # as on a GPU
+    pipe("a chair", num_views=4, height=32, width=32, num_inference_steps=1, output_type="np")
+    assert rows == [4]

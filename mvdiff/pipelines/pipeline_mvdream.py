@@ -59,6 +59,13 @@ class MVDreamPipelineOutput(BaseOutput):
     cameras: torch.Tensor | None = None
 
 
+def default_decode_chunk(device, num_views: int) -> int:
+    """Views the VAE decodes at once by default: all views of an object on a GPU (one
+    batched decode instead of V small ones), one at a time on the CPU (bounded memory, and
+    the Winograd decode path is tuned for it)."""
+    return 1 if torch.device(device).type == "cpu" else max(int(num_views), 1)
+
+
 def rescale_noise_cfg(
     eps_cfg: torch.Tensor, eps_cond: torch.Tensor, guidance_rescale: float, num_views: int
 ) -> torch.Tensor:
@@ -259,7 +266,7 @@ class MVDreamPipeline(DiffusionPipeline):
         prompt_suffix: str = DEFAULT_PROMPT_SUFFIX,
         output_type: str = "pil",
         return_dict: bool = True,
-        decode_chunk_size: int = 1,
+        decode_chunk_size: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
     ) -> MVDreamPipelineOutput | tuple:
@@ -280,7 +287,8 @@ class MVDreamPipeline(DiffusionPipeline):
                 initial noise (multiplied by the scheduler's ``init_noise_sigma``).
             prompt_embeds, negative_prompt_embeds: precomputed text embeddings ``[B, L, D]``.
             output_type: ``"pil"`` | ``"np"`` | ``"pt"`` | ``"latent"``.
-            decode_chunk_size: views decoded by the VAE at once (1 bounds memory).
+            decode_chunk_size: views decoded by the VAE at once (default: all views of an
+                object on a GPU, one at a time on the CPU; 1 bounds memory).
             callback_on_step_end: ``fn(pipe, step, t, tensors) -> dict`` as in diffusers.
         """
         prompts = self.check_inputs(
@@ -360,11 +368,12 @@ class MVDreamPipeline(DiffusionPipeline):
                     latents = out.get("latents", latents)
                 progress_bar.update()
 
-        # 5. Decode view by view.
+        # 5. Decode (decode_chunk_size views at a time).
         if output_type == "latent":
             images = latents
         else:
-            images = self.decode_latents(latents, decode_chunk_size)  # (B*V, 3, H, W) in [0, 1]
+            chunk = decode_chunk_size or default_decode_chunk(self.vae.device, num_views)
+            images = self.decode_latents(latents, chunk)  # (B*V, 3, H, W) in [0, 1]
             if output_type == "np":
                 images = images.permute(0, 2, 3, 1).cpu().numpy()  # (N, 3, H, W) -> (N, H, W, 3)
             elif output_type == "pil":

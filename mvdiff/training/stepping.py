@@ -24,7 +24,13 @@ from dataclasses import dataclass
 
 log = logging.getLogger("mvdiff.train")
 
-__all__ = ["StepOutcome", "build_ema", "optimizer_step", "place_ema"]
+__all__ = [
+    "StepOutcome",
+    "accelerator_kwargs_handlers",
+    "build_ema",
+    "optimizer_step",
+    "place_ema",
+]
 
 
 @dataclass
@@ -80,6 +86,15 @@ def optimizer_step(accelerator, optimizer, parameters, max_grad_norm: float) -> 
     log.info("fp16 loss-scale overflow: update skipped, loss scale now %g", scale)
     # below 1 the gradients are non-finite even unscaled: a real failure, for nan_policy
     return StepOutcome(False, grad_norm, overflow=scale >= 1.0)
+
+
+def accelerator_kwargs_handlers() -> list:
+    """accelerate handlers of the trainer: DDP with ``gradient_as_bucket_view`` (gradients
+    live in DDP's all-reduce buckets instead of a second copy: 4 bytes/parameter less, 3.2
+    GiB for an SD-2.1-size UNet, and one copy less per step)."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return [DistributedDataParallelKwargs(gradient_as_bucket_view=True)]
 
 
 def build_ema(parameters, decay: float):

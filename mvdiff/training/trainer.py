@@ -37,7 +37,12 @@ from mvdiff.training.checkpoint import find_checkpoint, read_trainer_state, save
 from mvdiff.training.components import freeze, load_components, noise_scheduler_from
 from mvdiff.training.config import OptimConfig, TrainConfig
 from mvdiff.training.loss import diffusion_loss, encode_images, encode_prompts
-from mvdiff.training.stepping import build_ema, optimizer_step, place_ema
+from mvdiff.training.stepping import (
+    accelerator_kwargs_handlers,
+    build_ema,
+    optimizer_step,
+    place_ema,
+)
 
 log = logging.getLogger("mvdiff.train")
 
@@ -115,6 +120,7 @@ def train(cfg: TrainConfig) -> dict:
     tb = _tensorboard_available()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
+        kwargs_handlers=accelerator_kwargs_handlers(),
         log_with="tensorboard" if tb else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
