@@ -486,3 +486,31 @@ def test_vae_decodes_all_views_of_an_object_at_once_on_a_gpu(monkeypatch):
     monkeypatch.setattr(pm, "default_decode_chunk", lambda device, v: v)  # as on a GPU
     pipe("a chair", num_views=4, height=32, width=32, num_inference_steps=1, output_type="np")
     assert rows == [4]
+
+
+def test_eval_device_flag(tmp_path, capsys, monkeypatch):
+    """mvdiff eval --device: checked (one line), and the fits run there."""
+    import mvdiff.eval.consistency as consistency
+    from mvdiff.cli import main
+    from tests.test_eval import write_sample_folder
+
+    sample = write_sample_folder(tmp_path / "s", torch.rand(4, 3, 16, 16), "an egg")
+    out = str(tmp_path / "o")
+    assert main(["eval", str(sample), "--output", out, "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert main(["eval", str(sample), "--output", out, "--device", "banana"]) == 2
+    assert "--device banana: not a device" in capsys.readouterr().err
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(rgba, *args, **kwargs):
+        seen.append(rgba.device.type)
+        raise Stop
+
+    monkeypatch.setattr(consistency, "reconstruction_consistency", spy)
+    with pytest.raises(Stop):
+        main(["eval", str(sample), "--output", out, "--device", "meta"])
+    assert seen == ["meta"]
