@@ -514,3 +514,15 @@ def test_eval_device_flag(tmp_path, capsys, monkeypatch):
     with pytest.raises(Stop):
         main(["eval", str(sample), "--output", out, "--device", "meta"])
     assert seen == ["meta"]
+
+
+def test_sds_step_leaves_the_loss_on_the_device():
+    """train_step does not read the loss back (a host sync per step on a GPU); run_steps
+    returns it as a float."""
+    from mvdiff.sds.loop import FitState, run_steps, train_step
+
+    cfg, rays = _recon_setup()
+    fit = FitState(cfg)
+    out = train_step(fit, cfg, 0, rays=rays)
+    assert isinstance(out["loss"], torch.Tensor) and out["loss"].device == fit.device
+    assert isinstance(run_steps(fit, cfg, 1, 3, rays=rays, progress=True)["loss"], float)

@@ -24,6 +24,10 @@ from mvdiff.sds.render import OccupancyGrid, render_rays
 __all__ = ["FitState", "ref_view_loss", "render_size", "run_steps", "train_step"]
 
 
+#: steps between two reads of the loss for the progress bar
+POSTFIX_EVERY = 10
+
+
 class FitState:
     """Field, background, Adam (grids at ``lr``, MLP heads at ``lr / 10``), occupancy grid
     and generator of one run, seeded from ``config.seed``."""
@@ -114,7 +118,9 @@ def ref_view_loss(fit: FitState, rays: dict, config: TextTo3DConfig) -> torch.Te
 
 
 def train_step(fit: FitState, config: TextTo3DConfig, step: int, sds=None, rays=None) -> dict:
-    """One optimisation step; returns ``loss`` (float) and ``t`` (SDS timestep or None)."""
+    """One optimisation step; returns ``loss`` (a detached 0-d tensor on the render device:
+    reading it is a host sync, so the loop does that only now and then) and ``t`` (SDS
+    timestep or None)."""
     if step % config.occupancy_every == 0:
         fit.occupancy.update(fit.field, fit.generator)
     loss = torch.zeros((), device=fit.device)
@@ -129,7 +135,7 @@ def train_step(fit: FitState, config: TextTo3DConfig, step: int, sds=None, rays=
     fit.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     fit.optimizer.step()
-    return {"loss": float(loss.detach()), "t": t}
+    return {"loss": loss.detach(), "t": t}
 
 
 def run_steps(
@@ -145,7 +151,9 @@ def run_steps(
     desc: str = "text-to-3d",
 ) -> dict:
     """Steps ``start .. stop - 1`` with a tqdm bar (step, loss, t, it/s) when ``progress``;
-    ``on_step(step + 1, metrics)`` after each. Returns the last metrics."""
+    ``on_step(step + 1, metrics)`` after each (``metrics["loss"]`` a 0-d tensor). The bar's
+    loss is read every ``POSTFIX_EVERY`` steps (each read waits for the GPU). Returns the
+    last metrics, ``loss`` as a float."""
     from tqdm import tqdm
 
     t0 = time.time()
@@ -157,10 +165,12 @@ def run_steps(
     for step in bar:
         metrics = train_step(fit, config, step, sds=sds, rays=rays)
         done = step + 1 - start
-        post = {"loss": f"{metrics['loss']:.4g}", "its": f"{done / (time.time() - t0):.2f}"}
-        if metrics["t"] is not None:
-            post["t"] = metrics["t"]
-        bar.set_postfix(post, refresh=False)
+        if progress and (done % POSTFIX_EVERY == 0 or step == stop - 1):
+            loss = float(metrics["loss"])
+            post = {"loss": f"{loss:.4g}", "its": f"{done / (time.time() - t0):.2f}"}
+            if metrics["t"] is not None:
+                post["t"] = metrics["t"]
+            bar.set_postfix(post, refresh=False)
         if on_step is not None:
             on_step(step + 1, metrics)
-    return metrics
+    return {**metrics, "loss": float(metrics["loss"])}
