@@ -1,13 +1,18 @@
 #!/usr/bin/env python
 """The first run on a GPU machine: does every GPU path work, how fast, how much memory.
 
-With random weights of the real sizes (SD-2.1-base multi-view UNet, SD VAE, an OpenCLIP-H
-sized text encoder; nothing is downloaded) and synthetic shards:
+0. device checks (tiny models): the text-to-3D checkpoint loads with ``map_location`` on
+   the GPU, the render generator lives there, attention slicing / xformers keep the views
+   joined;
+
+then, with random weights of the real sizes (SD-2.1-base multi-view UNet, SD VAE, an
+OpenCLIP-H sized text encoder; nothing is downloaded) and synthetic shards:
 
 1. training, the SD-2.1 recipe (``train/configs/mvdream_sd21.yaml``: 256², 4 views,
    batch 8 objects, gradient checkpointing, fused AdamW) with EMA, in bf16 and in fp16
    (GradScaler): ``--train-steps`` steps (20) as half, checkpoint, ``--resume latest``,
-   the other half; then the model folder is exported;
+   the other half (the resumed half fails if the EMA weights stayed on the CPU); then the
+   model folder is exported;
 2. a 4-view sample from the exported folder (``MVDreamPipeline``);
 3. text-to-3D: ``--sds-steps`` (50) SDS steps at 64² then ``--sds-hires-steps`` (10) at 256²
    with random shading (lambertian / textureless / albedo), fp32 and ``sds.autocast``.
@@ -19,7 +24,7 @@ Prints one JSON line per phase: seconds, steps/s, samples/s (training), peak GPU
 ``--tiny`` runs the same code on tiny models and CPU-sized steps (the test suite does this;
 figures are meaningless there).
 
-    python benchmarks/gpu_smoke.py [--tiny] [--work-dir DIR] [--phases train sample sds]
+    python benchmarks/gpu_smoke.py [--tiny] [--work-dir DIR] [--phases checks train sample sds]
 """
 
 from __future__ import annotations
@@ -198,12 +203,57 @@ def phase_sds(args, work: Path, device, model: str, autocast: str) -> dict:
             "loss": summary["loss"], "peak_gib": _peak_gib(device)}  # fmt: skip
 
 
+def phase_checks(args, work: Path, device) -> dict:
+    """Device-placement checks CPU tests cannot make: the text-to-3D checkpoint round trip
+    with map_location on the device, the render generator on the device, and attention
+    switches (slicing, xformers when installed) keeping the views joined on the device."""
+    import torch
+
+    from mvdiff.pipelines import MVDreamPipeline
+    from mvdiff.sds.config import TextTo3DConfig
+    from mvdiff.sds.loop import FitState
+    from mvdiff.testing import tiny_components
+
+    cfg = TextTo3DConfig.fast()
+    fit = FitState(cfg, device)
+    assert fit.render_generator.device.type == device.type, fit.render_generator.device
+    torch.save(fit.state_dict(), work / "fit.pt")
+    FitState(cfg, device).load_state_dict(torch.load(work / "fit.pt", map_location=device,
+                                                     weights_only=True))  # fmt: skip
+    pipe = MVDreamPipeline(**tiny_components()).to(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 8, 8, generator=g).to(device)
+    ctx = torch.randn(4, 7, 32, generator=g).to(device)
+    t = torch.full((4,), 500, device=device)
+
+    def joined() -> bool:
+        x2 = x.clone()
+        x2[3] += 1.0
+        with torch.no_grad():
+            a = pipe.unet(x, t, ctx, num_views=4).sample
+            b = pipe.unet(x2, t, ctx, num_views=4).sample
+        return bool((a[0] - b[0]).abs().max() > 1e-4)
+
+    switches = {"default": joined()}
+    pipe.enable_attention_slicing()
+    switches["slicing"] = joined()
+    pipe.disable_attention_slicing()
+    try:
+        pipe.enable_xformers_memory_efficient_attention()
+        switches["xformers"] = joined()
+    except (ImportError, ModuleNotFoundError, ValueError) as e:
+        switches["xformers"] = f"not available: {e}"[:120]
+    if not all(v is True or isinstance(v, str) for v in switches.values()):
+        raise RuntimeError(f"views not joined after a switch: {switches}")
+    return {"phase": "checks", "steps": 1, "steps_per_s": 1.0, "views_joined": switches}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny models on any device (tests)")
     ap.add_argument("--work-dir", default=None, help="scratch folder (default: a temp dir)")
-    ap.add_argument("--phases", nargs="+", default=["train", "sample", "sds"],
-                    choices=["train", "sample", "sds"])  # fmt: skip
+    ap.add_argument("--phases", nargs="+", default=["checks", "train", "sample", "sds"],
+                    choices=["checks", "train", "sample", "sds"])  # fmt: skip
     ap.add_argument("--precisions", nargs="+", default=["bf16", "fp16"])
     ap.add_argument("--train-steps", type=int, default=None, help="default 20 (tiny: 2)")
     ap.add_argument("--sds-steps", type=int, default=None, help="at 64²; default 50 (tiny: 2)")
@@ -257,6 +307,8 @@ def main(argv=None) -> int:
         print(json.dumps({**result, "ok": True}), flush=True)
         return result
 
+    if "checks" in args.phases:
+        run(phase_checks, args, work, device)
     if "train" in args.phases:
         for precision in args.precisions:
             result = run(phase_train, args, work, device, precision)

@@ -407,7 +407,8 @@ def test_gpu_smoke_tiny_runs_every_phase(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     phases = {r["phase"]: r for r in rows if "phase" in r}
-    assert set(phases) == {"train-bf16", "sample-4view", "sds-no", "sds-bf16"}, phases
+    assert set(phases) == {"checks", "train-bf16", "sample-4view", "sds-no", "sds-bf16"}, phases
+    assert phases["checks"]["views_joined"]["slicing"] is True
     assert all(r["ok"] and r["steps_per_s"] > 0 for r in phases.values())
     assert phases["train-bf16"]["samples_per_s"] > 0
     assert (tmp_path / "train-bf16" / "checkpoints" / "step-0000002").is_dir()
