@@ -783,3 +783,27 @@ def test_sample_with_image_from_an_official_imagedream_checkpoint(tmp_path, tiny
     views = [np.asarray(PIL.Image.open(out / f"view_{v:02d}.png")) for v in range(4)]
     assert all(v.shape == (64, 64, 3) for v in views)
     assert np.asarray(PIL.Image.open(out / "input.png"))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_attention_switches_keep_the_image_prompt(converted_unet, cases):
+    """`set_attn_processor(AttnProcessor2_0())`, attention slicing and
+    `set_default_attn_processor()` on an ImageDream UNet keep the joined views *and* the image
+    attention: the output is unchanged (the stock processors are translated into the layer's
+    own multi-view image processor)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
+
+    from mvdiff.models.attention_ip import MultiViewIPAttnProcessor
+
+    unet = MultiViewUNet2DConditionModel.from_pretrained(converted_unet / "unet").eval()
+    with torch.no_grad():
+        want = _run(unet, cases, "pixel5")
+    for switch in (
+        lambda: unet.set_attn_processor(AttnProcessor2_0()),
+        lambda: unet.set_attn_processor(SlicedAttnProcessor(slice_size=2)),
+        unet.set_default_attn_processor,
+    ):
+        switch()
+        blocks = {k: p for k, p in unet.attn_processors.items() if not k.startswith("image_proj.")}
+        assert all(isinstance(p, MultiViewIPAttnProcessor) for p in blocks.values())
+        with torch.no_grad():
+            assert (_run(unet, cases, "pixel5") - want).abs().max() <= 1e-5

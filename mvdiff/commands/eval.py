@@ -45,6 +45,8 @@ _FLAGS = {
     "--kid-subset-size": ("kid_subset_size", int, "KID subset size (default 1000)"),
     "--kid-subsets": ("kid_subsets", int, "KID subsets (default 100)"),
     "--threads": ("threads", int, "torch threads (default 1)"),
+    "--device": ("device", str, "where the fits, CLIP and the feature network run: cpu "
+                 "(default), cuda, cuda:N"),
 }  # fmt: skip
 
 

@@ -317,8 +317,11 @@ def build_loader(
     epochs: int | None = None,
     num_workers: int | None = None,
     drop_last: bool = True,
+    pin_memory: bool | None = None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader of batches of one kind from ``cfg`` (``epochs=None``: endless)."""
+    """A DataLoader of batches of one kind from ``cfg`` (``epochs=None``: endless).
+    ``pin_memory`` (default: when CUDA is available) puts batches in page-locked memory, so
+    the copy to the GPU is a fast DMA."""
     if kind == "mv":
         name = f"data.mv_shards={cfg.mv_shards}"
         urls = expand_urls(cfg.mv_shards, "data.mv_shards")
@@ -360,6 +363,7 @@ def build_loader(
         num_workers=workers,
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         persistent_workers=False,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
     )
 
 

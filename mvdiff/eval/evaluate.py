@@ -53,6 +53,8 @@ class EvalConfig:
     allow_download: bool = False
     #: torch intra-op threads (1 is fastest for these small fits on a shared CPU)
     threads: int = 1
+    #: where the fits, CLIP and the feature network run: cpu, cuda, cuda:N
+    device: str = "cpu"
 
     def validate(self) -> EvalConfig:
         if not self.samples:
@@ -75,6 +77,12 @@ class EvalConfig:
             raise UserError(f"--fov must be in (0, 180), got {self.fov}")
         if self.fid_reference and not self.inception:
             raise UserError("--fid-reference needs --inception (the feature network)")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise UserError(f"--device {self.device}: not a device (cpu, cuda, cuda:N)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {self.device}: CUDA is not available here")
         return self
 
 
@@ -101,6 +109,7 @@ def evaluate_views(
     clip=None,
     recon_config=None,
     fit_all: bool = True,
+    device=None,
 ) -> tuple[dict, list, torch.Tensor | None]:
     """Score one set of views (a dict like :func:`mvdiff.eval.views.load_sample`'s).
 
@@ -108,7 +117,8 @@ def evaluate_views(
     several, the agreement is with the closest (highest PSNR), whose uid is recorded.
 
     ``recon_config`` (a :class:`mvdiff.sds.config.TextTo3DConfig`) and ``fit_all`` go to
-    :func:`~mvdiff.eval.consistency.reconstruction_consistency`. Returns (record for
+    :func:`~mvdiff.eval.consistency.reconstruction_consistency`; the fits run on ``device``
+    (default: where the views are). Returns (record for
     results.json, strip rows for the report, the matched ground-truth views ``[V, 3, H, W]``
     or None).
     """
@@ -118,8 +128,9 @@ def evaluate_views(
     rgb = sample["rgb"]
     v, _, h, _ = rgb.shape
     res = recon_resolution or min(h, 64)
+    rgba = sample["rgba"] if device is None else sample["rgba"].to(device)
     cons = reconstruction_consistency(
-        sample["rgba"], sample["c2w"], sample["fov_deg"], steps=recon_steps, holdout=holdout,
+        rgba, sample["c2w"], sample["fov_deg"], steps=recon_steps, holdout=holdout,
         resolution=res, seed=seed, config=recon_config, fit_all=fit_all,
     )  # fmt: skip
     record = {
@@ -204,14 +215,14 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         if cfg.clip:
             from mvdiff.eval.features import ClipScorer
 
-            clip = ClipScorer(cfg.clip, allow_download=cfg.allow_download)
+            clip = ClipScorer(cfg.clip, allow_download=cfg.allow_download, device=cfg.device)
         extractor = None
         if cfg.inception:
             from mvdiff.eval.features import load_feature_extractor
 
             extractor = load_feature_extractor(
                 cfg.inception, allow_download=cfg.allow_download,
-                size=cfg.feature_size, input_mode=cfg.feature_input,
+                size=cfg.feature_size, input_mode=cfg.feature_input, device=cfg.device,
             )  # fmt: skip
 
         records, strips, gt_views = [], {}, []
@@ -221,6 +232,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
                 s, gt=gts[i], recon_steps=cfg.recon_steps,
                 recon_resolution=cfg.recon_resolution or None, holdout=cfg.holdout,
                 seed=cfg.seed, match_tolerance_deg=cfg.match_tolerance_deg, clip=clip,
+                device=cfg.device,
             )  # fmt: skip
             name = rec["name"] if rec["name"] not in strips else f"{rec['name']}-{i}"
             rec["name"] = name

@@ -48,7 +48,8 @@ def _normalise(images: torch.Tensor, mode: str) -> torch.Tensor:
         return images * 255.0
     if mode == "symmetric":
         return images * 2.0 - 1.0
-    return (images - _per_channel(IMAGENET_MEAN)) / _per_channel(IMAGENET_STD)
+    mean, std = _per_channel(IMAGENET_MEAN), _per_channel(IMAGENET_STD)
+    return (images - mean.to(images.device)) / std.to(images.device)
 
 
 def _embeds(out) -> torch.Tensor:
@@ -65,7 +66,9 @@ class ClipScorer:
     folder has none — the CLIP BPE tokenizer shipped with mvdiff (same vocabulary).
     """
 
-    def __init__(self, folder: str, allow_download: bool = False, flag: str = "--clip"):
+    def __init__(
+        self, folder: str, allow_download: bool = False, flag: str = "--clip", device="cpu"
+    ):
         from transformers import CLIPModel
 
         path = Path(folder).expanduser()
@@ -80,6 +83,8 @@ class ClipScorer:
             ).eval()
         except (OSError, ValueError) as e:
             raise UserError(f"{flag} {folder}: cannot load a CLIPModel ({e})") from None
+        self.device = torch.device(device)
+        self.model.to(self.device)
         self.tokenizer = self._tokenizer(path, folder, allow_download)
         vision = self.model.config.vision_config
         self.size = int(vision.image_size)
@@ -105,9 +110,9 @@ class ClipScorer:
 
     @torch.no_grad()
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(images.float(), size=(self.size, self.size), mode="bicubic",
+        x = F.interpolate(images.float().to(self.device), size=(self.size, self.size), mode="bicubic",
                           align_corners=False).clamp(0, 1)  # fmt: skip
-        x = (x - self.mean) / self.std
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         return F.normalize(_embeds(self.model.get_image_features(pixel_values=x)), dim=-1)
 
     @torch.no_grad()
@@ -117,7 +122,8 @@ class ClipScorer:
             texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
         )
         feats = self.model.get_text_features(
-            input_ids=tok.input_ids, attention_mask=tok.attention_mask
+            input_ids=tok.input_ids.to(self.device),
+            attention_mask=tok.attention_mask.to(self.device),
         )
         return F.normalize(_embeds(feats), dim=-1)
 
@@ -127,7 +133,7 @@ class ClipScorer:
         if len(texts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(texts)} texts")
         cos = (self.image_embeddings(images) * self.text_embeddings(texts)).sum(-1)
-        return 100.0 * cos.clamp(min=0.0)
+        return 100.0 * cos.clamp(min=0.0).cpu()
 
 
 @dataclass
@@ -140,12 +146,13 @@ class FeatureExtractor:
     size: int = 299
     input_mode: str = "unit"
     batch_size: int = 32
+    device: str = "cpu"
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         outs = []
         for chunk in images.split(self.batch_size):
-            x = chunk.float()
+            x = chunk.float().to(self.device)
             if self.size and x.shape[-1] != self.size:
                 x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
                                   align_corners=False)  # fmt: skip
@@ -158,7 +165,7 @@ class FeatureExtractor:
                 y = y.logits
             if y.dim() > 2:  # spatial features: global average pool
                 y = y.flatten(2).mean(-1)  # (N, D, *S) -> (N, D, S') -> (N, D)
-            outs.append(y.reshape(y.shape[0], -1).float())  # (N, ...) -> (N, D)
+            outs.append(y.reshape(y.shape[0], -1).float().cpu())  # (N, ...) -> (N, D)
         return torch.cat(outs)
 
 
@@ -186,6 +193,7 @@ def load_feature_extractor(
     size: int = 299,
     input_mode: str = "auto",
     flag: str = "--inception",
+    device="cpu",
 ) -> FeatureExtractor:
     """A feature network for FID/KID from a local file (see the module docstring).
 
@@ -207,8 +215,8 @@ def load_feature_extractor(
             else ("imagenet" if "torchvision" in kind else "unit")
         )
         if isinstance(module, torch.nn.Module):
-            module = module.eval()
-        return FeatureExtractor(module, kind, source, size, mode)
+            module = module.eval().to(device)
+        return FeatureExtractor(module, kind, source, size, mode, device=str(device))
 
     if spec == "torchvision":
         if not allow_download:

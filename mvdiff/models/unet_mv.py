@@ -39,7 +39,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from mvdiff.models.attention import MultiViewAttnProcessor
+from mvdiff.models.attention import MultiViewAttention, MultiViewAttnProcessor
 from mvdiff.models.attention_ip import (
     MultiViewIPAttnProcessor,
     accepts_image_tokens,
@@ -79,6 +79,10 @@ class MultiViewUNet2DConditionModel(UNet2DConditionModel):
         super().__init__(*args, **kwargs)
         # the parent's @register_to_config records only its own arguments
         self.register_to_config(num_image_tokens=num_image_tokens, image_embed_dim=image_embed_dim)
+        for module in self.modules():
+            if type(module) is Attention:
+                # same layer, a processor setter that keeps the views joined (attention.py)
+                module.__class__ = MultiViewAttention
         self.image_proj = None
         if num_image_tokens:
             if num_image_tokens < 0 or image_embed_dim < 1:
@@ -116,6 +120,22 @@ class MultiViewUNet2DConditionModel(UNet2DConditionModel):
             ),
         ]
     )
+
+    def set_attn_processor(self, processor) -> None:
+        """As diffusers', all or nothing: a processor that would split the views is refused
+        (``ValueError``) with every layer left as it was."""
+        before = self.attn_processors
+        try:
+            super().set_attn_processor(processor)
+        except ValueError:
+            super().set_attn_processor(before)
+            raise
+
+    def set_default_attn_processor(self) -> None:
+        """The default here is the multi-view processor (diffusers' would split the views)."""
+        self.set_attn_processor(
+            MultiViewIPAttnProcessor() if self.image_proj is not None else MultiViewAttnProcessor()
+        )
 
     def get_class_embed(self, sample: torch.Tensor, class_labels: torch.Tensor | None):
         if class_labels is None:  # 2D mode or "no camera": skip the camera MLP entirely

@@ -69,6 +69,13 @@ class MVDreamPipelineOutput(BaseOutput):
     input_images: list[PIL.Image.Image] | None = None
 
 
+def default_decode_chunk(device, num_views: int) -> int:
+    """Views the VAE decodes at once by default: all views of an object on a GPU (one
+    batched decode instead of V small ones), one at a time on the CPU (bounded memory, and
+    the Winograd decode path is tuned for it)."""
+    return 1 if torch.device(device).type == "cpu" else max(int(num_views), 1)
+
+
 def rescale_noise_cfg(
     eps_cfg: torch.Tensor, eps_cond: torch.Tensor, guidance_rescale: float, num_views: int
 ) -> torch.Tensor:
@@ -345,7 +352,7 @@ class MVDreamPipeline(DiffusionPipeline):
         prompt_suffix: str = DEFAULT_PROMPT_SUFFIX,
         output_type: str = "pil",
         return_dict: bool = True,
-        decode_chunk_size: int = 1,
+        decode_chunk_size: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
         image=None,
@@ -369,7 +376,8 @@ class MVDreamPipeline(DiffusionPipeline):
                 initial noise (multiplied by the scheduler's ``init_noise_sigma``).
             prompt_embeds, negative_prompt_embeds: precomputed text embeddings ``[B, L, D]``.
             output_type: ``"pil"`` | ``"np"`` | ``"pt"`` | ``"latent"``.
-            decode_chunk_size: views decoded by the VAE at once (1 bounds memory).
+            decode_chunk_size: views decoded by the VAE at once (default: all views of an
+                object on a GPU, one at a time on the CPU; 1 bounds memory).
             callback_on_step_end: ``fn(pipe, step, t, tensors) -> dict`` as in diffusers.
             image: ImageDream models only: the photo (PIL, ``[H, W, C]`` array or ``[C, H, W]``
                 tensor in [0, 1]; RGBA composited over ``image_background``), or one per
@@ -492,14 +500,15 @@ class MVDreamPipeline(DiffusionPipeline):
                     latents = out.get("latents", latents)
                 progress_bar.update()
 
-        # 5. Drop the reference frame, decode view by view.
+        # 5. Drop the reference frame, decode (decode_chunk_size views at a time).
         if F > V:
             # (B*F, C, h, w) -> (B, F, C, h, w) -> (B, V, C, h, w) -> (B*V, C, h, w)
             latents = latents.reshape(B, F, C, h, w)[:, :V].reshape(B * V, C, h, w)
         if output_type == "latent":
             images = latents
         else:
-            images = self.decode_latents(latents, decode_chunk_size)  # (B*V, 3, H, W) in [0, 1]
+            chunk = decode_chunk_size or default_decode_chunk(self.vae.device, num_views)
+            images = self.decode_latents(latents, chunk)  # (B*V, 3, H, W) in [0, 1]
             if output_type == "np":
                 images = images.permute(0, 2, 3, 1).cpu().numpy()  # (N, 3, H, W) -> (N, H, W, 3)
             elif output_type == "pil":

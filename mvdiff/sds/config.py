@@ -126,3 +126,5 @@ class TextTo3DConfig:
             raise ValueError(f"background.mode must be solid or env, got {self.background.mode!r}")
         if self.sds.form not in ("x0", "eps"):
             raise ValueError(f"sds.form must be x0 or eps, got {self.sds.form!r}")
+        if self.sds.autocast not in ("no", "fp16", "bf16"):
+            raise ValueError(f"sds.autocast must be no, fp16 or bf16, got {self.sds.autocast!r}")

@@ -49,6 +49,9 @@ class SDSConfig:
     resolution: int | None = None
     #: draw the latent from the VAE posterior (as MVDream) instead of taking its mean
     vae_sample: bool = True
+    #: run the VAE encoder and the UNet under autocast: "no" (float32), "fp16" or "bf16"
+    #: (GPU speed; weights stay float32, the loss and its gradient are float32)
+    autocast: str = "no"
 
 
 def timestep_bounds(step: int, config: SDSConfig, num_train_timesteps: int = 1000):
@@ -60,6 +63,9 @@ def timestep_bounds(step: int, config: SDSConfig, num_train_timesteps: int = 100
     lo_i = min(max(int(lo * T), 1), T - 1)
     hi_i = min(max(int(hi * T), lo_i), T - 1)
     return lo_i, hi_i
+
+
+AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class MultiViewSDS:
@@ -77,10 +83,16 @@ class MultiViewSDS:
         self.config = config or SDSConfig()
         if self.config.form not in ("x0", "eps"):
             raise ValueError(f"SDS form must be 'x0' or 'eps', got {self.config.form!r}")
+        if self.config.autocast not in AUTOCAST:
+            raise ValueError(f"sds.autocast must be no, fp16 or bf16, got {self.config.autocast!r}")
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float32)
         for m in (unet, vae):
             if isinstance(m, torch.nn.Module):
                 m.requires_grad_(False)
+
+    def _autocast(self, device: torch.device):
+        dtype = AUTOCAST[self.config.autocast]
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -107,7 +119,8 @@ class MultiViewSDS:
         x = rgb * 2.0 - 1.0
         if self.vae is None:
             return x
-        dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+        with self._autocast(x.device):
+            dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
         z = dist.sample(generator=generator) if self.config.vae_sample else dist.mean
         return (z * self.vae.config.scaling_factor).float()
 
@@ -123,7 +136,9 @@ class MultiViewSDS:
         emb = torch.cat([cond, uncond])  # (N, L, D) -> (2N, L, D)
         cam = None if camera is None else torch.cat([camera, camera])  # (N, 16) -> (2N, 16)
         ts = torch.full((2 * n,), t, dtype=torch.long, device=noisy.device)
-        eps = self.unet(x, ts, encoder_hidden_states=emb, camera=cam, num_views=num_views).sample
+        with self._autocast(noisy.device):
+            eps = self.unet(x, ts, encoder_hidden_states=emb, camera=cam, num_views=num_views)
+        eps = eps.sample.float()
         return eps[:n], eps[n:]
 
     def guided_x0(self, noisy, t: int, eps_c, eps_u, num_views: int):

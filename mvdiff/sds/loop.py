@@ -48,6 +48,10 @@ def make_fit_state(config: TextTo3DConfig, device="cpu"):
     return FitState(config, device)
 
 
+#: steps between two reads of the loss for the progress bar
+POSTFIX_EVERY = 10
+
+
 class FitState:
     """Field, background, Adam (grids at ``lr``, MLP heads at ``lr / 10``), occupancy grid
     and generator of one run, seeded from ``config.seed``."""
@@ -74,6 +78,9 @@ class FitState:
         self.occupancy = OccupancyGrid(self.field.bound, 32, threshold=0.5)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.device = torch.device(device)
+        #: the stratified jitter of every render (the largest draw: rays x samples) comes
+        #: from a generator on the render device, so it is never drawn on the host and copied
+        self.render_generator = torch.Generator(self.device).manual_seed(config.seed)
 
     def state_dict(self) -> dict:
         return {
@@ -81,6 +88,7 @@ class FitState:
             "background": self.background.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
+            "render_generator": self.render_generator.get_state(),
             "occupancy": self.occupancy.values,
         }
 
@@ -88,7 +96,10 @@ class FitState:
         self.field.load_state_dict(state["field"])
         self.background.load_state_dict(state.get("background", {}))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        # generator states are CPU byte tensors, whatever map_location moved them to
+        self.generator.set_state(state["generator"].cpu())
+        if "render_generator" in state:  # checkpoints before it: continue with a fresh one
+            self.render_generator.set_state(state["render_generator"].cpu())
         self.occupancy.values = state["occupancy"]
         if self.occupancy.values is not None:
             self.occupancy.occupied = self.occupancy.values > self.occupancy.threshold
@@ -106,10 +117,11 @@ class FitState:
     def render(self, c2w, fov_deg, size, *, background=None, generator=None, training=False,
                shading="albedo", light=None, ambient=0.3) -> dict:  # fmt: skip
         """Views ``[V, 3, H, W]`` etc. (:func:`mvdiff.sds.render.render`); ``training``:
-        stratified samples and occupancy skipping."""
+        stratified samples, drawn by :attr:`render_generator` on the render device (not by
+        ``generator``), and occupancy skipping."""
         return render(
             self.field, c2w, fov_deg, size, self.config.samples, background=background,
-            stratified=training, generator=generator,
+            stratified=training, generator=self.render_generator if training else generator,
             occupancy=self.occupancy if training else None, shading=shading, light=light,
             ambient=ambient,
         )  # fmt: skip
@@ -229,8 +241,8 @@ def ref_view_loss(fit: FitState, rays: dict, config: TextTo3DConfig) -> torch.Te
         if isinstance(bg, torch.Tensor):
             bg = bg.to(dev)
     out = render_rays(
-        fit.field, o, d, config.samples, background=bg, stratified=True, generator=gen,
-        occupancy=fit.occupancy,
+        fit.field, o, d, config.samples, background=bg, stratified=True,
+        generator=fit.render_generator, occupancy=fit.occupancy,
     )  # fmt: skip
     a = target[:, 3:4]
     if fixed is not None:
@@ -244,7 +256,9 @@ def ref_view_loss(fit: FitState, rays: dict, config: TextTo3DConfig) -> torch.Te
 
 
 def train_step(fit: FitState, config: TextTo3DConfig, step: int, sds=None, rays=None) -> dict:
-    """One optimisation step; returns ``loss`` (float) and ``t`` (SDS timestep or None)."""
+    """One optimisation step; returns ``loss`` (a detached 0-d tensor on the render device:
+    reading it is a host sync, so the loop does that only now and then) and ``t`` (SDS
+    timestep or None)."""
     fit.before_step(step)
     loss = torch.zeros((), device=fit.device)
     t = None
@@ -259,7 +273,7 @@ def train_step(fit: FitState, config: TextTo3DConfig, step: int, sds=None, rays=
     loss.backward()
     fit.optimizer.step()
     fit.after_step(step)
-    return {"loss": float(loss.detach()), "t": t}
+    return {"loss": loss.detach(), "t": t}
 
 
 def run_steps(
@@ -275,7 +289,9 @@ def run_steps(
     desc: str = "text-to-3d",
 ) -> dict:
     """Steps ``start .. stop - 1`` with a tqdm bar (step, loss, t, it/s) when ``progress``;
-    ``on_step(step + 1, metrics)`` after each. Returns the last metrics."""
+    ``on_step(step + 1, metrics)`` after each (``metrics["loss"]`` a 0-d tensor). The bar's
+    loss is read every ``POSTFIX_EVERY`` steps (each read waits for the GPU). Returns the
+    last metrics, ``loss`` as a float."""
     from tqdm import tqdm
 
     t0 = time.time()
@@ -287,10 +303,12 @@ def run_steps(
     for step in bar:
         metrics = train_step(fit, config, step, sds=sds, rays=rays)
         done = step + 1 - start
-        post = {"loss": f"{metrics['loss']:.4g}", "its": f"{done / (time.time() - t0):.2f}"}
-        if metrics["t"] is not None:
-            post["t"] = metrics["t"]
-        bar.set_postfix(post, refresh=False)
+        if progress and (done % POSTFIX_EVERY == 0 or step == stop - 1):
+            loss = float(metrics["loss"])
+            post = {"loss": f"{loss:.4g}", "its": f"{done / (time.time() - t0):.2f}"}
+            if metrics["t"] is not None:
+                post["t"] = metrics["t"]
+            bar.set_postfix(post, refresh=False)
         if on_step is not None:
             on_step(step + 1, metrics)
-    return metrics
+    return {**metrics, "loss": float(metrics["loss"])}

@@ -178,7 +178,10 @@ def render_rays(
     near, far, hit = ray_box(o, d, field.bound)
     steps = torch.arange(s, device=dev, dtype=torch.float32)
     if stratified:
-        u = torch.rand(n_rays, s, generator=generator).to(dev)
+        # drawn where the generator lives: a generator on the render device means no copy
+        # (FitState.render_generator); a CPU one means a host draw and a transfer
+        gdev = generator.device if generator is not None else dev
+        u = torch.rand(n_rays, s, generator=generator, device=gdev).to(dev)
     else:
         u = torch.full((n_rays, s), 0.5, device=dev)
     length = (far - near)[:, None]  # (R,) -> (R, 1)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mvdiff.accel import enable_tf32
 from mvdiff.cameras import orbit_c2w, sample_sds_group
 from mvdiff.errors import UserError, interrupts_deferred
 from mvdiff.io import atomic_write, save_image, write_json
@@ -158,6 +159,7 @@ def text_to_3d(
     ckpt_path = output / "checkpoint.pt"
     if device is None:
         device = pipe.unet.device if pipe is not None else torch.device("cpu")
+    enable_tf32(device)
     fit = make_fit_state(config, device)
     start = 0
     if resume and ckpt_path.exists():

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from mvdiff.accel import enable_tf32
 from mvdiff.config import dump_config, save_config
 from mvdiff.data.loader import build_loader
 from mvdiff.data.mixer import BatchMixer
@@ -38,6 +39,12 @@ from mvdiff.training.components import freeze, load_components, noise_scheduler_
 from mvdiff.training.config import OptimConfig, TrainConfig
 from mvdiff.training.interrupt import StopSignals, TrainingInterrupted
 from mvdiff.training.loss import diffusion_loss, encode_images, encode_prompts
+from mvdiff.training.stepping import (
+    accelerator_kwargs_handlers,
+    build_ema,
+    optimizer_step,
+    place_ema,
+)
 
 log = logging.getLogger("mvdiff.train")
 
@@ -123,10 +130,12 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
     tb = _tensorboard_available()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
+        kwargs_handlers=accelerator_kwargs_handlers(),
         log_with="tensorboard" if tb else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     rank, world = accelerator.process_index, accelerator.num_processes
+    enable_tf32(accelerator.device)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -172,14 +181,14 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
         anchor = dbm.ParamAnchor(trainable)
     ema = None
     if cfg.ema:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(trainable, decay=cfg.ema_decay)  # saved by save_checkpoint (safetensors)
+        ema = build_ema(trainable, cfg.ema_decay)  # saved by save_checkpoint (safetensors)
 
     # ---- resume ---------------------------------------------------------------------------
     start_step, nan_skips_total, skipped_total = 0, 0, 0
     ckpt, state = resume_checkpoint(accelerator, cfg.checkpoint.resume, out, unet, optimizer, ema)
     if ckpt is not None:
+        if ema is not None:
+            place_ema(ema, trainable)  # next to the model whatever device it was loaded to
         start_step, nan_skips_total = int(state["step"]), int(state.get("nan_skips", 0))
         log.info("resumed from %s at step %d", ckpt, start_step)
     elif cfg.checkpoint.resume == "latest":
@@ -217,7 +226,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
 
     # ---- the loop ---------------------------------------------------------------------------
     step = saved_step = start_step
-    consecutive_nan = 0
+    consecutive_nan, overflow_skips = 0, 0
     window = {"loss": 0.0, "n": 0, "images": 0, "data_s": 0.0, "t0": time.perf_counter(),
               "skipped": 0, "n2d": 0, "nb": 0, **dict.fromkeys(TERMS, 0.0)}  # fmt: skip
     last_loss = float("nan")
@@ -318,13 +327,14 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
             window["skipped"] += int(batch.get("skipped", 0))
             window["n2d"] += int(camera is None)
             window["nb"] += 1
-        grad_norm = float("nan")
-        if not bad:
-            if cfg.optim.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(unet.parameters(),
-                                                              cfg.optim.max_grad_norm))  # fmt: skip
-                bad = not math.isfinite(grad_norm)
-        if bad:
+        grad_norm, overflow = float("nan"), False
+        if not bad:  # clip + step; an fp16 loss-scale overflow skips the update, is not bad
+            outcome = optimizer_step(accelerator, optimizer, unet.parameters(),
+                                     cfg.optim.max_grad_norm)  # fmt: skip
+            grad_norm, overflow, bad = outcome.grad_norm, outcome.overflow, outcome.bad
+        if overflow:
+            overflow_skips += 1
+        elif bad:
             optimizer.zero_grad(set_to_none=True)
             what = f"non-finite loss or gradient at step {step}"
             if cfg.nan_policy == "stop":
@@ -341,8 +351,6 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
                 raise NonFiniteLossError(f"{what}: {consecutive_nan} non-finite steps in a row")
         else:
             consecutive_nan = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.step(trainable)
             last_loss = step_loss
@@ -372,6 +380,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
                 "skipped_samples": stats[3],
                 "frac_2d_batches": stats[4] / max(1.0, stats[5]),
                 "nan_skips": nan_skips_total,
+                "overflow_skips": overflow_skips,
             }
             if db is not None:
                 for i, name in enumerate(TERMS):
@@ -416,6 +425,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
         "ranks_in_sync": len(set(checksums)) == 1,
         "nan_skips": nan_skips_total,
         "skipped_samples": skipped_total,
+        "overflow_skips": overflow_skips,
     }
     if db is not None:
         summary["class_images_generated"] = class_generated
