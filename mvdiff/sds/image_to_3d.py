@@ -1,0 +1,361 @@
+"""Image -> 3D (Make-It-3D stage 1 with ImageDream's image-conditioned multi-view prior).
+
+One photo is a posed reference view at a front camera (azimuth 0, ``ref_elevation_deg``,
+``ref_fov_deg``, the camera at the distance that frames the unit box as in training;
+:mod:`mvdiff.cameras` convention), fitted with the RGB + mask losses of
+:func:`mvdiff.sds.loop.ref_view_loss`; novel views get multi-view SDS
+(:class:`ImageConditionedSDS`) from an ImageDream UNet conditioned on the photo: its vision
+tower tokens (``image_embeds``) and its VAE latent as the extra zero-camera reference frame
+(``reference_latents``), with the official unconditional input (zero tokens, zero latent).
+With a depth map, the negative Pearson correlation of the rendered depth and the given one
+on the object's pixels (scale/shift invariant, as Make-It-3D) is added.
+
+The loop is :func:`mvdiff.sds.loop.run_steps`; the outputs are those of text-to-3d
+(:func:`mvdiff.sds.text_to_3d.export_outputs`) plus ``input.png`` (the photo as fitted),
+``reference.png`` (the final render at the reference camera) and, in ``summary.json``,
+``reference_psnr`` / ``reference_iou`` (render vs photo, opacity vs mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mvdiff.cameras import orbit_c2w
+from mvdiff.errors import UserError, interrupts_deferred
+from mvdiff.io import atomic_write, save_image, write_json
+from mvdiff.sds.config import TextTo3DConfig
+from mvdiff.sds.guidance import MultiViewSDS
+from mvdiff.sds.loop import FitState, run_steps
+from mvdiff.sds.recon import psnr, render_views, silhouette_iou
+from mvdiff.sds.ref_views import _read_png, composite, estimate_alpha, prepare_rays
+from mvdiff.sds.render import render_rays
+from mvdiff.sds.text_to_3d import SDSTerm, export_outputs, framing_distance
+
+__all__ = [
+    "ImageConditionedSDS",
+    "ImageTo3DConfig",
+    "depth_loss",
+    "image_to_3d",
+    "load_depth",
+    "load_photo",
+    "reference_view",
+]
+
+#: The fewest object pixels (mask > 0.5) a photo must have.
+MIN_OBJECT_PIXELS = 16
+
+
+@dataclass
+class ImageTo3DConfig(TextTo3DConfig):
+    """:class:`TextTo3DConfig` plus the reference camera, the photo's background for the
+    prior and the depth term. ``ref_fov_deg`` is the reference camera's field of view."""
+
+    ref_elevation_deg: float = 0.0
+    #: grey level an RGBA photo is composited over before the vision tower and the VAE
+    image_background: float = 1.0
+    depth_weight: float = 0.05
+    #: what the depth map holds: "disparity" (larger = nearer; monocular estimators such as
+    #: DPT/MiDaS) or "depth" (larger = farther)
+    depth_kind: str = "disparity"
+
+    def check(self) -> None:
+        super().check()
+        if self.depth_kind not in ("disparity", "depth"):
+            raise ValueError(f"depth_kind must be disparity or depth, got {self.depth_kind!r}")
+        if not -89.0 <= self.ref_elevation_deg <= 89.0:
+            raise ValueError(
+                f"ref_elevation_deg must be in [-89, 89], got {self.ref_elevation_deg}"
+            )
+        if not 0.0 < self.ref_fov_deg < 180.0:
+            raise ValueError(f"ref_fov_deg must be in (0, 180), got {self.ref_fov_deg}")
+        if not 0.0 <= self.image_background <= 1.0:
+            raise ValueError(f"image_background must be in [0, 1], got {self.image_background}")
+
+
+class ImageConditionedSDS(MultiViewSDS):
+    """:class:`MultiViewSDS` with ImageDream's image prompt: every group of V views gets the
+    photo as an extra, last frame (zero camera; its latent is written by the UNet from
+    ``reference_latents``), the conditional half the photo's ``image_embeds`` ``[1, T, E]`` and
+    ``reference_latents`` ``[1, C, h, w]``, the unconditional half zeros of both (the
+    official uncond). ``reference_latents=None``: image tokens only (no extra frame)."""
+
+    def __init__(self, unet, vae, alphas_cumprod, config, image_embeds, reference_latents=None):
+        super().__init__(unet, vae, alphas_cumprod, config)
+        self.image_embeds = image_embeds.float()
+        self.reference_latents = None if reference_latents is None else reference_latents.float()
+
+    def predict_noise(self, noisy, t: int, cond, uncond, camera, num_views: int):
+        n, c, h, w = noisy.shape
+        b = n // num_views  # objects
+        ref = self.reference_latents
+        f = num_views + (ref is not None)  # frames per object the UNet sees
+        x = noisy
+        cam = camera
+        if ref is not None:
+            if camera is None:
+                raise ValueError("the reference frame needs a UNet with cameras")
+            if ref.shape[-2:] != (h, w):
+                raise ValueError(f"reference latent {tuple(ref.shape)} vs SDS latents {(h, w)}")
+            per_obj = noisy.reshape(b, num_views, c, h, w)  # (B*V, C, h, w) -> (B, V, C, h, w)
+            # (B, V, C, h, w) + (B, 1, C, h, w) -> (B, F, C, h, w) -> (B*F, C, h, w)
+            x = torch.cat([per_obj, per_obj.new_zeros(b, 1, c, h, w)], 1).reshape(b * f, c, h, w)
+            per_cam = camera.reshape(b, num_views, -1)  # (B*V, 16) -> (B, V, 16)
+            zero = per_cam.new_zeros(b, 1, per_cam.shape[-1])
+            cam = torch.cat([per_cam, zero], 1).reshape(b * f, -1)  # (B, F, 16) -> (B*F, 16)
+        m = b * f
+        cond = cond.expand(m, *cond.shape[1:])  # (1, L, D) -> (B*F, L, D)
+        uncond = uncond.expand(m, *uncond.shape[1:])  # (1, L, D) -> (B*F, L, D)
+        emb = self.image_embeds.to(noisy.device).expand(b, *self.image_embeds.shape[1:])
+        kwargs = {"image_embeds": torch.cat([emb, torch.zeros_like(emb)])}  # (2B, T, E)
+        if ref is not None:
+            r = ref.to(noisy.device).expand(b, c, h, w)  # (1, C, h, w) -> (B, C, h, w)
+            kwargs["reference_latents"] = torch.cat([r, torch.zeros_like(r)])  # (2B, C, h, w)
+        x2 = torch.cat([x, x])  # (B*F, C, h, w) -> (2*B*F, C, h, w)
+        cam2 = None if cam is None else torch.cat([cam, cam])  # (B*F, 16) -> (2*B*F, 16)
+        ts = torch.full((2 * m,), t, dtype=torch.long, device=noisy.device)
+        eps = self.unet(
+            x2, ts, encoder_hidden_states=torch.cat([cond, uncond]), camera=cam2, num_views=f,
+            **kwargs,
+        ).sample  # fmt: skip
+        # (2*B*F, C, h, w) -> (2, B, F, C, h, w) -> drop the reference frame -> (2, B*V, C, h, w)
+        eps = eps.reshape(2, b, f, c, h, w)[:, :, :num_views].reshape(2, n, c, h, w)
+        return eps[0], eps[1]
+
+
+def _square(arr: np.ndarray, fill) -> np.ndarray:
+    """Pad ``[H, W, C]`` to a centred square with ``fill`` (per channel)."""
+    h, w = arr.shape[:2]
+    s = max(h, w)
+    out = np.empty((s, s) + arr.shape[2:], arr.dtype)
+    out[...] = np.asarray(fill, dtype=arr.dtype)
+    top, left = (s - h) // 2, (s - w) // 2
+    out[top : top + h, left : left + w] = arr
+    return out
+
+
+def load_photo(path) -> dict:
+    """The photo as a square straight-alpha ``rgba`` ``[1, 4, S, S]`` in [0, 1] (RGB photos:
+    mask and ``background`` ``[3]`` estimated from the border colour, as ``--ref-views``
+    folders), ``has_alpha`` and the RGB(A) ``array`` ``[S, S, C]`` uint8 for the prior."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such photo")
+    arr = _read_png(path, str(path))  # (H, W, 3|4) uint8; unreadable -> one line
+    has_alpha = arr.shape[-1] == 4
+    if has_alpha:
+        arr = _square(arr, [0, 0, 0, 0])
+    else:
+        rgb = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
+        _, bg = estimate_alpha(rgb)
+        arr = _square(arr, (bg.numpy() * 255).round().astype(np.uint8))
+    x = (
+        torch.from_numpy(arr.copy()).float().permute(2, 0, 1)[None] / 255.0
+    )  # (S, S, C) -> (1, C, S, S)
+    background = None
+    if not has_alpha:
+        alpha, background = estimate_alpha(x)
+        x = torch.cat([x, alpha], 1)  # (1, 3, S, S) -> (1, 4, S, S)
+    if int((x[:, 3] > 0.5).sum()) < MIN_OBJECT_PIXELS:
+        how = "its alpha is empty" if has_alpha else "nothing differs from the border colour"
+        raise UserError(f"{path}: no object in the photo ({how}); give an RGBA cut-out")
+    return {"rgba": x, "background": background, "has_alpha": has_alpha, "array": arr}
+
+
+def load_depth(path, size: int) -> torch.Tensor:
+    """A depth/disparity map (8- or 16-bit grey PNG, or RGB: its first channel) padded to a
+    square like the photo of side ``size`` -> ``[1, 1, size, size]`` float."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--depth {path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im).astype(np.float32)
+    except Exception as e:
+        text = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"--depth {path}: not a readable image ({text})") from None
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    if not np.isfinite(arr).all() or max(arr.shape) != size:
+        raise UserError(
+            f"--depth {path}: must be a finite map of the photo's size (longest side {size}), "
+            f"got {arr.shape[1]}x{arr.shape[0]}"
+        )
+    arr = _square(arr[..., None], [float(np.median(arr))])[..., 0]
+    return torch.from_numpy(arr)[None, None]  # (S, S) -> (1, 1, S, S)
+
+
+def reference_view(photo: dict, config: ImageTo3DConfig) -> dict:
+    """The photo as a posed view (``prepare_rays`` input): one front camera."""
+    fov = float(config.ref_fov_deg)
+    c2w = orbit_c2w(np.array([config.ref_elevation_deg]), np.array([0.0]), framing_distance(fov))
+    return {
+        "uid": "photo",
+        "rgba": photo["rgba"],
+        "c2w": torch.from_numpy(c2w).float(),  # (1, 4, 4)
+        "fov_deg": torch.tensor([fov]),
+        "background": photo["background"],
+        "has_alpha": photo["has_alpha"],
+    }
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a - a.mean(), b - b.mean()
+    return (a * b).sum() / (a.norm() * b.norm() + 1e-8)
+
+
+def depth_loss(fit: FitState, depth_rays: dict, config: ImageTo3DConfig) -> torch.Tensor:
+    """1 - Pearson(rendered depth, given depth) on a random batch of the object's rays
+    (disparity maps are negated first): invariant to the map's scale and shift."""
+    n = depth_rays["o"].shape[0]
+    idx = torch.arange(n)
+    if 0 < config.ref_rays < n:
+        idx = torch.randint(n, (config.ref_rays,), generator=fit.generator)
+    dev = fit.device
+    out = render_rays(
+        fit.field, depth_rays["o"][idx].to(dev), depth_rays["d"][idx].to(dev), config.samples,
+        stratified=True, generator=fit.generator, occupancy=fit.occupancy,
+    )  # fmt: skip
+    pred = (out["depth"] / out["opacity"].clamp(min=1e-3)).reshape(-1)  # (R, 1) -> (R,)
+    target = depth_rays["depth"][idx].to(dev)
+    if config.depth_kind == "disparity":
+        target = -target
+    return 1.0 - _pearson(pred, target)
+
+
+class ImageTo3DTerm:
+    """The per-step terms besides the reference RGB/mask: SDS (``sds_weight``) and depth
+    (``depth_weight``), in the prior slot of :func:`mvdiff.sds.loop.train_step` (which then
+    runs with weight 1)."""
+
+    def __init__(self, config: ImageTo3DConfig, sds=None, depth_rays=None):
+        self.config, self.sds, self.depth_rays = config, sds, depth_rays
+
+    def __call__(self, fit, config, step: int, size: int):
+        loss, t = torch.zeros((), device=fit.device), None
+        if self.sds is not None and self.config.sds_weight > 0:
+            sds_loss, t = self.sds(fit, self.config, step, size)
+            loss = loss + self.config.sds_weight * sds_loss
+        if self.depth_rays is not None and self.config.depth_weight > 0:
+            loss = loss + self.config.depth_weight * depth_loss(fit, self.depth_rays, self.config)
+        return loss, t
+
+
+def image_sds_term(pipe, photo: dict, config: ImageTo3DConfig) -> SDSTerm:
+    """The SDS term with the photo as ImageDream's image prompt (tokens + reference frame)."""
+    import PIL.Image
+
+    if not pipe.has_image_prompt or pipe.image_encoder is None or pipe.feature_extractor is None:
+        raise UserError(
+            "--model: no image prompt/image encoder (not an ImageDream model); convert an "
+            "ImageDream checkpoint: mvdiff convert sd-v2.1-base-4view-ipmv.pt OUT "
+            "--original-config sd-v2-base-ipmv.yaml"
+        )
+    if not getattr(pipe, "has_camera_mlp", True):
+        raise UserError("--model: the reference frame needs a multi-view UNet with cameras")
+    image = pipe.composite_image(PIL.Image.fromarray(photo["array"]), config.image_background)
+    guidance = MultiViewSDS(pipe.unet, pipe.vae, pipe.scheduler.alphas_cumprod, config.sds)
+    r = guidance.resolution
+    gen = torch.Generator().manual_seed(config.seed)
+    embeds, ref = pipe.encode_image([image], r, r, gen)  # (1, T, E), (1, 4, r/8, r/8)
+    guidance = ImageConditionedSDS(
+        pipe.unet, pipe.vae, pipe.scheduler.alphas_cumprod, config.sds, embeds, ref
+    )
+    cond = pipe.encode_prompt([config.prompt + config.prompt_suffix]).float()  # (1, L, D)
+    uncond = pipe.encode_prompt([config.negative_prompt]).float()  # (1, L, D)
+    return SDSTerm(guidance, cond, uncond, use_camera=True)
+
+
+def image_to_3d(
+    pipe,
+    config: ImageTo3DConfig,
+    photo_path,
+    output,
+    depth_path=None,
+    log=print,
+    progress: bool = True,
+    device=None,
+) -> dict:
+    """Fit a field to the photo at ``photo_path`` (+ SDS with ``pipe``, an ImageDream
+    :class:`MVDreamPipeline`, when ``sds_weight`` > 0; + depth from ``depth_path``) and write
+    the outputs (module docstring) into ``output``. Returns the summary."""
+    from PIL import Image
+
+    config.check()
+    photo = load_photo(photo_path)
+    size = photo["rgba"].shape[-1]
+    depth = load_depth(depth_path, size) if depth_path is not None else None
+    if config.sds_weight > 0 and pipe is None:
+        raise ValueError("sds_weight > 0 needs a pipeline (the prior)")
+    sds = image_sds_term(pipe, photo, config) if config.sds_weight > 0 else None
+    if device is None:
+        device = pipe.unet.device if pipe is not None else torch.device("cpu")
+
+    view = reference_view(photo, config)
+    res = config.ref_resolution or min(size, config.render_size_late)
+    rays = prepare_rays(view, res, None)
+    depth_rays = None
+    if depth is not None:
+        d = F.interpolate(depth, size=(res, res), mode="area").reshape(-1)  # (1,1,r,r) -> (r*r,)
+        keep = rays["rgba"][:, 3] > 0.5
+        depth_rays = {"o": rays["o"][keep], "d": rays["d"][keep], "depth": d[keep]}
+    if not photo["has_alpha"]:
+        log("photo has no alpha: mask estimated from the background colour")
+    log(f"reference view: {photo_path} at elevation {config.ref_elevation_deg}°, "
+        f"fov {config.ref_fov_deg}°, fitted at {res}²")  # fmt: skip
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "config.json", config.to_dict())
+    fit = FitState(config, device)
+    term = None
+    if sds is not None or depth_rays is not None:
+        term = ImageTo3DTerm(config, sds, depth_rays)
+    loop_config = dataclasses.replace(config, sds_weight=1.0 if term is not None else 0.0)
+    t0 = time.time()
+    metrics = run_steps(
+        fit, loop_config, 0, config.steps, sds=term, rays=rays, progress=progress,
+        desc="image-to-3d",
+    )  # fmt: skip
+
+    state = {**fit.state_dict(), "step": config.steps, "config": config.to_dict()}
+
+    def write(tmp):
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        tmp.write_bytes(buf.getbuffer())
+
+    with interrupts_deferred():
+        atomic_write(output / "checkpoint.pt", write)
+
+    # the reference view as fitted and as rendered now, over the same background
+    bg = photo["background"]
+    if bg is None:
+        bg = torch.tensor(config.background.color, dtype=torch.float32)
+    target = F.interpolate(photo["rgba"], size=(res, res), mode="area")  # (1, 4, r, r)
+    rgb, opacity = render_views(
+        fit.field, view["c2w"], view["fov_deg"], res, config.samples, bg, with_opacity=True
+    )  # (1, 3, r, r), (1, 1, r, r)
+    want = composite(target, bg)
+    ref_psnr, ref_iou = psnr(rgb, want), silhouette_iou(opacity, target[:, 3:4])
+    for name, img in (("input.png", want), ("reference.png", rgb)):
+        arr = img[0].clamp(0, 1).permute(1, 2, 0).numpy()  # (3, r, r) -> (r, r, 3)
+        save_image(output / name, Image.fromarray((arr * 255 + 0.5).astype(np.uint8)))
+    counts = export_outputs(fit, config, output)
+    summary = {
+        "steps": config.steps, "loss": metrics["loss"], "t": metrics["t"], **counts,
+        "reference_psnr": round(ref_psnr, 3), "reference_iou": round(ref_iou, 4),
+        "seconds": round(time.time() - t0, 2),
+    }  # fmt: skip
+    write_json(output / "summary.json", summary)
+    return summary
