@@ -136,7 +136,30 @@ def test_image_to_3d_end_to_end_with_the_prior_and_depth(tmp_path, image_folder)
     config = json.loads((out / "config.json").read_text())
     assert config["ref_elevation_deg"] == 10 and config["ref_fov_deg"] == 35
     assert config["prompt"] == "two blocks"
+    assert config["sds"]["guidance_scale"] == 5.0  # ImageDream's, not MVDream's 50
     assert (out / "mesh.glb").is_file() and not list(out.glob(".*.tmp"))
+
+
+def test_image_to_3d_resumes(tmp_path, capsys):
+    photo = tmp_path / "photo.png"
+    two_blocks(32).save(photo)
+    out = tmp_path / "run"
+    argv = ["image-to-3d", str(photo), "--output", str(out), "--sds-weight", "0", "--fast",
+            "--steps", "3", "--samples", "8", "--mesh-resolution", "16",
+            "--set", "turntable_frames=2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    before = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert before["step"] == 3
+    argv[argv.index("--steps") + 1] = "5"
+    assert main([*argv, "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    after = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert after["step"] == 5
+    assert json.loads((out / "summary.json").read_text())["resumed_from"] == 3
+    assert any(not torch.equal(before["field"][k], after["field"][k]) for k in before["field"])
+    (out / "checkpoint.pt").write_bytes(b"junk")
+    assert main([*argv, "--resume"]) == 2
+    assert "--resume" in capsys.readouterr().err
 
 
 def test_image_to_3d_errors(tmp_path, capsys):
@@ -163,6 +186,10 @@ def test_image_to_3d_errors(tmp_path, capsys):
     assert "not an ImageDream model" in line and "convert an ImageDream checkpoint" in line
     assert "--model is required" in err(str(photo))
     assert "--depth" in err(str(photo), "--sds-weight", "0", "--depth", str(tmp_path / "no.png"))
+    PIL.Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "small.png")
+    assert "photo's size" in err(
+        str(photo), "--sds-weight", "0", "--depth", str(tmp_path / "small.png")
+    )
     assert "--fov" in err(str(photo), "--sds-weight", "0", "--fov", "200")
     assert not out.exists()
 

@@ -68,6 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a config value, dotted for nested ones (sds.guidance_scale=30); repeatable",
     )
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint period in steps")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -100,7 +102,7 @@ def resolve_config(args: argparse.Namespace):
         config.prompt = args.prompt
     if args.negative_prompt is not None:
         config.negative_prompt = args.negative_prompt
-    for name in ("steps", "samples", "lr", "seed", "mesh_resolution"):
+    for name in ("steps", "samples", "lr", "seed", "mesh_resolution", "save_every"):
         value = getattr(args, name)
         if value is not None:
             if value <= 0 and name != "seed":
@@ -143,12 +145,14 @@ def run(args: argparse.Namespace) -> int:
 
     from mvdiff.commands.text_to_3d import NO_ROOM
     from mvdiff.pipelines.loading import load_pipeline
-    from mvdiff.sds.image_to_3d import image_to_3d, load_photo
+    from mvdiff.sds.image_to_3d import image_to_3d, load_depth, load_photo
 
     config = resolve_config(args)
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise UserError(f"--output {args.output}: exists and is not a folder")
-    load_photo(args.photo)  # a bad photo is one line before any model is loaded
+    photo = load_photo(args.photo)  # bad inputs are one line before any model is loaded
+    if args.depth is not None:
+        load_depth(args.depth, photo["rgba"].shape[-1])
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -158,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         pipe.to(device)
     try:
         summary = image_to_3d(
-            pipe, config, args.photo, args.output, depth_path=args.depth,
+            pipe, config, args.photo, args.output, depth_path=args.depth, resume=args.resume,
             progress=not args.no_progress, device=device,
         )  # fmt: skip
     except OSError as e:

@@ -32,8 +32,8 @@ from mvdiff.cameras import orbit_c2w
 from mvdiff.errors import UserError, interrupts_deferred
 from mvdiff.io import atomic_write, save_image, write_json
 from mvdiff.sds.config import TextTo3DConfig
-from mvdiff.sds.guidance import MultiViewSDS
-from mvdiff.sds.loop import FitState, run_steps
+from mvdiff.sds.guidance import MultiViewSDS, SDSConfig
+from mvdiff.sds.loop import FitState, load_checkpoint, restore, run_steps
 from mvdiff.sds.recon import psnr, render_views, silhouette_iou
 from mvdiff.sds.ref_views import _read_png, composite, estimate_alpha, prepare_rays
 from mvdiff.sds.render import render_rays
@@ -51,6 +51,8 @@ __all__ = [
 
 #: The fewest object pixels (mask > 0.5) a photo must have.
 MIN_OBJECT_PIXELS = 16
+#: CFG scale of ImageDream's own image-to-3D runs (MVDream's text-to-3D uses 50).
+IMAGEDREAM_GUIDANCE = 5.0
 
 
 @dataclass
@@ -65,6 +67,14 @@ class ImageTo3DConfig(TextTo3DConfig):
     #: what the depth map holds: "disparity" (larger = nearer; monocular estimators such as
     #: DPT/MiDaS) or "depth" (larger = farther)
     depth_kind: str = "disparity"
+    sds: SDSConfig = dataclasses.field(
+        default_factory=lambda: SDSConfig(guidance_scale=IMAGEDREAM_GUIDANCE)
+    )
+
+    @classmethod
+    def fast(cls, **kw) -> ImageTo3DConfig:
+        kw.setdefault("sds", SDSConfig(anneal_steps=600, guidance_scale=IMAGEDREAM_GUIDANCE))
+        return super().fast(**kw)
 
     def check(self) -> None:
         super().check()
@@ -89,8 +99,7 @@ class ImageConditionedSDS(MultiViewSDS):
 
     def __init__(self, unet, vae, alphas_cumprod, config, image_embeds, reference_latents=None):
         super().__init__(unet, vae, alphas_cumprod, config)
-        self.image_embeds = image_embeds.float()
-        self.reference_latents = None if reference_latents is None else reference_latents.float()
+        self.image_embeds, self.reference_latents = image_embeds, reference_latents
 
     def predict_noise(self, noisy, t: int, cond, uncond, camera, num_views: int):
         n, c, h, w = noisy.shape
@@ -264,13 +273,13 @@ def image_sds_term(pipe, photo: dict, config: ImageTo3DConfig) -> SDSTerm:
     if not getattr(pipe, "has_camera_mlp", True):
         raise UserError("--model: the reference frame needs a multi-view UNet with cameras")
     image = pipe.composite_image(PIL.Image.fromarray(photo["array"]), config.image_background)
-    guidance = MultiViewSDS(pipe.unet, pipe.vae, pipe.scheduler.alphas_cumprod, config.sds)
-    r = guidance.resolution
+    guidance = ImageConditionedSDS(
+        pipe.unet, pipe.vae, pipe.scheduler.alphas_cumprod, config.sds, None, None
+    )
+    r = guidance.resolution  # the reference latent has the SDS latents' size
     gen = torch.Generator().manual_seed(config.seed)
     embeds, ref = pipe.encode_image([image], r, r, gen)  # (1, T, E), (1, 4, r/8, r/8)
-    guidance = ImageConditionedSDS(
-        pipe.unet, pipe.vae, pipe.scheduler.alphas_cumprod, config.sds, embeds, ref
-    )
+    guidance.image_embeds, guidance.reference_latents = embeds.float(), ref.float()
     cond = pipe.encode_prompt([config.prompt + config.prompt_suffix]).float()  # (1, L, D)
     uncond = pipe.encode_prompt([config.negative_prompt]).float()  # (1, L, D)
     return SDSTerm(guidance, cond, uncond, use_camera=True)
@@ -282,13 +291,16 @@ def image_to_3d(
     photo_path,
     output,
     depth_path=None,
+    resume: bool = False,
     log=print,
     progress: bool = True,
     device=None,
 ) -> dict:
     """Fit a field to the photo at ``photo_path`` (+ SDS with ``pipe``, an ImageDream
     :class:`MVDreamPipeline`, when ``sds_weight`` > 0; + depth from ``depth_path``) and write
-    the outputs (module docstring) into ``output``. Returns the summary."""
+    the outputs (module docstring) into ``output``; ``resume`` continues from
+    ``output/checkpoint.pt`` (written every ``save_every`` steps and at the end). Returns the
+    summary."""
     from PIL import Image
 
     config.check()
@@ -315,28 +327,46 @@ def image_to_3d(
         f"fov {config.ref_fov_deg}°, fitted at {res}²")  # fmt: skip
 
     output = Path(output)
+    ckpt_path = output / "checkpoint.pt"
+    fit = FitState(config, device)
+    start = 0
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, device)  # tensors and plain data only; else one line
+        saved = state["config"].get("field")
+        if saved is not None and saved != config.to_dict()["field"]:
+            raise UserError(
+                f"--resume {ckpt_path}: saved with field {saved}; use the same settings"
+            )
+        start = restore(fit, state, ckpt_path)
+        log(f"resumed from {ckpt_path} at step {start}")
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / "config.json", config.to_dict())
-    fit = FitState(config, device)
     term = None
     if sds is not None or depth_rays is not None:
         term = ImageTo3DTerm(config, sds, depth_rays)
     loop_config = dataclasses.replace(config, sds_weight=1.0 if term is not None else 0.0)
+
+    def save(step):
+        state = {**fit.state_dict(), "step": step, "config": config.to_dict()}
+
+        def write(tmp):  # serialised first: a full disk is then an OSError
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            tmp.write_bytes(buf.getbuffer())
+
+        with interrupts_deferred():
+            atomic_write(ckpt_path, write)  # no .tmp left on failure
+
+    def on_step(done, metrics):
+        if config.save_every and done % config.save_every == 0 and done < config.steps:
+            save(done)
+
     t0 = time.time()
     metrics = run_steps(
-        fit, loop_config, 0, config.steps, sds=term, rays=rays, progress=progress,
-        desc="image-to-3d",
+        fit, loop_config, start, config.steps, sds=term, rays=rays, progress=progress,
+        on_step=on_step, desc="image-to-3d",
     )  # fmt: skip
-
-    state = {**fit.state_dict(), "step": config.steps, "config": config.to_dict()}
-
-    def write(tmp):
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        tmp.write_bytes(buf.getbuffer())
-
-    with interrupts_deferred():
-        atomic_write(output / "checkpoint.pt", write)
+    save(max(config.steps, start))
 
     # the reference view as fitted and as rendered now, over the same background
     bg = photo["background"]
@@ -353,7 +383,7 @@ def image_to_3d(
         save_image(output / name, Image.fromarray((arr * 255 + 0.5).astype(np.uint8)))
     counts = export_outputs(fit, config, output)
     summary = {
-        "steps": config.steps, "loss": metrics["loss"], "t": metrics["t"], **counts,
+        "steps": config.steps, "resumed_from": start, "loss": metrics["loss"], "t": metrics["t"], **counts,
         "reference_psnr": round(ref_psnr, 3), "reference_iou": round(ref_iou, 4),
         "seconds": round(time.time() - t0, 2),
     }  # fmt: skip
