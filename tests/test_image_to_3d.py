@@ -11,7 +11,7 @@ from mvdiff.cli import main
 from mvdiff.pipelines import MVDreamPipeline
 from mvdiff.testing import tiny_components, tiny_image_components
 
-#: reference-view PSNR / mask IoU after 60 photo-only steps at 32² (seen 27.3 dB / 0.986;
+#: reference-view PSNR / mask IoU after 60 photo-only steps at 32² (seen 30.9 dB / 0.993;
 #: an untrained field: ~8 dB / 0.13)
 REF_PSNR = 22.0
 REF_IOU = 0.8
@@ -88,7 +88,7 @@ def test_photo_only_fits_the_reference_view_in_the_camera_convention(tmp_path, c
 def test_sds_calls_the_prior_with_the_photo(tmp_path, monkeypatch):
     """The SDS UNet call: 4 views + a zero-camera reference frame; the conditional half gets
     the photo's vision-tower tokens and VAE latent, the unconditional half zeros."""
-    from mvdiff.sds.image_to_3d import ImageTo3DConfig, image_to_3d
+    from mvdiff.sds.image_to_3d import ImageTo3DConfig, image_to_3d, load_photo
 
     torch.set_num_threads(1)
     pipe = MVDreamPipeline(**tiny_image_components(0))
@@ -114,7 +114,8 @@ def test_sds_calls_the_prior_with_the_photo(tmp_path, monkeypatch):
     assert embeds.shape == (2, 5, 32) and ref.shape == (2, 4, 8, 8)
     assert embeds[0].abs().max() > 0 and not embeds[1].any()  # cond: the photo; uncond: zeros
     assert ref[0].abs().max() > 0 and not ref[1].any()
-    image = pipe.composite_image(two_blocks(), 1.0)
+    framed = load_photo(photo, config.ref_object_fraction)["array"]  # (64, 64, 4)
+    image = pipe.composite_image(PIL.Image.fromarray(framed), 1.0)
     want, _ = pipe.encode_image([image], 64, 64)
     torch.testing.assert_close(embeds[:1], want)
 
@@ -138,6 +139,42 @@ def test_image_to_3d_end_to_end_with_the_prior_and_depth(tmp_path, image_folder)
     assert config["prompt"] == "two blocks"
     assert config["sds"]["guidance_scale"] == 5.0  # ImageDream's, not MVDream's 50
     assert (out / "mesh.glb").is_file() and not list(out.glob(".*.tmp"))
+
+
+def test_photo_framing(tmp_path):
+    """The object is cropped, scaled to ref_object_fraction of the frame and centred (RGBA:
+    transparent around it; RGB: the border colour); None pads the photo to a square as is;
+    a depth map gets the same framing."""
+    from mvdiff.sds.image_to_3d import load_depth, load_photo
+
+    rgba = np.zeros((40, 80, 4), np.uint8)
+    rgba[4:14, 6:26] = [200, 50, 40, 255]  # a 10 x 20 object at the upper left
+    PIL.Image.fromarray(rgba).save(tmp_path / "a.png")
+    depth = np.zeros((40, 80), np.uint16)
+    depth[4:14, 6:26] = 1000
+    PIL.Image.fromarray(depth).save(tmp_path / "d.png")
+
+    def box(alpha):
+        rows, cols = (alpha > 0.5).any(1).nonzero()[:, 0], (alpha > 0.5).any(0).nonzero()[:, 0]
+        return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+    photo = load_photo(tmp_path / "a.png", 0.5)
+    x = photo["rgba"]
+    assert x.shape == (1, 4, 80, 80) and photo["array"].shape == (80, 80, 4)
+    assert box(x[0, 3]) == (30, 20, 50, 60)  # 20 x 40 = half of 80 on the longer side, centred
+    torch.testing.assert_close(x[0, :3, 40, 40], torch.tensor([200, 50, 40]) / 255.0)
+    d = load_depth(tmp_path / "d.png", photo)
+    assert d.shape == (1, 1, 80, 80) and box(d[0, 0] / 1000) == (30, 20, 50, 60)
+
+    kept = load_photo(tmp_path / "a.png", None)["rgba"]
+    assert box(kept[0, 3]) == (24, 6, 34, 26)  # padded by 20 rows above, nothing moved
+
+    rgb = np.full((40, 40, 3), 250, np.uint8)
+    rgb[2:12, 2:12] = [10, 20, 200]
+    PIL.Image.fromarray(rgb).save(tmp_path / "b.png")
+    photo = load_photo(tmp_path / "b.png", 0.5)
+    assert not photo["has_alpha"] and box(photo["rgba"][0, 3]) == (10, 10, 30, 30)
+    assert photo["array"][0, 0].tolist() == [250, 250, 250]  # the border colour around it
 
 
 def test_image_to_3d_resumes(tmp_path, capsys):

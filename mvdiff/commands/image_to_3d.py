@@ -39,6 +39,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--fov", type=float, default=None, help="reference camera field of view, deg (default 40)"
     )
     p.add_argument(
+        "--object-fraction",
+        type=float,
+        default=None,
+        help="the object is cropped, scaled to this fraction of the frame and centred "
+        "(default 0.55; 0 keeps the photo's framing)",
+    )
+    p.add_argument(
         "--depth",
         default=None,
         help="depth map of the photo (grey PNG, same size; disparity unless "
@@ -127,6 +134,15 @@ def resolve_config(args: argparse.Namespace):
         if not 0 < args.fov < 180:
             raise UserError(f"--fov must be in (0, 180), got {args.fov}")
         config.ref_fov_deg = args.fov
+    if args.object_fraction is not None:
+        if args.object_fraction == 0:
+            config.ref_object_fraction = None
+        elif not 0.05 <= args.object_fraction <= 1:
+            raise UserError(
+                f"--object-fraction must be 0 or in [0.05, 1], got {args.object_fraction}"
+            )
+        else:
+            config.ref_object_fraction = args.object_fraction
     if config.sds_weight > 0 and not args.model:
         raise UserError("--model is required (an ImageDream folder; or --sds-weight 0)")
     if config.ref_views:
@@ -150,9 +166,9 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise UserError(f"--output {args.output}: exists and is not a folder")
-    photo = load_photo(args.photo)  # bad inputs are one line before any model is loaded
+    photo = load_photo(args.photo, config.ref_object_fraction)  # bad inputs: one line, early
     if args.depth is not None:
-        load_depth(args.depth, photo["rgba"].shape[-1])
+        load_depth(args.depth, photo)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -67,6 +67,10 @@ class ImageTo3DConfig(TextTo3DConfig):
     #: what the depth map holds: "disparity" (larger = nearer; monocular estimators such as
     #: DPT/MiDaS) or "depth" (larger = farther)
     depth_kind: str = "disparity"
+    #: the object is cropped, scaled to this fraction of the frame and centred (about the
+    #: size of a unit-box asset in training renders at the default fov); None keeps the
+    #: photo's own framing
+    ref_object_fraction: float | None = 0.55
     sds: SDSConfig = dataclasses.field(
         default_factory=lambda: SDSConfig(guidance_scale=IMAGEDREAM_GUIDANCE)
     )
@@ -86,6 +90,9 @@ class ImageTo3DConfig(TextTo3DConfig):
             )
         if not 0.0 < self.ref_fov_deg < 180.0:
             raise ValueError(f"ref_fov_deg must be in (0, 180), got {self.ref_fov_deg}")
+        f = self.ref_object_fraction
+        if f is not None and not 0.05 <= f <= 1.0:
+            raise ValueError(f"ref_object_fraction must be in [0.05, 1] or null, got {f}")
         if not 0.0 <= self.image_background <= 1.0:
             raise ValueError(f"image_background must be in [0, 1], got {self.image_background}")
 
@@ -139,48 +146,76 @@ class ImageConditionedSDS(MultiViewSDS):
         return eps[0], eps[1]
 
 
-def _square(arr: np.ndarray, fill) -> np.ndarray:
-    """Pad ``[H, W, C]`` to a centred square with ``fill`` (per channel)."""
-    h, w = arr.shape[:2]
-    s = max(h, w)
-    out = np.empty((s, s) + arr.shape[2:], arr.dtype)
-    out[...] = np.asarray(fill, dtype=arr.dtype)
-    top, left = (s - h) // 2, (s - w) // 2
-    out[top : top + h, left : left + w] = arr
+def _place(x: torch.Tensor, box, size: int, fraction: float | None, fill) -> torch.Tensor:
+    """``x`` ``[1, C, H, W]`` cropped to ``box`` (top, left, bottom, right), resized so that its
+    longer side is ``fraction * size`` (None: not resized) and centred on a ``size``² canvas
+    of ``fill`` ``[C]`` -> ``[1, C, size, size]``."""
+    top, left, bottom, right = box
+    crop = x[..., top:bottom, left:right]
+    h, w = bottom - top, right - left
+    if fraction is not None:
+        k = fraction * size / max(h, w)
+        h, w = max(1, min(size, round(h * k))), max(1, min(size, round(w * k)))
+        crop = F.interpolate(crop, size=(h, w), mode="bilinear", antialias=True)
+    fill = torch.as_tensor(fill, dtype=x.dtype).reshape(1, -1, 1, 1)  # (C,) -> (1, C, 1, 1)
+    out = fill.expand(1, x.shape[1], size, size).clone()
+    top, left = (size - h) // 2, (size - w) // 2
+    out[..., top : top + h, left : left + w] = crop
     return out
 
 
-def load_photo(path) -> dict:
-    """The photo as a square straight-alpha ``rgba`` ``[1, 4, S, S]`` in [0, 1] (RGB photos:
-    mask and ``background`` ``[3]`` estimated from the border colour, as ``--ref-views``
-    folders), ``has_alpha`` and the RGB(A) ``array`` ``[S, S, C]`` uint8 for the prior."""
+def load_photo(path, object_fraction: float | None = None) -> dict:
+    """The photo as a square straight-alpha ``rgba`` ``[1, 4, S, S]`` in [0, 1] (S: its longer
+    side). RGB photos: mask and ``background`` ``[3]`` estimated from the border colour, as
+    ``--ref-views`` folders. ``object_fraction``: the object (mask > 0.5) is cropped, scaled so
+    that its longer side is that fraction of S and centred (None: the photo's own framing,
+    padded to a square). Also ``has_alpha``, ``array`` (``[S, S, C]`` uint8, the photo as
+    framed, for the prior) and ``frame`` (what :func:`load_depth` repeats)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such photo")
     arr = _read_png(path, str(path))  # (H, W, 3|4) uint8; unreadable -> one line
     has_alpha = arr.shape[-1] == 4
-    if has_alpha:
-        arr = _square(arr, [0, 0, 0, 0])
-    else:
-        rgb = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
-        _, bg = estimate_alpha(rgb)
-        arr = _square(arr, (bg.numpy() * 255).round().astype(np.uint8))
-    x = (
-        torch.from_numpy(arr.copy()).float().permute(2, 0, 1)[None] / 255.0
-    )  # (S, S, C) -> (1, C, S, S)
+    x = torch.from_numpy(arr.copy()).float().permute(2, 0, 1)[None] / 255  # (1, C, H, W)
     background = None
     if not has_alpha:
         alpha, background = estimate_alpha(x)
-        x = torch.cat([x, alpha], 1)  # (1, 3, S, S) -> (1, 4, S, S)
-    if int((x[:, 3] > 0.5).sum()) < MIN_OBJECT_PIXELS:
+        x = torch.cat([x, alpha], 1)  # (1, 3, H, W) -> (1, 4, H, W)
+    mask = x[0, 3] > 0.5
+    if int(mask.sum()) < MIN_OBJECT_PIXELS:
         how = "its alpha is empty" if has_alpha else "nothing differs from the border colour"
         raise UserError(f"{path}: no object in the photo ({how}); give an RGBA cut-out")
-    return {"rgba": x, "background": background, "has_alpha": has_alpha, "array": arr}
+    h, w = mask.shape
+    box = (0, 0, h, w)
+    if object_fraction is not None:
+        rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+        box = (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+    size = max(h, w)
+    a = x[:, 3:]
+    if has_alpha:  # resampled premultiplied, so transparent pixels do not bleed in
+        premul = torch.cat([x[:, :3] * a, a], 1)  # (1, 4, H, W)
+        placed = _place(premul, box, size, object_fraction, [0.0] * 4)
+        a2 = placed[:, 3:].clamp(0, 1)
+        rgb = (placed[:, :3] / a2.clamp(min=1e-6)).clamp(0, 1) * (a2 > 0)
+    else:
+        fill = [*background.tolist(), 0.0]
+        placed = _place(x, box, size, object_fraction, fill)
+        rgb, a2 = placed[:, :3].clamp(0, 1), placed[:, 3:].clamp(0, 1)
+    x = torch.cat([rgb, a2], 1)  # (1, 4, S, S)
+    channels = 4 if has_alpha else 3
+    array = (x[0, :channels].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return {
+        "rgba": x,
+        "background": background,
+        "has_alpha": has_alpha,
+        "array": array,  # (S, S, C) uint8
+        "frame": {"shape": (h, w), "box": box, "size": size, "fraction": object_fraction},
+    }
 
 
-def load_depth(path, size: int) -> torch.Tensor:
-    """A depth/disparity map (8- or 16-bit grey PNG, or RGB: its first channel) padded to a
-    square like the photo of side ``size`` -> ``[1, 1, size, size]`` float."""
+def load_depth(path, photo: dict) -> torch.Tensor:
+    """A depth/disparity map of the photo (8- or 16-bit grey PNG, or RGB: its first channel;
+    the photo's size), framed as the photo was -> ``[1, 1, S, S]`` float."""
     from PIL import Image
 
     path = Path(path)
@@ -195,13 +230,16 @@ def load_depth(path, size: int) -> torch.Tensor:
         raise UserError(f"--depth {path}: not a readable image ({text})") from None
     if arr.ndim == 3:
         arr = arr[..., 0]
-    if not np.isfinite(arr).all() or max(arr.shape) != size:
+    frame = photo["frame"]
+    if not np.isfinite(arr).all() or arr.shape != tuple(frame["shape"]):
+        h, w = frame["shape"]
         raise UserError(
-            f"--depth {path}: must be a finite map of the photo's size (longest side {size}), "
+            f"--depth {path}: must be a finite map of the photo's size ({w}x{h}), "
             f"got {arr.shape[1]}x{arr.shape[0]}"
         )
-    arr = _square(arr[..., None], [float(np.median(arr))])[..., 0]
-    return torch.from_numpy(arr)[None, None]  # (S, S) -> (1, 1, S, S)
+    d = torch.from_numpy(arr)[None, None]  # (H, W) -> (1, 1, H, W)
+    fill = [float(np.median(arr))]
+    return _place(d, frame["box"], frame["size"], frame["fraction"], fill)
 
 
 def reference_view(photo: dict, config: ImageTo3DConfig) -> dict:
@@ -304,9 +342,9 @@ def image_to_3d(
     from PIL import Image
 
     config.check()
-    photo = load_photo(photo_path)
+    photo = load_photo(photo_path, config.ref_object_fraction)
     size = photo["rgba"].shape[-1]
-    depth = load_depth(depth_path, size) if depth_path is not None else None
+    depth = load_depth(depth_path, photo) if depth_path is not None else None
     if config.sds_weight > 0 and pipe is None:
         raise ValueError("sds_weight > 0 needs a pipeline (the prior)")
     sds = image_sds_term(pipe, photo, config) if config.sds_weight > 0 else None
