@@ -125,7 +125,8 @@ def test_image_to_3d_end_to_end_with_the_prior_and_depth(tmp_path, image_folder)
     photo = tmp_path / "photo.png"
     two_blocks(48, alpha=False).save(photo)
     depth = tmp_path / "depth.png"
-    PIL.Image.fromarray(np.full((48, 48), 128, np.uint8)).save(depth)
+    ramp = np.linspace(0, 255, 48).round().astype(np.uint8)
+    PIL.Image.fromarray(np.tile(ramp, (48, 1))).save(depth)  # disparity rising to the right
     out = tmp_path / "run"
     argv = ["image-to-3d", str(photo), "--model", str(image_folder), "--output", str(out),
             "--prompt", "two blocks", "--fast", "--steps", "3", "--samples", "16",
@@ -265,3 +266,30 @@ def test_depth_loss_is_scale_and_shift_invariant():
     value.backward()
     grads = [p.grad for p in fit.field.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_interrupt_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """Ctrl-C mid-run: exit 130, the note names the kept checkpoint, --resume continues."""
+    import mvdiff.sds.loop as loop
+
+    photo = tmp_path / "photo.png"
+    two_blocks(32).save(photo)
+    out = tmp_path / "run"
+    real = loop.train_step
+
+    def interrupted(fit, config, step, **kw):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(fit, config, step, **kw)
+
+    monkeypatch.setattr(loop, "train_step", interrupted)
+    argv = ["image-to-3d", str(photo), "--output", str(out), "--sds-weight", "0", "--fast",
+            "--steps", "5", "--save-every", "2", "--samples", "8", "--mesh-resolution", "16",
+            "--set", "turntable_frames=2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 130
+    assert "checkpoint.pt (step 2) is kept" in capsys.readouterr().err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert not (out / "summary.json").exists() and not list(out.glob(".*.tmp"))
+    monkeypatch.setattr(loop, "train_step", real)
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["resumed_from"] == 2

@@ -383,6 +383,7 @@ def image_to_3d(
     if sds is not None or depth_rays is not None:
         term = ImageTo3DTerm(config, sds, depth_rays)
     loop_config = dataclasses.replace(config, sds_weight=1.0 if term is not None else 0.0)
+    saved = [start if resume and ckpt_path.exists() else None]
 
     def save(step):
         state = {**fit.state_dict(), "step": step, "config": config.to_dict()}
@@ -392,18 +393,26 @@ def image_to_3d(
             torch.save(state, buf)
             tmp.write_bytes(buf.getbuffer())
 
-        with interrupts_deferred():
+        with interrupts_deferred():  # the file and the step the note names agree
             atomic_write(ckpt_path, write)  # no .tmp left on failure
+            saved[0] = step
 
     def on_step(done, metrics):
         if config.save_every and done % config.save_every == 0 and done < config.steps:
             save(done)
 
     t0 = time.time()
-    metrics = run_steps(
-        fit, loop_config, start, config.steps, sds=term, rays=rays, progress=progress,
-        on_step=on_step, desc="image-to-3d",
-    )  # fmt: skip
+    try:
+        metrics = run_steps(
+            fit, loop_config, start, config.steps, sds=term, rays=rays, progress=progress,
+            on_step=on_step, desc="image-to-3d",
+        )  # fmt: skip
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the last checkpoint stays as it was
+        e.args = (
+            f"{ckpt_path} (step {saved[0]}) is kept, --resume continues from it"
+            if saved[0] is not None else "no checkpoint was saved yet",
+        )  # fmt: skip
+        raise
     save(max(config.steps, start))
 
     # the reference view as fitted and as rendered now, over the same background
