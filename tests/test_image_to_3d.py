@@ -200,6 +200,27 @@ def test_image_to_3d_resumes(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def test_config_file_set_and_flags(tmp_path):
+    """Preset, then --config, then --set, then the flags (as text-to-3d)."""
+    from mvdiff.sds.image_to_3d import ImageTo3DConfig
+
+    photo = tmp_path / "photo.png"
+    two_blocks(32).save(photo)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ref_elevation_deg: 7\nsds: {guidance_scale: 3}\nsamples: 12\n")
+    out = tmp_path / "run"
+    argv = ["image-to-3d", str(photo), "--output", str(out), "--sds-weight", "0", "--fast",
+            "--steps", "1", "--config", str(cfg), "--set", "depth_weight=0.2", "--set",
+            "samples=9", "--fov", "30", "--object-fraction", "0", "--mesh-resolution", "16",
+            "--set", "turntable_frames=2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["ref_elevation_deg"] == 7 and saved["sds"]["guidance_scale"] == 3
+    assert saved["depth_weight"] == 0.2 and saved["samples"] == 9 and saved["ref_fov_deg"] == 30
+    assert saved["ref_object_fraction"] is None
+    assert ImageTo3DConfig.from_dict(saved).ref_elevation_deg == 7
+
+
 def test_image_to_3d_errors(tmp_path, capsys):
     text_folder = tmp_path / "text"
     MVDreamPipeline(**tiny_components(0)).save_pretrained(text_folder)
@@ -228,6 +249,7 @@ def test_image_to_3d_errors(tmp_path, capsys):
     assert "photo's size" in err(
         str(photo), "--sds-weight", "0", "--depth", str(tmp_path / "small.png")
     )
+    assert "unknown key" in err(str(photo), "--sds-weight", "0", "--set", "nope=1")
     assert "--fov" in err(str(photo), "--sds-weight", "0", "--fov", "200")
     assert not out.exists()
 

@@ -370,10 +370,10 @@ def image_to_3d(
     start = 0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, device)  # tensors and plain data only; else one line
-        saved = state["config"].get("field")
-        if saved is not None and saved != config.to_dict()["field"]:
+        saved_field = state["config"].get("field")
+        if saved_field is not None and saved_field != config.to_dict()["field"]:
             raise UserError(
-                f"--resume {ckpt_path}: saved with field {saved}; use the same settings"
+                f"--resume {ckpt_path}: saved with field {saved_field}; use the same settings"
             )
         start = restore(fit, state, ckpt_path)
         log(f"resumed from {ckpt_path} at step {start}")
