@@ -403,3 +403,23 @@ def test_image_conditioned_sds_shapes_the_novel_views():
     alone, prior = fit_psnr(False), fit_psnr(True)
     print(f"held-out PSNR: photo alone {alone:.1f} dB, photo + image-conditioned SDS {prior:.1f}")
     assert prior > alone + 3.0
+
+
+def test_gaussians_representation(tmp_path, capsys):
+    """representation=gaussians goes through the same interface (gaussians.ply besides the
+    mesh); the depth loss is the field's only (one line)."""
+    photo = tmp_path / "photo.png"
+    two_blocks(32).save(photo)
+    out = tmp_path / "run"
+    argv = ["image-to-3d", str(photo), "--output", str(out), "--sds-weight", "0", "--fast",
+            "--steps", "5", "--mesh-resolution", "16", "--set", "representation=gaussians",
+            "--set", "turntable_frames=2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert (out / "gaussians.ply").is_file() and (out / "mesh.glb").is_file()
+    assert 0 <= json.loads((out / "summary.json").read_text())["reference_iou"] <= 1
+    depth = tmp_path / "d.png"
+    PIL.Image.fromarray(np.zeros((32, 32), np.uint8)).save(depth)
+    capsys.readouterr()
+    assert main([*argv[:3], str(tmp_path / "o2"), *argv[4:], "--depth", str(depth)]) == 2
+    assert "needs representation field" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()

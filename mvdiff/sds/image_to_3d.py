@@ -28,14 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mvdiff.accel import enable_tf32
 from mvdiff.cameras import orbit_c2w
 from mvdiff.errors import UserError, interrupts_deferred
 from mvdiff.io import atomic_write, save_image, write_json
 from mvdiff.sds.config import TextTo3DConfig
 from mvdiff.sds.guidance import MultiViewSDS, SDSConfig
-from mvdiff.sds.loop import FitState, load_checkpoint, restore, run_steps
-from mvdiff.sds.recon import psnr, render_views, silhouette_iou
-from mvdiff.sds.ref_views import _read_png, composite, estimate_alpha, prepare_rays
+from mvdiff.sds.loop import FitState, load_checkpoint, make_fit_state, restore, run_steps
+from mvdiff.sds.recon import psnr, silhouette_iou
+from mvdiff.sds.ref_views import _read_png, composite, estimate_alpha
 from mvdiff.sds.render import render_rays
 from mvdiff.sds.text_to_3d import SDSTerm, export_outputs, framing_distance
 
@@ -137,10 +138,12 @@ class ImageConditionedSDS(MultiViewSDS):
         x2 = torch.cat([x, x])  # (B*F, C, h, w) -> (2*B*F, C, h, w)
         cam2 = None if cam is None else torch.cat([cam, cam])  # (B*F, 16) -> (2*B*F, 16)
         ts = torch.full((2 * m,), t, dtype=torch.long, device=noisy.device)
-        eps = self.unet(
-            x2, ts, encoder_hidden_states=torch.cat([cond, uncond]), camera=cam2, num_views=f,
-            **kwargs,
-        ).sample  # fmt: skip
+        with self._autocast(noisy.device):
+            eps = self.unet(
+                x2, ts, encoder_hidden_states=torch.cat([cond, uncond]), camera=cam2,
+                num_views=f, **kwargs,
+            )  # fmt: skip
+        eps = eps.sample.float()
         # (2*B*F, C, h, w) -> (2, B, F, C, h, w) -> drop the reference frame -> (2, B*V, C, h, w)
         eps = eps.reshape(2, b, f, c, h, w)[:, :, :num_views].reshape(2, n, c, h, w)
         return eps[0], eps[1]
@@ -271,7 +274,7 @@ def depth_loss(fit: FitState, depth_rays: dict, config: ImageTo3DConfig) -> torc
     dev = fit.device
     out = render_rays(
         fit.field, depth_rays["o"][idx].to(dev), depth_rays["d"][idx].to(dev), config.samples,
-        stratified=True, generator=fit.generator, occupancy=fit.occupancy,
+        stratified=True, generator=fit.render_generator, occupancy=fit.occupancy,
     )  # fmt: skip
     pred = (out["depth"] / out["opacity"].clamp(min=1e-3)).reshape(-1)  # (R, 1) -> (R,)
     target = depth_rays["depth"][idx].to(dev)
@@ -345,6 +348,8 @@ def image_to_3d(
     photo = load_photo(photo_path, config.ref_object_fraction)
     size = photo["rgba"].shape[-1]
     depth = load_depth(depth_path, photo) if depth_path is not None else None
+    if depth is not None and config.representation != "field":
+        raise UserError("--depth: the depth loss needs representation field")
     if config.sds_weight > 0 and pipe is None:
         raise ValueError("sds_weight > 0 needs a pipeline (the prior)")
     sds = image_sds_term(pipe, photo, config) if config.sds_weight > 0 else None
@@ -353,9 +358,11 @@ def image_to_3d(
 
     view = reference_view(photo, config)
     res = config.ref_resolution or min(size, config.render_size_late)
-    rays = prepare_rays(view, res, None)
+    enable_tf32(device)
+    fit = make_fit_state(config, device)
+    rays = fit.prepare_ref(view, res, None)
     depth_rays = None
-    if depth is not None:
+    if depth is not None:  # field: rays of the object's pixels
         d = F.interpolate(depth, size=(res, res), mode="area").reshape(-1)  # (1,1,r,r) -> (r*r,)
         keep = rays["rgba"][:, 3] > 0.5
         depth_rays = {"o": rays["o"][keep], "d": rays["d"][keep], "depth": d[keep]}
@@ -366,15 +373,17 @@ def image_to_3d(
 
     output = Path(output)
     ckpt_path = output / "checkpoint.pt"
-    fit = FitState(config, device)
     start = 0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, device)  # tensors and plain data only; else one line
-        saved_field = state["config"].get("field")
-        if saved_field is not None and saved_field != config.to_dict()["field"]:
-            raise UserError(
-                f"--resume {ckpt_path}: saved with field {saved_field}; use the same settings"
-            )
+        now = config.to_dict()
+        for key in ("representation", "ref_object_fraction", *fit.config_keys):
+            saved_value = state["config"].get(key)
+            if saved_value is not None and saved_value != now[key]:
+                raise UserError(
+                    f"--resume {ckpt_path}: saved with {key} {saved_value}, now {now[key]}; "
+                    "use the same settings or a new --output"
+                )
         start = restore(fit, state, ckpt_path)
         log(f"resumed from {ckpt_path} at step {start}")
     output.mkdir(parents=True, exist_ok=True)
@@ -420,15 +429,15 @@ def image_to_3d(
     if bg is None:
         bg = torch.tensor(config.background.color, dtype=torch.float32)
     target = F.interpolate(photo["rgba"], size=(res, res), mode="area")  # (1, 4, r, r)
-    rgb, opacity = render_views(
-        fit.field, view["c2w"], view["fov_deg"], res, config.samples, bg, with_opacity=True
-    )  # (1, 3, r, r), (1, 1, r, r)
+    with torch.no_grad():
+        out = fit.render(view["c2w"], view["fov_deg"], res, background=bg.to(fit.device))
+    rgb, opacity = out["rgb"].cpu(), out["opacity"].cpu()  # (1, 3, r, r), (1, 1, r, r)
     want = composite(target, bg)
     ref_psnr, ref_iou = psnr(rgb, want), silhouette_iou(opacity, target[:, 3:4])
     for name, img in (("input.png", want), ("reference.png", rgb)):
         arr = img[0].clamp(0, 1).permute(1, 2, 0).numpy()  # (3, r, r) -> (r, r, 3)
         save_image(output / name, Image.fromarray((arr * 255 + 0.5).astype(np.uint8)))
-    counts = export_outputs(fit, config, output)
+    counts = export_outputs(fit, config, output)  # + gaussians.ply for gaussians
     summary = {
         "steps": config.steps, "resumed_from": start, "loss": metrics["loss"], "t": metrics["t"], **counts,
         "reference_psnr": round(ref_psnr, 3), "reference_iou": round(ref_iou, 4),
