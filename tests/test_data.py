@@ -314,6 +314,15 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt):
     with tarfile.open(path) as tar:
         ref = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
     assert ours == ref
+    # cut short anywhere, even exactly after a member (no end-of-archive marker): the whole
+    # members before the cut are read, then an error says it is truncated
+    member_end = 512  # the first member, a.txt, is empty: one header block
+    for cut in (member_end, member_end + 100, 300):
+        got = []
+        with pytest.raises(tarfile.ReadError, match="truncated"):
+            for member in iter_tar_members(io.BytesIO(path.read_bytes()[:cut])):
+                got.append(member)
+        assert got == ref[: 1 if cut >= member_end else 0]
     raw = bytearray(path.read_bytes())
     raw[0] ^= 0xFF  # corrupt the first header
     with pytest.raises(tarfile.ReadError, match="checksum"):
