@@ -44,7 +44,7 @@ def test_text_to_3d_writes_outputs_and_resumes(tmp_path, tiny_folder, capsys):
 
     glb = trimesh.load(out / "mesh.glb")
     (mesh,) = glb.geometry.values()
-    assert len(mesh.faces) > 0 and mesh.visual.kind == "vertex"
+    assert len(mesh.faces) > 0 and mesh.visual.kind == "texture"  # UV atlas + baked albedo
     from PIL import Image
 
     with Image.open(out / "turntable.gif") as gif:

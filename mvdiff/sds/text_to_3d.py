@@ -7,9 +7,11 @@ Writes into the output folder:
   (every ``save_every`` steps and at the end; ``resume=True`` continues from it);
 * ``views.png`` (the final 4 views side by side) and ``view_00.png`` … ``view_03.png``;
 * ``turntable.gif``;
-* ``mesh.glb``, ``mesh.obj``, ``mesh.ply`` — marching tetrahedra on the density grid, vertex
-  colours, +Y up (see :mod:`mvdiff.sds.mesh`);
-* ``config.json`` and ``summary.json``.
+* ``mesh.glb`` (UV atlas and baked albedo texture inside), ``mesh.obj`` + ``mesh.mtl`` +
+  ``mesh_albedo.png``, ``mesh.ply`` (vertex colours) — the surface at the iso-level whose
+  silhouettes reproduce the field's opacity, +Y up (see :mod:`mvdiff.sds.asset`);
+* ``config.json`` and ``summary.json`` (with ``mesh``, ``metrics``: PSNR, silhouette IoU,
+  Chamfer with ``ref_mesh``, and ``seconds`` per stage).
 
 Every file is written under a temporary name and renamed.
 """
@@ -29,7 +31,6 @@ from mvdiff.io import save_image, write_json
 from mvdiff.sds.config import TextTo3DConfig
 from mvdiff.sds.guidance import MultiViewSDS
 from mvdiff.sds.loop import FitState, render_size, run_steps
-from mvdiff.sds.mesh import export_mesh, extract_mesh, to_trimesh
 from mvdiff.sds.ref_views import load_ref_views, prepare_rays
 from mvdiff.sds.render import SHADING_MODES, render, sample_light
 
@@ -96,10 +97,17 @@ def framing_distance(fov_deg: float) -> float:
 
 
 @torch.no_grad()
-def export_outputs(fit: FitState, config: TextTo3DConfig, output: Path) -> dict:
-    """Final views, turntable GIF and meshes of ``fit`` into ``output``; returns counts."""
+def export_outputs(
+    fit: FitState, config: TextTo3DConfig, output: Path, ref=None, ref_resolution=None
+) -> dict:
+    """Final views, turntable GIF and meshes of ``fit`` into ``output``; returns the mesh's
+    counts, metrics and seconds per stage (:func:`mvdiff.sds.asset.export_asset`; ``ref``:
+    the reference views, fitted at ``ref_resolution``)."""
     from PIL import Image
 
+    from mvdiff.sds.asset import export_asset
+
+    t0 = time.time()
     fld, size, s = fit.field, config.render_size_late, config.samples
     bg = torch.tensor(config.background.color, dtype=torch.float32)
     dist = framing_distance(40.0)
@@ -123,11 +131,10 @@ def export_outputs(fit: FitState, config: TextTo3DConfig, output: Path) -> dict:
         loop=0,
     )
 
-    verts, faces, colors = extract_mesh(fld, config.mesh_resolution)
-    mesh = to_trimesh(verts, faces, colors)
-    for name in ("mesh.glb", "mesh.obj", "mesh.ply"):
-        export_mesh(mesh, output / name)
-    return {"vertices": int(len(verts)), "faces": int(len(faces))}
+    seconds = {"render_outputs": round(time.time() - t0, 2)}
+    asset = export_asset(fld, config, output, ref, ref_resolution)
+    asset["seconds"] = {**seconds, **asset["seconds"]}
+    return asset
 
 
 def text_to_3d(
@@ -170,11 +177,21 @@ def text_to_3d(
         if pipe is None:
             raise ValueError("sds_weight > 0 needs a pipeline (the prior)")
         sds = SDSTerm.from_pipeline(pipe, config)
-    rays = None
+    rays = ref = res = None
     if config.ref_views:
         ref = load_ref_views(config.ref_views, config.ref_uid, config.ref_fov_deg)
         res = config.ref_resolution or min(ref["rgba"].shape[-1], config.render_size_late)
-        rays = prepare_rays(ref, res, None)
+        n_views = ref["rgba"].shape[0]
+        if (
+            any(not 0 <= i < n_views for i in config.ref_holdout)
+            or len(set(config.ref_holdout)) >= n_views
+        ):
+            raise UserError(
+                f"--ref-holdout {config.ref_holdout}: indices must be in 0..{n_views - 1} "
+                "and leave a view to fit"
+            )
+        train = [i for i in range(n_views) if i not in config.ref_holdout]
+        rays = prepare_rays(ref, res, train)
         if config.ref_mask == "auto" and not ref["has_alpha"]:
             log("reference views have no alpha: mask estimated from the background colour")
         log(f"reference views: {ref['uid']} ({ref['rgba'].shape[0]} views, fitted at {res}²)")
@@ -193,12 +210,15 @@ def text_to_3d(
     metrics = run_steps(
         fit, config, start, config.steps, sds=sds, rays=rays, progress=progress, on_step=on_step
     )
+    fit_seconds = round(time.time() - t0, 2)
     save(max(config.steps, start))
-    counts = export_outputs(fit, config, output)
+    asset = export_outputs(fit, config, output, ref, res)
     summary = {
         "steps": config.steps, "resumed_from": start, "loss": metrics["loss"], "t": metrics["t"],
-        **counts, "render_size": render_size(config, max(config.steps - 1, 0)),
-        "seconds": round(time.time() - t0, 2),
+        "vertices": asset["mesh"]["vertices"], "faces": asset["mesh"]["faces"],
+        "render_size": render_size(config, max(config.steps - 1, 0)),
+        "seconds": round(time.time() - t0, 2), "mesh": asset["mesh"], "metrics": asset["metrics"],
+        "stage_seconds": {"fit": fit_seconds, **asset["seconds"]},
     }  # fmt: skip
     write_json(output / "summary.json", summary)
     return summary
