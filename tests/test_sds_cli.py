@@ -26,7 +26,8 @@ REF_FOLDER_PSNR = 22.0
 def read_obj(path):
     rows = path.read_text().splitlines()
     v = np.array([[float(x) for x in r.split()[1:4]] for r in rows if r.startswith("v ")])
-    f = np.array([[int(x) - 1 for x in r.split()[1:]] for r in rows if r.startswith("f ")])
+    f = np.array([[int(x.split("/")[0]) - 1 for x in r.split()[1:]] for r in rows
+                  if r.startswith("f ")])  # fmt: skip  # "f v/vt ..." with a texture
     return v, f
 
 

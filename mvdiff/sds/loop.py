@@ -25,7 +25,7 @@ __all__ = ["FitState", "ref_view_loss", "render_size", "run_steps", "train_step"
 
 
 class FitState:
-    """Field, background, Adam (grids at ``lr``, MLP heads at ``lr / 10``), occupancy grid
+    """Field, background, fused Adam (grids at ``lr``, MLP heads at ``lr / 10``), occupancy grid
     and generator of one run, seeded from ``config.seed``."""
 
     def __init__(self, config: TextTo3DConfig, device="cpu"):
@@ -40,7 +40,10 @@ class FitState:
         ]
         if len(list(self.background.parameters())):
             groups.append({"params": list(self.background.parameters()), "lr": config.lr})
-        self.optimizer = torch.optim.Adam(groups)
+        # Fused Adam: one kernel over each dense grid (3-4x faster steps on a CPU than the
+        # per-tensor loop, the same update); not where the device has no fused kernel.
+        fused = torch.device(device).type in ("cpu", "cuda")
+        self.optimizer = torch.optim.Adam(groups, fused=fused)
         self.occupancy = OccupancyGrid(self.field.bound, 32, threshold=0.5)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.device = torch.device(device)
