@@ -11,7 +11,9 @@ backward), as a share of the step.
 random-weight full-size SD-2.1 multi-view UNet and SD VAE (slow on a CPU: use few steps).
 Prints one JSON line per render size, then one for posed-view reconstruction
 (:func:`mvdiff.sds.recon.reconstruct_from_views`: 4 views at 64², random ray batches, the loop
-of ``mvdiff text-to-3d --ref-views ... --sds-weight 0``; ``--recon-steps 0`` skips it). Each
+of ``mvdiff text-to-3d --ref-views ... --sds-weight 0``; ``--recon-steps 0`` skips it), run
+twice: with the per-tensor Adam of before (``before_unfused_adam``: seconds to the same step
+count, PSNR reached) and with the fused Adam now used. Each
 line carries the 1-minute load average: on a shared machine the numbers are lower bounds.
 """
 
@@ -130,12 +132,13 @@ def _load() -> float | None:
         return None
 
 
-def bench_recon(steps: int) -> dict:
+def bench_recon(steps: int, fused_adam: bool = True) -> dict:
     import math
 
     import numpy as np
 
     from mvdiff.cameras import orbit_c2w
+    from mvdiff.sds.config import TextTo3DConfig
     from mvdiff.sds.oracle import ReferenceObject
     from mvdiff.sds.recon import reconstruct_from_views
     from mvdiff.sds.render import render
@@ -149,11 +152,13 @@ def bench_recon(steps: int) -> dict:
     a = out["opacity"]
     rgba = torch.cat([out["rgb"] / a.clamp(min=1e-6), a], 1).clamp(0, 1)  # straight alpha
     t0 = time.perf_counter()
-    r = reconstruct_from_views(rgba, c2w, fov, steps=steps, holdout=[4])
+    config = TextTo3DConfig.reconstruction(fused_adam=fused_adam)
+    r = reconstruct_from_views(rgba, c2w, fov, steps=steps, holdout=[4], config=config)
     seconds = time.perf_counter() - t0
     cfg = r["config"]
     return {
         "mode": "reconstruct_from_views",
+        "fused_adam": fused_adam,
         "views": 4,
         "resolution": res,
         "rays_per_step": cfg.ref_rays,
@@ -184,7 +189,13 @@ def main() -> None:
         print(f"# {json.dumps(row)}", file=sys.stderr, flush=True)
         result["sds"].append(row)
     if args.recon_steps > 0:
+        # Before (per-tensor Adam) and after (fused Adam) in the same run: time to the same
+        # step count and the PSNR reached there.
+        before = bench_recon(args.recon_steps, fused_adam=False)
         result["reconstruction"] = bench_recon(args.recon_steps)
+        result["reconstruction"]["before_unfused_adam"] = {
+            k: before[k] for k in ("seconds_total", "it_per_s", "psnr_holdout", "load_avg_1min")
+        }
     print(json.dumps(result), flush=True)  # one JSON line, like every benchmark
 
 
