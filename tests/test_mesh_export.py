@@ -198,3 +198,51 @@ bpy.ops.render.render(write_still=True)
     covered = rgba[..., 3] > 0.5
     assert covered.mean() > 0.1  # the monkey fills part of the frame
     assert rgba[covered, :3].mean() > 0.05  # lit and textured, not black
+
+
+class SphereAndSpeck(torch.nn.Module):
+    """An analytic field: a ball (radius 0.3) and a speck (radius 0.05) of density 10, too thin
+    for the old fixed level (a grid cell 50% opaque: ~27 at 48³) yet opaque when rendered."""
+
+    bound = 0.6
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def density(self, x):
+        ball = torch.sigmoid((0.3 - x.norm(dim=-1)) / 0.01)
+        speck = torch.sigmoid((0.05 - (x - torch.tensor([0.0, 0.0, 0.5])).norm(dim=-1)) / 0.01)
+        return 10.0 * (ball + speck) + 0.0 * self.dummy
+
+    def forward(self, x):
+        return self.density(x), torch.full((x.shape[0], 3), 0.5)
+
+    def density_grid(self, resolution):
+        from mvdiff.sds.field import RadianceField
+
+        return RadianceField.density_grid(self, resolution)
+
+
+def test_level_from_the_field_gives_one_closed_body_matching_its_opacity():
+    from mvdiff.sds.mesh import default_views, extract_mesh
+    from mvdiff.sds.mesh_eval import mesh_silhouette_iou
+    from mvdiff.sds.recon import render_views
+
+    field = SphereAndSpeck()
+    c2w, fov = default_views()
+    _, opacity = render_views(field, c2w, fov, 48, 64, torch.ones(3), with_opacity=True)
+    info = {}
+    v, f, colors = extract_mesh(field, 48, info=info)
+    print(info)
+    assert info["components"] == 1 and info["dropped_components"] == 1  # the speck is gone
+    assert mesh_silhouette_iou(v, f, c2w, fov, opacity) > 0.9
+    import trimesh
+
+    mesh = trimesh.Trimesh(v, f)
+    assert mesh.is_watertight and mesh.volume > 0  # closed, facing out
+    r = np.linalg.norm(v, axis=1)
+    assert abs(np.median(r) - 0.3) < 0.02 and np.allclose(colors, 0.5)
+    # The old extraction (a fixed level) finds no surface in this field.
+    old_level = float(np.log(2.0) / (2 * field.bound / 47))
+    assert len(extract_mesh(field, 48, level=old_level)[1]) == 0
