@@ -132,13 +132,14 @@ def _load() -> float | None:
         return None
 
 
-def bench_recon(steps: int, fused_adam: bool = True) -> dict:
+def bench_recon(steps: int, fused_adam: bool = True, field: str = "small") -> dict:
     import math
 
     import numpy as np
 
     from mvdiff.cameras import orbit_c2w
     from mvdiff.sds.config import TextTo3DConfig
+    from mvdiff.sds.field import FieldConfig
     from mvdiff.sds.oracle import ReferenceObject
     from mvdiff.sds.recon import reconstruct_from_views
     from mvdiff.sds.render import render
@@ -153,12 +154,15 @@ def bench_recon(steps: int, fused_adam: bool = True) -> dict:
     rgba = torch.cat([out["rgb"] / a.clamp(min=1e-6), a], 1).clamp(0, 1)  # straight alpha
     t0 = time.perf_counter()
     config = TextTo3DConfig.reconstruction(fused_adam=fused_adam)
+    if field == "default":  # the grids of the default preset (16..128³), as `mvdiff text-to-3d`
+        config.field = FieldConfig()
     r = reconstruct_from_views(rgba, c2w, fov, steps=steps, holdout=[4], config=config)
     seconds = time.perf_counter() - t0
     cfg = r["config"]
     return {
         "mode": "reconstruct_from_views",
         "fused_adam": fused_adam,
+        "field": field,
         "views": 4,
         "resolution": res,
         "rays_per_step": cfg.ref_rays,
@@ -181,6 +185,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--recon-steps", type=int, default=200, help="0: skip the reconstruction line")
+    p.add_argument("--recon-field", choices=["small", "default"], default="small",
+                   help="reconstruction grids: the CPU preset's (12..48³) or the default (16..128³)")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     result = {"bench": "sds", "model": args.model, "sds": []}
@@ -191,8 +197,8 @@ def main() -> None:
     if args.recon_steps > 0:
         # Before (per-tensor Adam) and after (fused Adam) in the same run: time to the same
         # step count and the PSNR reached there.
-        before = bench_recon(args.recon_steps, fused_adam=False)
-        result["reconstruction"] = bench_recon(args.recon_steps)
+        before = bench_recon(args.recon_steps, fused_adam=False, field=args.recon_field)
+        result["reconstruction"] = bench_recon(args.recon_steps, field=args.recon_field)
         result["reconstruction"]["before_unfused_adam"] = {
             k: before[k] for k in ("seconds_total", "it_per_s", "psnr_holdout", "load_avg_1min")
         }

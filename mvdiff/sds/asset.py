@@ -81,9 +81,17 @@ def export_asset(field, config, output, ref: dict | None = None, resolution: int
     else:
         c2w, fov = default_views()
         views = {"c2w": c2w, "fov_deg": torch.full((len(c2w),), fov), "resolution": 64}
+    c2w, res = views["c2w"], views["resolution"]
+    fov = torch.as_tensor(views["fov_deg"], dtype=torch.float32).reshape(-1).expand(len(c2w))
+    bg = torch.tensor(config.background.color, dtype=torch.float32)
+    if ref is not None and ref.get("background") is not None:  # RGB views: their own colour
+        bg = torch.as_tensor(ref["background"], dtype=torch.float32)
+    renders, opacity = render_views(field, c2w, fov, res, config.samples, bg, with_opacity=True)
+    seconds["field_render"] = round(time.time() - t, 2)
+    t = time.time()
     info = {}
     verts, faces, colors = extract_mesh(
-        field, config.mesh_resolution, level=config.mesh_level, views=views,
+        field, config.mesh_resolution, level=config.mesh_level, views={**views, "opacity": opacity},
         samples=config.samples, min_component=config.mesh_min_component, info=info,
     )  # fmt: skip
     extracted = len(faces)
@@ -114,12 +122,6 @@ def export_asset(field, config, output, ref: dict | None = None, resolution: int
     seconds["mesh_write"] = round(time.time() - t, 2)
 
     t = time.time()
-    c2w, res = views["c2w"], views["resolution"]
-    fov = torch.as_tensor(views["fov_deg"], dtype=torch.float32).reshape(-1).expand(len(c2w))
-    bg = torch.tensor(config.background.color, dtype=torch.float32)
-    if ref is not None and ref.get("background") is not None:  # RGB views: their own colour
-        bg = torch.as_tensor(ref["background"], dtype=torch.float32)
-    renders, opacity = render_views(field, c2w, fov, res, config.samples, bg, with_opacity=True)
     metrics["mesh_iou_field"] = _r(mesh_silhouette_iou(verts, faces, c2w, fov, opacity))
     if ref is not None:
         rgba = F.interpolate(ref["rgba"].float(), size=(res, res), mode="area")

@@ -238,8 +238,9 @@ def extract_mesh(
     ``level`` (a density) defaults to the one chosen from the field itself
     (:func:`choose_level`): the field is rendered at ``views`` (``c2w`` ``[V, 4, 4]``,
     ``fov_deg`` float or ``[V]``, ``resolution`` of the images, at most 64² used; default: 16
-    orbit cameras at 64², :func:`default_views`) and the level whose mesh covers the same
-    pixels as the rendered opacity (> 0.5) is taken. The grid is closed at the cube's faces, and pieces
+    orbit cameras at 64², :func:`default_views`; or their ``opacity`` ``[V, 1, H, W]`` if
+    rendered already) and the level whose mesh covers the same pixels as the rendered opacity
+    (> 0.5) is taken. The grid is closed at the cube's faces, and pieces
     smaller than ``min_component`` of the largest (by volume) and inner shells are dropped
     (:func:`keep_main_components`; 0 keeps every piece). ``info`` (a dict) receives
     ``level``, ``level_iou`` (the silhouette agreement the level was chosen for),
@@ -255,15 +256,19 @@ def extract_mesh(
             c2w, fov = default_views()
             views = {"c2w": c2w, "fov_deg": fov, "resolution": 64}
         c2w = torch.as_tensor(views["c2w"]).float()
-        res = min(int(views.get("resolution", 64)), 64)  # enough pixels to fit one number
         fov = torch.as_tensor(views["fov_deg"], dtype=torch.float32).reshape(-1).expand(len(c2w))
-        opac = []
-        for i in range(len(c2w)):  # one view at a time (bounded memory)
-            out = render(field, c2w[i : i + 1], fov[i : i + 1], res, samples)
-            opac.append(out["opacity"].reshape(-1).cpu())  # (1, 1, H, W) -> (H*W,)
+        if views.get("opacity") is not None:  # rendered already (e.g. for the metrics)
+            opac = torch.as_tensor(views["opacity"]).float().cpu()  # (V, 1, H, W)
+            res = opac.shape[-1]
+        else:
+            res = min(int(views.get("resolution", 64)), 64)  # enough pixels to fit one number
+            opac = torch.cat([  # one view at a time (bounded memory)
+                render(field, c2w[i : i + 1], fov[i : i + 1], res, samples)["opacity"].cpu()
+                for i in range(len(c2w))
+            ])  # fmt: skip  # V x (1, 1, H, W) -> (V, 1, H, W)
         o, d = camera_rays(c2w, fov, res)
         mv = ray_max_values(grid, bound, o.reshape(-1, 3), d.reshape(-1, 3))  # (V*H*W,)
-        level, iou = choose_level(mv, torch.cat(opac))
+        level, iou = choose_level(mv, opac.reshape(-1))  # (V, 1, H, W) -> (V*H*W,)
         info["level_iou"] = round(iou, 4)
         if not np.isfinite(level):  # an empty field: fall back to a 50%-opaque grid cell
             level = float(np.log(2.0) / (2 * bound / (resolution - 1)))
