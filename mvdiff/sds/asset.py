@@ -115,6 +115,8 @@ def export_asset(field, config, output, ref: dict | None = None, resolution: int
     else:
         mesh = to_trimesh(verts, faces, colors)
         mesh_info["texture"] = "vertex"
+    # What the files hold (a UV atlas splits vertices along its seams).
+    mesh_info["vertices"], mesh_info["faces"] = int(len(mesh.vertices)), int(len(mesh.faces))
     seconds["mesh_texture"] = round(time.time() - t, 2)
     t = time.time()
     for name in ("mesh.glb", "mesh.obj", "mesh.ply"):

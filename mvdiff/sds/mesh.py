@@ -378,11 +378,11 @@ def to_trimesh(verts, faces, colors=None, y_up: bool = True):
     return trimesh.Trimesh(v, np.asarray(faces, dtype=np.int64), vertex_colors=vc, process=False)
 
 
-def export_mesh(mesh, path) -> list[Path]:
+def export_mesh(mesh, path) -> Path:
     """Write ``mesh`` (a trimesh) to ``path``; the format from the suffix (.glb, .obj, .ply).
     A textured mesh's OBJ comes with its ``.mtl`` and texture PNG beside it (named in the
-    OBJ); a GLB embeds the texture. Every file is written under a temporary name and renamed.
-    Returns the paths written."""
+    OBJ, written first); a GLB embeds the texture. Every file is written under a temporary
+    name and renamed. Returns ``path``."""
     path = Path(path)
     kind = path.suffix.lower().lstrip(".")
     if kind not in ("glb", "obj", "ply"):
@@ -400,9 +400,7 @@ def export_mesh(mesh, path) -> list[Path]:
         data = data.export(file_type="ply")
     else:
         data = mesh.export(file_type=kind)
-    written = []
     for name, blob in files.items():  # side files first: the OBJ names them
-        written.append(atomic_write(path.with_name(name), lambda p, b=blob: p.write_bytes(b)))
+        atomic_write(path.with_name(name), lambda p, b=blob: p.write_bytes(b))
     raw = data if isinstance(data, bytes) else data.encode()
-    written.append(atomic_write(path, lambda p: p.write_bytes(raw)))
-    return written
+    return atomic_write(path, lambda p: p.write_bytes(raw))
