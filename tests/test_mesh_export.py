@@ -246,3 +246,20 @@ def test_level_from_the_field_gives_one_closed_body_matching_its_opacity():
     # The old extraction (a fixed level) finds no surface in this field.
     old_level = float(np.log(2.0) / (2 * field.bound / 47))
     assert len(extract_mesh(field, 48, level=old_level)[1]) == 0
+
+
+def test_bad_holdout_and_ref_mesh_are_one_line_errors(monkey_shard, tmp_path, capsys):
+    base = ["text-to-3d", "--ref-views", str(monkey_shard), "--sds-weight", "0", "--output",
+            str(tmp_path / "run"), "--steps", "1", "--no-progress"]  # fmt: skip
+    assert main([*base, "--ref-holdout", "99"]) == 2
+    assert "--ref-holdout" in capsys.readouterr().err
+    assert main([*base, "--ref-holdout", "0,1,2,3,4,5,6,7"]) == 2  # nothing left to fit
+    assert "leave a view" in capsys.readouterr().err
+    assert main([*base, "--ref-holdout", "a"]) == 2
+    assert main([*base, "--ref-mesh", str(tmp_path / "nope.glb")]) == 2
+    assert "--ref-mesh" in capsys.readouterr().err
+    bad = tmp_path / "bad.glb"
+    bad.write_bytes(b"not a mesh")
+    assert main([*base, "--ref-mesh", str(bad)]) == 2
+    assert "--ref-mesh" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # refused before the fit

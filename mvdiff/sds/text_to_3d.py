@@ -196,6 +196,11 @@ def text_to_3d(
             log("reference views have no alpha: mask estimated from the background colour")
         log(f"reference views: {ref['uid']} ({ref['rgba'].shape[0]} views, fitted at {res}²)")
 
+    if config.ref_mesh:  # an unreadable source mesh fails now, not after the fit
+        from mvdiff.sds.mesh_eval import load_source_mesh
+
+        load_source_mesh(config.ref_mesh)
+
     def save(step):
         state = {**fit.state_dict(), "step": step, "config": config.to_dict()}
         tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
