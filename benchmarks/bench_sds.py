@@ -11,7 +11,9 @@ backward), as a share of the step.
 random-weight full-size SD-2.1 multi-view UNet and SD VAE (slow on a CPU: use few steps).
 Prints one JSON line per render size, then one for posed-view reconstruction
 (:func:`mvdiff.sds.recon.reconstruct_from_views`: 4 views at 64², random ray batches, the loop
-of ``mvdiff text-to-3d --ref-views ... --sds-weight 0``; ``--recon-steps 0`` skips it). Each
+of ``mvdiff text-to-3d --ref-views ... --sds-weight 0``; ``--recon-steps 0`` skips it), run
+twice: with the per-tensor Adam of before (``before_unfused_adam``: seconds to the same step
+count, PSNR reached) and with the fused Adam now used. Each
 line carries the 1-minute load average: on a shared machine the numbers are lower bounds.
 
 ``--compare-steps N`` (issue 19) adds one row per representation (radiance field, 3D
@@ -137,12 +139,14 @@ def _load() -> float | None:
         return None
 
 
-def bench_recon(steps: int) -> dict:
+def bench_recon(steps: int, fused_adam: bool = True, field: str = "small") -> dict:
     import math
 
     import numpy as np
 
     from mvdiff.cameras import orbit_c2w
+    from mvdiff.sds.config import TextTo3DConfig
+    from mvdiff.sds.field import FieldConfig
     from mvdiff.sds.oracle import ReferenceObject
     from mvdiff.sds.recon import reconstruct_from_views
     from mvdiff.sds.render import render
@@ -156,11 +160,16 @@ def bench_recon(steps: int) -> dict:
     a = out["opacity"]
     rgba = torch.cat([out["rgb"] / a.clamp(min=1e-6), a], 1).clamp(0, 1)  # straight alpha
     t0 = time.perf_counter()
-    r = reconstruct_from_views(rgba, c2w, fov, steps=steps, holdout=[4])
+    config = TextTo3DConfig.reconstruction(fused_adam=fused_adam)
+    if field == "default":  # the grids of the default preset (16..128³), as `mvdiff text-to-3d`
+        config.field = FieldConfig()
+    r = reconstruct_from_views(rgba, c2w, fov, steps=steps, holdout=[4], config=config)
     seconds = time.perf_counter() - t0
     cfg = r["config"]
     return {
         "mode": "reconstruct_from_views",
+        "fused_adam": fused_adam,
+        "field": field,
         "views": 4,
         "resolution": res,
         "rays_per_step": cfg.ref_rays,
@@ -248,6 +257,8 @@ def main() -> None:
     p.add_argument("--gaussian-steps", type=int, default=600)
     p.add_argument("--compare-assets", nargs="+", default=["monkey.glb"])
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--recon-field", choices=["small", "default"], default="small",
+                   help="reconstruction grids: the CPU preset's (12..48³) or the default (16..128³)")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     result = {"bench": "sds", "model": args.model, "sds": []}
@@ -256,7 +267,13 @@ def main() -> None:
         print(f"# {json.dumps(row)}", file=sys.stderr, flush=True)
         result["sds"].append(row)
     if args.recon_steps > 0:
-        result["reconstruction"] = bench_recon(args.recon_steps)
+        # Before (per-tensor Adam) and after (fused Adam) in the same run: time to the same
+        # step count and the PSNR reached there.
+        before = bench_recon(args.recon_steps, fused_adam=False, field=args.recon_field)
+        result["reconstruction"] = bench_recon(args.recon_steps, field=args.recon_field)
+        result["reconstruction"]["before_unfused_adam"] = {
+            k: before[k] for k in ("seconds_total", "it_per_s", "psnr_holdout", "load_avg_1min")
+        }
     if args.compare_steps > 0:
         result["compare"] = []
         for asset in args.compare_assets:

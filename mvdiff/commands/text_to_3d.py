@@ -13,10 +13,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "text-to-3d",
         help="optimise a 3D asset from a text prompt with multi-view SDS",
         description="Optimise a radiance field with multi-view score distillation from a "
-        "multi-view model (and/or posed reference views). Writes into --output: mesh.glb, "
-        "mesh.obj, mesh.ply (vertex colours, +Y up), turntable.gif, views.png and "
+        "multi-view model (and/or posed reference views). Writes into --output: mesh.glb "
+        "(UV-textured), mesh.obj + mesh.mtl + mesh_albedo.png, mesh.ply (vertex colours; all "
+        "+Y up), turntable.gif, views.png and "
         "view_00..03.png (the final 4 views), checkpoint.pt (--resume continues), config.json, "
-        "summary.json. Settings: a preset (default: 24 GB GPU; --fast: CPU), then --config "
+        "summary.json (mesh, PSNR / silhouette IoU / Chamfer metrics, seconds per stage). Settings: a preset (default: 24 GB GPU; --fast: CPU), then --config "
         "FILE, then --set KEY=VALUE, then the flags below.",
     )
     p.add_argument(
@@ -86,6 +87,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="3D representation: field (radiance field, default) | gaussians (3D Gaussian "
         "splatting; also writes gaussians.ply in the 3DGS layout; albedo shading only)",
+    )
+    p.add_argument(
+        "--ref-holdout",
+        default=None,
+        metavar="I,J,...",
+        help="--ref-views indices left out of the fit and scored in summary.json (e.g. 3,11)",
+    )
+    p.add_argument(
+        "--ref-mesh",
+        default=None,
+        help="the asset --ref-views was rendered from (.glb/.gltf/.obj/.ply/.stl): Chamfer "
+        "distance of the mesh in summary.json",
+    )
+    p.add_argument(
+        "--mesh-texture",
+        choices=["uv", "vertex"],
+        default=None,
+        help="mesh colours: uv (UV atlas + baked albedo PNG; default) | vertex (per vertex)",
     )
     p.add_argument("--config", default=None, help="YAML/JSON file of TextTo3DConfig values")
     p.add_argument(
@@ -157,6 +176,19 @@ def resolve_config(args: argparse.Namespace):
         raise UserError("--sds-weight 0 needs --ref-views (nothing to optimise otherwise)")
     if args.form is not None:
         config.sds.form = args.form
+    if args.ref_holdout is not None:
+        try:
+            config.ref_holdout = [int(i) for i in args.ref_holdout.split(",") if i.strip()]
+        except ValueError:
+            raise UserError(
+                f"--ref-holdout {args.ref_holdout!r}: expected indices like 3,11"
+            ) from None
+    if args.ref_mesh is not None:
+        config.ref_mesh = args.ref_mesh
+    if config.ref_mesh and not Path(config.ref_mesh).is_file():
+        raise UserError(f"--ref-mesh {config.ref_mesh}: no such file")
+    if args.mesh_texture is not None:
+        config.mesh_texture = args.mesh_texture
     if args.ref_fov is not None:
         if not 0 < args.ref_fov < 180:
             raise UserError(f"--ref-fov must be in (0, 180), got {args.ref_fov}")

@@ -26,9 +26,21 @@ class TextTo3DConfig:
     hires_after: int = 5000
     samples: int = 64
     lr: float = 0.01
+    #: fused Adam (one kernel per dense grid; the same update, 3-4x faster steps on a CPU)
+    fused_adam: bool = True
     seed: int = 0
     occupancy_every: int = 16
     mesh_resolution: int = 128
+    #: iso-level (a density) of the mesh; None: the level whose silhouettes reproduce the
+    #: field's rendered opacity (at the reference cameras, or 16 orbit cameras)
+    mesh_level: float | None = None
+    #: mesh pieces smaller (by volume) than this fraction of the largest are dropped
+    mesh_min_component: float = 0.05
+    #: decimate the marched mesh to about this many faces before UV mapping (0: keep all)
+    mesh_faces: int = 20000
+    #: "uv": UV atlas (xatlas) + baked albedo texture; "vertex": per-vertex colours
+    mesh_texture: str = "uv"
+    texture_size: int = 1024
     turntable_frames: int = 36
     #: shading of the SDS renders: "albedo" (none), "lambertian", "textureless" or "random"
     #: (one of the three per step with ``shading_probs``); normals from the density gradient
@@ -53,6 +65,10 @@ class TextTo3DConfig:
     #: field of view for views whose cameras.json has none (``mvdiff sample``); the camera
     #: distance then frames the unit box as in training: (sqrt(3)/2) / sin(fov/2)
     ref_fov_deg: float = 40.0
+    #: reference views left out of the fit and scored (held-out PSNR / IoU in summary.json)
+    ref_holdout: list[int] = dataclasses.field(default_factory=list)
+    #: the asset the reference shard was rendered from: Chamfer distance in summary.json
+    ref_mesh: str | None = None
     sds_weight: float = 1.0
     save_every: int = 1000
     #: the 3D representation: a radiance field (:mod:`mvdiff.sds.field`) or 3D Gaussians
@@ -69,6 +85,7 @@ class TextTo3DConfig:
         base = dict(
             steps=600, render_size=32, render_size_late=64, hires_after=400, samples=32,
             mesh_resolution=64, turntable_frames=12, field=FieldConfig(resolutions=[16, 32, 64]),
+            texture_size=512,
             sds=SDSConfig(anneal_steps=600), ref_rays=2048,
         )  # fmt: skip
         base.update(kw)
@@ -81,6 +98,7 @@ class TextTo3DConfig:
         base = dict(
             steps=300, lr=0.05, samples=32, sds_weight=0.0, occupancy_every=10,
             render_size=64, render_size_late=64, mesh_resolution=64, turntable_frames=12,
+            texture_size=512,
             field=FieldConfig(resolutions=[12, 24, 48]), ref_rays=4096,
         )  # fmt: skip
         base.update(kw)
@@ -122,6 +140,14 @@ class TextTo3DConfig:
             )
         if self.ref_mask not in ("auto", "none"):
             raise ValueError(f"ref_mask must be auto or none, got {self.ref_mask!r}")
+        if self.mesh_texture not in ("uv", "vertex"):
+            raise ValueError(f"mesh_texture must be uv or vertex, got {self.mesh_texture!r}")
+        if not 0 <= self.mesh_min_component < 1:
+            raise ValueError(f"mesh_min_component must be in [0, 1), got {self.mesh_min_component}")
+        if self.mesh_faces < 0:
+            raise ValueError(f"mesh_faces must be >= 0, got {self.mesh_faces}")
+        if self.texture_size < 16:
+            raise ValueError(f"texture_size must be >= 16, got {self.texture_size}")
         if self.background.mode not in ("solid", "env"):
             raise ValueError(f"background.mode must be solid or env, got {self.background.mode!r}")
         if self.sds.form not in ("x0", "eps"):

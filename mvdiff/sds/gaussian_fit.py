@@ -13,7 +13,7 @@
   not rays;
 * ``before_step(step)`` / ``after_step(step)``: adaptive density control on the 3DGS
   schedule scaled to ``config.steps`` (:class:`~mvdiff.sds.gaussians.GaussianConfig`);
-* ``mesh(resolution)``, ``write_outputs(folder)`` (``gaussians.ply``), ``state_dict()`` /
+* ``mesh(resolution)``, ``export_asset(config, output, ref, resolution)``, ``write_outputs(folder)`` (``gaussians.ply``), ``state_dict()`` /
   ``load_state_dict()`` (tensors only: the checkpoint loads with ``weights_only=True``).
 """
 
@@ -230,6 +230,26 @@ class GaussianFitState:
 
     def mesh(self, resolution: int):
         return self.gaussians.extract_mesh(resolution)
+
+    def export_asset(self, config, output, ref=None, ref_resolution=None) -> dict:
+        """``mesh.glb`` / ``mesh.obj`` / ``mesh.ply`` of the Gaussians' density on a grid, vertex
+        colours; the summary in the form of :func:`mvdiff.sds.asset.export_asset` (the field's
+        UV texture baking and level search need a field, so Gaussians keep vertex colours)."""
+        import time
+
+        from mvdiff.sds.mesh import export_mesh, to_trimesh
+
+        t = time.time()
+        verts, faces, colors = self.mesh(config.mesh_resolution)
+        mesh = to_trimesh(verts, faces, colors)
+        for name in ("mesh.glb", "mesh.obj", "mesh.ply"):
+            export_mesh(mesh, Path(output) / name)
+        info = {
+            "vertices": int(len(mesh.vertices)),
+            "faces": int(len(mesh.faces)),
+            "texture": "vertex",
+        }
+        return {"mesh": info, "metrics": {}, "seconds": {"mesh": round(time.time() - t, 2)}}
 
     def write_outputs(self, folder) -> dict:
         from mvdiff.sds.ply import save_gaussians_ply

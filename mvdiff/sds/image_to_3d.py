@@ -437,9 +437,11 @@ def image_to_3d(
     for name, img in (("input.png", want), ("reference.png", rgb)):
         arr = img[0].clamp(0, 1).permute(1, 2, 0).numpy()  # (3, r, r) -> (r, r, 3)
         save_image(output / name, Image.fromarray((arr * 255 + 0.5).astype(np.uint8)))
-    counts = export_outputs(fit, config, output)  # + gaussians.ply for gaussians
+    asset = export_outputs(fit, config, output)  # meshes (+ gaussians.ply for Gaussians)
     summary = {
-        "steps": config.steps, "resumed_from": start, "loss": metrics["loss"], "t": metrics["t"], **counts,
+        "steps": config.steps, "resumed_from": start, "loss": metrics["loss"], "t": metrics["t"],
+        "vertices": asset["mesh"]["vertices"], "faces": asset["mesh"]["faces"],
+        "mesh": asset["mesh"], "metrics": asset["metrics"], "stage_seconds": asset["seconds"],
         "reference_psnr": round(ref_psnr, 3), "reference_iou": round(ref_iou, 4),
         "seconds": round(time.time() - t0, 2),
     }  # fmt: skip

@@ -7,11 +7,13 @@ Writes into the output folder:
   (every ``save_every`` steps and at the end; ``resume=True`` continues from it);
 * ``views.png`` (the final 4 views side by side) and ``view_00.png`` … ``view_03.png``;
 * ``turntable.gif``;
-* ``mesh.glb``, ``mesh.obj``, ``mesh.ply`` — marching tetrahedra on the density grid, vertex
-  colours, +Y up (see :mod:`mvdiff.sds.mesh`);
+* ``mesh.glb`` (UV atlas and baked albedo texture inside), ``mesh.obj`` + ``mesh.mtl`` +
+  ``mesh_albedo.png``, ``mesh.ply`` (vertex colours) — the surface at the iso-level whose
+  silhouettes reproduce the field's opacity, +Y up (see :mod:`mvdiff.sds.asset`);
 * ``gaussians.ply`` with ``representation: gaussians`` (the 3DGS layout, :mod:`mvdiff.sds.ply`;
-  the mesh then comes from the Gaussians' density on a grid);
-* ``config.json`` and ``summary.json``.
+  the mesh then comes from the Gaussians' density on a grid, vertex colours);
+* ``config.json`` and ``summary.json`` (with ``mesh``, ``metrics``: PSNR, silhouette IoU,
+  Chamfer with ``ref_mesh``, and ``seconds`` per stage).
 
 Every file is written under a temporary name and renamed.
 """
@@ -40,7 +42,6 @@ from mvdiff.sds.loop import (
     restore,
     run_steps,
 )
-from mvdiff.sds.mesh import export_mesh, to_trimesh
 from mvdiff.sds.ref_views import load_ref_views
 from mvdiff.sds.render import SHADING_MODES, sample_light
 
@@ -106,10 +107,15 @@ def framing_distance(fov_deg: float) -> float:
 
 
 @torch.no_grad()
-def export_outputs(fit: FitState, config: TextTo3DConfig, output: Path) -> dict:
-    """Final views, turntable GIF and meshes of ``fit`` into ``output``; returns counts."""
+def export_outputs(
+    fit: FitState, config: TextTo3DConfig, output: Path, ref=None, ref_resolution=None
+) -> dict:
+    """Final views, turntable GIF and meshes of ``fit`` into ``output``; returns the mesh's
+    counts, metrics and seconds per stage (:func:`mvdiff.sds.asset.export_asset`; ``ref``:
+    the reference views, fitted at ``ref_resolution``)."""
     from PIL import Image
 
+    t0 = time.time()
     size = config.render_size_late
     bg = torch.tensor(config.background.color, dtype=torch.float32)
     dist = framing_distance(40.0)
@@ -133,12 +139,11 @@ def export_outputs(fit: FitState, config: TextTo3DConfig, output: Path) -> dict:
         loop=0,
     )
 
-    verts, faces, colors = fit.mesh(config.mesh_resolution)
-    mesh = to_trimesh(verts, faces, colors)
-    for name in ("mesh.glb", "mesh.obj", "mesh.ply"):
-        export_mesh(mesh, output / name)
-    extra = fit.write_outputs(output)  # gaussians.ply for the gaussians representation
-    return {"vertices": int(len(verts)), "faces": int(len(faces)), **extra}
+    seconds = {"render_outputs": round(time.time() - t0, 2)}
+    asset = fit.export_asset(config, output, ref, ref_resolution)  # mesh files + metrics
+    asset["seconds"] = {**seconds, **asset["seconds"]}
+    asset["mesh"].update(fit.write_outputs(output))  # gaussians.ply for Gaussians
+    return asset
 
 
 def text_to_3d(
@@ -181,14 +186,29 @@ def text_to_3d(
         if pipe is None:
             raise ValueError("sds_weight > 0 needs a pipeline (the prior)")
         sds = SDSTerm.from_pipeline(pipe, config)
-    rays = None
+    rays = ref = res = None
     if config.ref_views:
         ref = load_ref_views(config.ref_views, config.ref_uid, config.ref_fov_deg)
         res = config.ref_resolution or min(ref["rgba"].shape[-1], config.render_size_late)
-        rays = fit.prepare_ref(ref, res, None)
+        n_views = ref["rgba"].shape[0]
+        if (
+            any(not 0 <= i < n_views for i in config.ref_holdout)
+            or len(set(config.ref_holdout)) >= n_views
+        ):
+            raise UserError(
+                f"--ref-holdout {config.ref_holdout}: indices must be in 0..{n_views - 1} "
+                "and leave a view to fit"
+            )
+        train = [i for i in range(n_views) if i not in config.ref_holdout]
+        rays = fit.prepare_ref(ref, res, train)
         if config.ref_mask == "auto" and not ref["has_alpha"]:
             log("reference views have no alpha: mask estimated from the background colour")
         log(f"reference views: {ref['uid']} ({ref['rgba'].shape[0]} views, fitted at {res}²)")
+
+    if config.ref_mesh:  # an unreadable source mesh fails now, not after the fit
+        from mvdiff.sds.mesh_eval import load_source_mesh
+
+        load_source_mesh(config.ref_mesh)
 
     saved = [start if resume and ckpt_path.exists() else None]
 
@@ -220,12 +240,15 @@ def text_to_3d(
             if saved[0] is not None else "no checkpoint was saved yet",
         )  # fmt: skip
         raise
+    fit_seconds = round(time.time() - t0, 2)
     save(max(config.steps, start))
-    counts = export_outputs(fit, config, output)
+    asset = export_outputs(fit, config, output, ref, res)
     summary = {
         "steps": config.steps, "resumed_from": start, "loss": metrics["loss"], "t": metrics["t"],
-        **counts, "render_size": render_size(config, max(config.steps - 1, 0)),
-        "seconds": round(time.time() - t0, 2),
+        "vertices": asset["mesh"]["vertices"], "faces": asset["mesh"]["faces"],
+        "render_size": render_size(config, max(config.steps - 1, 0)),
+        "seconds": round(time.time() - t0, 2), "mesh": asset["mesh"], "metrics": asset["metrics"],
+        "stage_seconds": {"fit": fit_seconds, **asset["seconds"]},
     }  # fmt: skip
     write_json(output / "summary.json", summary)
     return summary
