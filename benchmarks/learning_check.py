@@ -16,7 +16,7 @@
    from the palette.
 2. **Render** them with our renderer (:func:`mvdiff.render.runner.render_objects`, Blender
    Cycles, orbit rig: 8 views 45° apart at 15° elevation, fov 40°, 32²) into multi-view
-   shards (DESIGN §3); plus a **2D image-text shard** of single random views and the bundled
+   shards (docs/design.md §3); plus a **2D image-text shard** of single random views and the bundled
    photos.
 3. **Train** three small models jointly on both (30% 2D batches, ring of 4 views 90° apart,
    16² images): ``full`` (3D self-attention + camera MLP), ``no_3d_attention`` (the same UNet

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""3D assets -> multi-view webdataset shards (DESIGN §3) with Blender; the config-file entry.
+"""3D assets -> multi-view webdataset shards (docs/design.md §3) with Blender; the config-file entry.
 
     python data_prep/render.py --config data_prep/configs/render_mvdream.yaml \
         --set inputs=[/data/assets] --set output=/data/mv-shards

@@ -1,6 +1,6 @@
 """Camera math for mvdiff — one convention everywhere.
 
-Convention (DESIGN §4)
+Convention (docs/design.md §4)
 ----------------------
 * World frame: Blender's, right-handed, **z up**. Assets are normalised so that their
   bounding box is centred at the origin and its longest side is 1.
@@ -138,7 +138,7 @@ def sample_mvdream_render_rig(
     fov_range=(15.0, 60.0),
     distance_factor_range=(0.9, 1.1),
 ) -> dict:
-    """The MVDream rendering rig (DESIGN §6) for one object.
+    """The MVDream rendering rig (docs/design.md §6) for one object.
 
     ``num_views`` azimuths evenly spaced with a random offset, one elevation and one field of
     view per object, and a distance at which a unit-size object fills the frame (times a
@@ -185,7 +185,7 @@ def sample_sds_group(
     fov_range=(15.0, 60.0),
     distance_factor_range=(0.9, 1.1),
 ) -> dict:
-    """One SDS camera group (DESIGN §6): ``num_views`` cameras 360/V degrees apart with a shared
+    """One SDS camera group (docs/design.md §6): ``num_views`` cameras 360/V degrees apart with a shared
     random azimuth offset, one elevation, one fov and a framing distance.
 
     Returns torch tensors: ``c2w`` ``[V, 4, 4]`` float32, ``camera`` ``[V, 16]`` (model

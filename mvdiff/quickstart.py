@@ -4,7 +4,7 @@
 
 1. **render** the bundled real 3D assets (``tests/fixtures/assets``: glTF + OBJ files) with
    Blender Cycles (:func:`mvdiff.render.runner.render_objects`) into multi-view shards
-   (DESIGN §3) plus a manifest;
+   (docs/design.md §3) plus a manifest;
 2. **photos**: write a small 2D image-text shard (img2dataset layout) from the bundled real
    photos in ``mvdiff/resources/photos`` with their captions;
 3. **train** a tiny random multi-view model on CPU jointly on both (the trainer of
@@ -485,7 +485,7 @@ def write_index(cfg: QuickstartConfig, out: Path, records: dict, timings: dict) 
 
     r, t, s = records["render"], records["train"], records["sample"]
     rows = [
-        ("multi-view shards (DESIGN §3)", r["folder"],
+        ("multi-view shards (docs/design.md §3)", r["folder"],
          f"{r['objects']} objects, {r['views']} views, {cfg.render.resolution}², "
          f"{cfg.render.samples} Cycles samples"),
         ("render contact sheet", r["contact_sheet"], "one row per object"),

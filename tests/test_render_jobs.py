@@ -114,7 +114,7 @@ def test_retries_are_capped_and_only_valid_samples_enter_shards(tmp_path, capsys
         with tarfile.open(shard) as tar:
             keys += [m.name.split(".")[0] for m in tar if m.name.endswith(".json")]
     assert sorted(keys) == ["flaky", "ok1", "ok2", "ok3"]
-    # Every manifest line has the documented fields (DESIGN §3).
+    # Every manifest line has the documented fields (docs/design.md §3).
     for line in (out / "manifest.jsonl").read_text().splitlines():
         rec = json.loads(line)
         assert {"uid", "source", "status", "shard", "reason", "seconds"} <= set(rec), rec

@@ -1,4 +1,4 @@
-"""``mvdiff render``: 3D assets -> multi-view webdataset shards (DESIGN §3, §6, §7)."""
+"""``mvdiff render``: 3D assets -> multi-view webdataset shards (docs/design.md §3, §6, §7)."""
 
 from __future__ import annotations
 

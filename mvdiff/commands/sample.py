@@ -230,7 +230,7 @@ def cameras_record(s: SampleSettings, camera) -> dict:
 
     record = {
         "convention": "mvdiff / official MVDream: z-up world, OpenGL camera (looks down -z), "
-        "camera-to-world matrices, azimuth 0 on -y, counter-clockwise seen from +z (DESIGN §4)",
+        "camera-to-world matrices, azimuth 0 on -y, counter-clockwise seen from +z (docs/design.md §4)",
         "num_views": s.num_views,
         "views": [],
     }

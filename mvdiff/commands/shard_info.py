@@ -10,7 +10,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "shard-info",
         help="count samples in multi-view shards and check them against the schema",
         description="Print per-shard sample and view counts, check every sample against the "
-        "multi-view shard schema (DESIGN §3) and, with --contact-sheet, write a PNG grid of "
+        "multi-view shard schema (docs/design.md §3) and, with --contact-sheet, write a PNG grid of "
         "some samples. Exit status 1 if any shard has problems, 2 on bad arguments.",
     )
     p.add_argument("shards", nargs="+", metavar="SHARD", help="shard .tar files or folders of them")

@@ -1,4 +1,4 @@
-"""``mvdiff text-to-3d``: a prompt -> a 3D asset via multi-view SDS (DESIGN §6, §9)."""
+"""``mvdiff text-to-3d``: a prompt -> a 3D asset via multi-view SDS (docs/design.md §6, §9)."""
 
 from __future__ import annotations
 

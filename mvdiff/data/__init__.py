@@ -1,4 +1,4 @@
-"""Data: the multi-view shard schema (DESIGN §3), 2D img2dataset shards, readers and the mixer.
+"""Data: the multi-view shard schema (docs/design.md §3), 2D img2dataset shards, readers and the mixer.
 
 Readers are explicit ``webdataset`` pipelines (:mod:`mvdiff.data.loader`); the mixer
 (:class:`BatchMixer`) makes a fraction ``p_2d`` of the batches 2D.

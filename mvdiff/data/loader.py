@@ -165,7 +165,7 @@ class StreamGuard:
 class DataConfig:
     """Where the data comes from and how it is turned into batches (config key ``data``)."""
 
-    #: multi-view shards (DESIGN §3): glob, brace pattern, fsspec URL or ``::``-joined list
+    #: multi-view shards (docs/design.md §3): glob, brace pattern, fsspec URL or ``::``-joined list
     mv_shards: str = ""
     #: 2D image-text shards in img2dataset layout; empty = no 2D data
     shards_2d: str = ""

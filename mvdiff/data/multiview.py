@@ -1,9 +1,9 @@
-"""Multi-view shards (DESIGN §3) -> training samples of ``V`` views per object.
+"""Multi-view shards (docs/design.md §3) -> training samples of ``V`` views per object.
 
 One object becomes::
 
     {"key": uid, "pixels": uint8 [V, 3, H, W] (RGBA composited on the background, resized),
-     "camera": float32 [V, 16] (model camera vectors, DESIGN §4), "caption": str + suffix}
+     "camera": float32 [V, 16] (model camera vectors, docs/design.md §4), "caption": str + suffix}
 
 Only the selected views are decoded. A sample with a corrupt PNG, a missing view, bad
 metadata or cameras that are not finite rigid transforms (what ``mvdiff shard-info`` checks,

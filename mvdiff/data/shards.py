@@ -296,7 +296,7 @@ def write_multiview_sample(
     c2w: np.ndarray,
     meta: dict,
 ) -> None:
-    """Write one object in the multi-view schema (DESIGN §3) to an open tar / ``TarWriter``.
+    """Write one object in the multi-view schema (docs/design.md §3) to an open tar / ``TarWriter``.
 
     ``rgba`` is uint8 ``[V, H, W, 4]`` (straight alpha), ``c2w`` float ``[V, 4, 4]``, ``meta``
     the JSON fields beyond ``schema``, ``uid``, ``num_views`` and ``resolution`` (filled in).

@@ -1,6 +1,6 @@
 """Synthetic shards in the real formats, for tests, benchmarks and the quickstart.
 
-:func:`write_synthetic_mv_shards` writes objects in the multi-view schema (DESIGN §3): a
+:func:`write_synthetic_mv_shards` writes objects in the multi-view schema (docs/design.md §3): a
 coloured ellipse per object seen from a ring of cameras (MVDream rig), whose position in the
 image follows the azimuth. :func:`write_synthetic_2d_shards` writes img2dataset-layout shards
 (``KEY.jpg|png`` + ``KEY.txt`` + ``KEY.json``). Shards are written to a temporary name and

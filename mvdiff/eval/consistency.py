@@ -50,7 +50,7 @@ def reconstruction_consistency(
     fit_all: bool = True,
 ) -> dict:
     """How well one radiance field explains ``rgba`` ``[V, 4, H, W]`` (straight alpha, [0, 1])
-    seen from ``c2w`` ``[V, 4, 4]`` (OpenGL c2w, DESIGN §4) with ``fov_deg`` (float or ``[V]``).
+    seen from ``c2w`` ``[V, 4, 4]`` (OpenGL c2w, docs/design.md §4) with ``fov_deg`` (float or ``[V]``).
 
     Returns ``psnr`` (fit on all views, PSNR over all of them), ``psnr_holdout`` (mean over
     the held-out fits of the PSNR of the held-out view; None with ``holdout="none"``),

@@ -5,7 +5,7 @@ Generated views are RGB on a plain background; their alpha is estimated from the
 colour (:func:`mvdiff.sds.ref_views.estimate_alpha`, as ``mvdiff text-to-3d --ref-views``
 does). ``cameras.json`` of ``mvdiff sample`` stores cameras on the unit sphere without a
 field of view; like ``text-to-3d`` we then assume ``fov_deg`` and put the camera at the
-distance at which the unit box fills the frame (the training renders' framing, DESIGN §6).
+distance at which the unit box fills the frame (the training renders' framing, docs/design.md §6).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def load_ground_truths(
     """Candidate ground truths, each ``uid``, ``caption``, ``rgba`` ``[G, 4, H, W]``, ``c2w``
     ``[G, 4, 4]``, ``fov_deg`` ``[G]``.
 
-    ``path`` is a multi-view shard (DESIGN §3) — the sample ``uid``, else every sample whose
+    ``path`` is a multi-view shard (docs/design.md §3) — the sample ``uid``, else every sample whose
     caption is ``prompt`` (a caption can fit several objects: the evaluation scores against
     the closest), else its only sample — or a folder of views with ``cameras.json`` (the
     layout of ``mvdiff sample``; RGBA PNGs keep their alpha).

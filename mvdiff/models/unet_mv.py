@@ -1,6 +1,6 @@
 """MultiViewUNet2DConditionModel: Stable Diffusion's UNet with 3D self-attention and a camera MLP.
 
-Exactly two changes to the stock diffusers ``UNet2DConditionModel`` (DESIGN §5):
+Exactly two changes to the stock diffusers ``UNet2DConditionModel`` (docs/design.md §5):
 
 1. every self-attention joins all views of an object (:class:`MultiViewAttnProcessor`);
 2. a camera MLP (16 -> time-embedding width, SiLU, -> same) whose output is added to the

@@ -1,4 +1,4 @@
-"""MVDreamPipeline: a text prompt -> V consistent views of one object (DESIGN §5, §9).
+"""MVDreamPipeline: a text prompt -> V consistent views of one object (docs/design.md §5, §9).
 
 The sampling loop, in the order it runs::
 

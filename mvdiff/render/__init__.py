@@ -1,4 +1,4 @@
-"""Render 3D assets into multi-view webdataset shards with Blender (bpy), DESIGN §3/§4/§6/§7.
+"""Render 3D assets into multi-view webdataset shards with Blender (bpy), docs/design.md §3/§4/§6/§7.
 
 Layout of this package:
 

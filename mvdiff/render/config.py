@@ -1,6 +1,6 @@
 """The typed config of a render run (``mvdiff render``, ``data_prep/render.py``).
 
-Every number of the MVDream render recipe (DESIGN §6) is a field here; YAML files under
+Every number of the MVDream render recipe (docs/design.md §6) is a field here; YAML files under
 ``data_prep/configs/`` and ``--set key=value`` override them (see :mod:`mvdiff.config`).
 """
 

@@ -1,4 +1,4 @@
-"""Camera rigs: where the cameras of one object go (DESIGN §4 convention, §6 recipe).
+"""Camera rigs: where the cameras of one object go (docs/design.md §4 convention, §6 recipe).
 
 A rig is a dict of per-view lists ``elevation_deg``, ``azimuth_deg``, ``fov_deg``,
 ``distance`` and ``c2w`` (float64 ``[V, 4, 4]``, OpenGL camera frame, z-up world). The

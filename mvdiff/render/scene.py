@@ -3,7 +3,7 @@
 One :class:`Scene` per worker process. It sets up the renderer, world light and camera once;
 then, per object, it clears the previous asset, imports the new one, normalises it and
 renders every view of its rig. Coordinates are Blender's (z-up world, cameras look down
-their -z axis with +y up, DESIGN §4). glTF (y-up) and OBJ (-z forward, y up) importers
+their -z axis with +y up, docs/design.md §4). glTF (y-up) and OBJ (-z forward, y up) importers
 convert to z-up themselves: an OBJ vertex (x, y, z) lands at (x, -z, y).
 """
 
@@ -149,7 +149,7 @@ class Scene:
         return px.reshape(h, w, c)[::-1]
 
     def _convert_passes(self, out_dir: str, v: int) -> None:
-        """EXR passes of view ``v`` -> ``depth.VVV.png`` / ``normal.VVV.png`` (DESIGN §3)."""
+        """EXR passes of view ``v`` -> ``depth.VVV.png`` / ``normal.VVV.png`` (docs/design.md §3)."""
         from PIL import Image
 
         stem = os.path.join(out_dir, f"pass{v:03d}_")

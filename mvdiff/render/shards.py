@@ -1,4 +1,4 @@
-"""Samples, shards and the manifest (DESIGN §3): what makes a run trustworthy and resumable.
+"""Samples, shards and the manifest (docs/design.md §3): what makes a run trustworthy and resumable.
 
 Durability protocol (one writer: the main process):
 
@@ -120,7 +120,7 @@ def _is_record(rec) -> bool:
 
 # --- samples ----------------------------------------------------------------------------
 def spherical_from_c2w(c2w: np.ndarray) -> tuple[list, list, list]:
-    """(elevation_deg, azimuth_deg, distance) of camera centres ``c2w[:, :3, 3]`` (DESIGN §4)."""
+    """(elevation_deg, azimuth_deg, distance) of camera centres ``c2w[:, :3, 3]`` (docs/design.md §4)."""
     t = np.asarray(c2w, dtype=np.float64)[:, :3, 3]  # [V, 3] camera centres, z-up world
     distance = np.linalg.norm(t, axis=1)
     elevation = np.degrees(np.arcsin(np.clip(t[:, 2] / np.maximum(distance, 1e-12), -1, 1)))

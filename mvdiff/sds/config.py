@@ -1,4 +1,4 @@
-"""The text-to-3D / reconstruction config (every number of DESIGN §6 is a value here)."""
+"""The text-to-3D / reconstruction config (every number of docs/design.md §6 is a value here)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class TextTo3DConfig:
     prompt_suffix: str = ", 3d asset"
     steps: int = 10000
     render_size: int = 64
-    #: render size after ``hires_after`` steps (DESIGN §6: 64² first, 256² later)
+    #: render size after ``hires_after`` steps (docs/design.md §6: 64² first, 256² later)
     render_size_late: int = 256
     hires_after: int = 5000
     samples: int = 64

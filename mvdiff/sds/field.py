@@ -5,7 +5,7 @@ sampled trilinearly with :func:`torch.nn.functional.grid_sample`, so the same co
 CPU and a GPU. Density starts as a centred blob (the usual SDS initialisation) so that the
 first renders are a soft sphere rather than empty space.
 
-Coordinates are world coordinates (z up, DESIGN §4); the field covers the cube
+Coordinates are world coordinates (z up, docs/design.md §4); the field covers the cube
 ``[-bound, bound]^3`` (assets are normalised to a unit bounding box, so ``bound`` is a little
 over 0.5).
 """

@@ -1,4 +1,4 @@
-"""Multi-view score distillation (MVDream SDS, DESIGN §6) with a multi-view UNet as the prior.
+"""Multi-view score distillation (MVDream SDS, docs/design.md §6) with a multi-view UNet as the prior.
 
 Per step: renders of one (or more) groups of V cameras (``[B*V, 3, H, W]`` in [0, 1]) are
 upsampled to the model resolution, encoded by the VAE (or used as pixels when ``vae`` is

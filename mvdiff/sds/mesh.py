@@ -16,7 +16,7 @@ UV-textured mesh (:func:`textured_trimesh`).
 Files (GLB, OBJ + MTL + PNG, PLY; :func:`export_mesh`) carry a texture or per-vertex colours
 and use the interchange
 convention **+Y up** (glTF's rule, and what Blender's importers expect by default): a world
-point ``(x, y, z)`` (z up, DESIGN §4) is written as ``(x, z, -y)``, so the front of the object
+point ``(x, y, z)`` (z up, docs/design.md §4) is written as ``(x, z, -y)``, so the front of the object
 (seen from -y, azimuth 0) faces +Z as glTF viewers expect.
 """
 

@@ -30,7 +30,7 @@ __all__ = [
     "shard_normalization",
 ]
 
-#: importers that turn a +Y-up file into Blender's +Z-up world (DESIGN §4)
+#: importers that turn a +Y-up file into Blender's +Z-up world (docs/design.md §4)
 _Y_UP = {".glb", ".gltf", ".obj"}
 _Z_UP = {".ply", ".stl"}
 

@@ -7,7 +7,7 @@ scale_2 rot_0 rot_1 rot_2 rot_3`` with the release's conventions: ``opacity`` is
 normalised), ``f_dc_*`` the SH DC coefficient (``(rgb - 0.5) / 0.28209479177387814``),
 ``f_rest`` channel-major (all red coefficients, then green, then blue), normals zero.
 
-Positions stay in mvdiff's world frame (z up, DESIGN §4) — 3DGS viewers take the frame of
+Positions stay in mvdiff's world frame (z up, docs/design.md §4) — 3DGS viewers take the frame of
 the scene they are given. Written with numpy (no extra dependency), read back by
 :func:`load_gaussians_ply` or any 3DGS reader (``plyfile``).
 """

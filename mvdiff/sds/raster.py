@@ -85,7 +85,7 @@ def rasterize(points: torch.Tensor, faces: torch.Tensor, height: int, width: int
 
 def project_points(points: torch.Tensor, c2w: torch.Tensor, fov_deg: float, res: int):
     """World points ``[N, 3]`` -> (pixel coordinates ``[N, 2]`` (x right, y down), camera-space
-    depth ``[N]``) of an OpenGL camera (looks down -z, +y up; DESIGN §4)."""
+    depth ``[N]``) of an OpenGL camera (looks down -z, +y up; docs/design.md §4)."""
     w2c = torch.linalg.inv(c2w.double())
     cam = points.double() @ w2c[:3, :3].T + w2c[:3, 3]  # (N, 3) camera frame
     k = intrinsics_from_fov(float(fov_deg), res)

@@ -90,7 +90,7 @@ def reconstruct_from_views(
         rgba: ``[V, 4, H, W]`` in [0, 1], straight (not premultiplied) alpha. For RGB views
             without alpha pass alpha = 1 with ``config.ref_mask = "none"``, or estimate it with
             :func:`mvdiff.sds.ref_views.estimate_alpha`.
-        c2w: ``[V, 4, 4]`` camera-to-world, OpenGL camera frame, z-up world (DESIGN §4); the
+        c2w: ``[V, 4, 4]`` camera-to-world, OpenGL camera frame, z-up world (docs/design.md §4); the
             object should lie in the field's cube ``[-bound, bound]^3`` (bound 0.6: a unit box).
         fov_deg: field of view in degrees, one for all views or ``[V]``.
         steps: optimisation steps (each: ``config.ref_rays`` random rays of the training views).

@@ -2,7 +2,7 @@
 
 Two sources (``--ref-views``):
 
-* a multi-view shard in our schema (DESIGN §3): straight-alpha RGBA views, ``cameras.npy``
+* a multi-view shard in our schema (docs/design.md §3): straight-alpha RGBA views, ``cameras.npy``
   c2w matrices and ``fov_deg`` in the sample's JSON;
 * the output folder of ``mvdiff sample``: ``view_XX.png`` (RGB, no alpha) and ``cameras.json``
   (per view ``c2w`` with a unit-length translation, elevation, azimuth; no field of view).
@@ -115,7 +115,7 @@ def _check_views(imgs: list, c2w: np.ndarray, fov: np.ndarray, where: str) -> No
 
 
 def load_shard_sample(path, uid: str | None = None) -> dict:
-    """One sample (``uid``, or the first) of a multi-view shard tar (DESIGN §3), checked as
+    """One sample (``uid``, or the first) of a multi-view shard tar (docs/design.md §3), checked as
     ``mvdiff shard-info`` checks it; problems are one-line :class:`UserError`\\ s naming the
     shard and the sample."""
     path = Path(path)

@@ -1,6 +1,6 @@
 """Volume rendering of a :class:`~mvdiff.sds.field.RadianceField` from mvdiff cameras.
 
-Cameras follow DESIGN §4: z-up world, OpenGL camera frame (looks down -z, +y up), c2w
+Cameras follow docs/design.md §4: z-up world, OpenGL camera frame (looks down -z, +y up), c2w
 matrices, square images with ``f = (W/2) / tan(fov/2)`` (:func:`mvdiff.cameras.intrinsics_from_fov`).
 Rays are sampled (stratified) inside the field's cube ``[-bound, bound]^3``; points whose
 ray misses the cube, or that fall in an empty cell of an optional :class:`OccupancyGrid`,

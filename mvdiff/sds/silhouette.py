@@ -1,7 +1,7 @@
 """Silhouettes of a triangle mesh from mvdiff cameras (to score exported meshes against the
 reference views' alpha with :func:`mvdiff.sds.recon.silhouette_iou`).
 
-Triangles are projected with the camera convention of DESIGN §4 (OpenGL camera frame, c2w,
+Triangles are projected with the camera convention of docs/design.md §4 (OpenGL camera frame, c2w,
 ``f = (W/2) / tan(fov/2)``) and filled with PIL; a silhouette needs no depth test.
 """
 

@@ -1,6 +1,6 @@
 """A differentiable 3D Gaussian splatting rasteriser in pure PyTorch (CPU or GPU).
 
-Cameras follow DESIGN §4 (:mod:`mvdiff.cameras`): z-up world, OpenGL camera frame (looks
+Cameras follow docs/design.md §4 (:mod:`mvdiff.cameras`): z-up world, OpenGL camera frame (looks
 down -z, +y up), c2w matrices, ``f = (W/2) / tan(fov/2)``, principal point at the image
 centre; pixel ``(row i, column j)`` has its centre at ``(u, v) = (j + 0.5, i + 0.5)``, the
 same rays as :func:`mvdiff.sds.render.camera_rays`.
@@ -106,7 +106,7 @@ def project_gaussians(
     depth = -p[:, 2]
     valid = depth > near
     d = torch.where(valid, depth, torch.ones_like(depth))
-    fx = fy = _focal(fov_deg, width)  # square pixels, equal fov (DESIGN §4)
+    fx = fy = _focal(fov_deg, width)  # square pixels, equal fov (docs/design.md §4)
     cx, cy = width / 2.0, height / 2.0
     u = cx + fx * p[:, 0] / d
     v = cy - fy * p[:, 1] / d  # image rows go down, camera +y goes up

@@ -1,4 +1,4 @@
-"""The text-to-3D run: a radiance field optimised with multi-view SDS (DESIGN §6), optionally
+"""The text-to-3D run: a radiance field optimised with multi-view SDS (docs/design.md §6), optionally
 with posed reference views (``ref_views``), on the shared loop of :mod:`mvdiff.sds.loop`.
 
 Writes into the output folder:

@@ -122,7 +122,7 @@ class TrainConfig:
                               "log_every": ">=1", "debug_nan_step": ">=-1"}  # fmt: skip
 
 
-# ---- MVDreamBooth (DESIGN §6): the same loop, photos instead of shards ---------------------
+# ---- MVDreamBooth (docs/design.md §6): the same loop, photos instead of shards ---------------------
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""MVDreamBooth (DESIGN §6): personalise a multi-view model from 3-10 photos of a subject.
+"""MVDreamBooth (docs/design.md §6): personalise a multi-view model from 3-10 photos of a subject.
 
 This is a *mode* of the training loop (:func:`mvdiff.training.trainer.train` given a
 :class:`~mvdiff.training.config.DreamBoothTrainConfig`): same accelerate setup, optimizer,

@@ -1,4 +1,4 @@
-"""The multi-view diffusion objective: eps-MSE with one timestep per object (DESIGN §6).
+"""The multi-view diffusion objective: eps-MSE with one timestep per object (docs/design.md §6).
 
 All views of an object share the timestep and each view gets its own noise. 2D batches are
 the same code with ``num_views=1`` and no camera.
