@@ -13,10 +13,12 @@ from tests.test_train import TINY, one_thread, shards, tiny_config  # noqa: F401
 
 @pytest.fixture
 def fp16_state():
-    """accelerate keeps mixed_precision process-wide: reset it so later runs may use "no"."""
-    yield
+    """accelerate keeps mixed_precision process-wide: reset it before (an earlier in-process
+    run may have set "no") and after (so later runs may use "no")."""
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
@@ -533,3 +535,40 @@ def test_sds_step_leaves_the_loss_on_the_device():
     out = train_step(fit, cfg, 0, rays=rays)
     assert isinstance(out["loss"], torch.Tensor) and out["loss"].device == fit.device
     assert isinstance(run_steps(fit, cfg, 1, 3, rays=rays, progress=True)["loss"], float)
+
+
+def test_training_reads_the_device_once_per_step_not_per_micro_step(
+    shards,  # noqa: F811 - the fixture imported above
+    tmp_path,
+    monkeypatch,
+):
+    """Host syncs (``Tensor.item``/``tolist``/``float``) per optimizer step do not grow with
+    gradient accumulation: the loss's finiteness and value are read once per step (was: a
+    cross-rank reduce + ``.item()`` between forward and backward and a ``.item()`` after it,
+    on every micro-step; on a GPU each one stalls the queue)."""
+    from mvdiff.training.trainer import train
+
+    counts = {}
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    common = ["max_steps=3", "checkpoint.every=0", "export=false", "validation.every=0"]
+    totals = []
+    for accum in (1, 4):
+        for name in ("item", "tolist", "__float__"):
+            counting(name)
+        counts.clear()
+        train(tiny_config(shards, tmp_path / f"a{accum}", *common,
+                          f"gradient_accumulation_steps={accum}"))  # fmt: skip
+        totals.append(sum(counts.values()))
+        monkeypatch.undo()
+    # 9 more micro-steps: the old loop read the device 18 more times; what the data pipeline
+    # reads may differ by a draw or two between the runs
+    assert totals[1] - totals[0] <= 2, totals

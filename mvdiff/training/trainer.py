@@ -256,16 +256,13 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         bad = False
-        step_loss = 0.0
-        step_terms = dict.fromkeys(TERMS, 0.0)
+        micro_losses, micro_terms = [], []  # device tensors: read once per step, below
         for micro in range(accum):
             index = step * accum + micro
             gen = torch.Generator().manual_seed(make_seed("step", cfg.seed, rank, index))
             t_data = time.perf_counter()
             batch = next(batches)
             window["data_s"] += time.perf_counter() - t_data
-            if bad:  # the step is lost: still consume its batches so the streams stay aligned
-                continue
             b, v = batch["pixels"].shape[:2]
             captions = [
                 "" if random.Random(make_seed("drop", cfg.seed, rank, index, i)).random()
@@ -313,20 +310,35 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
                         loss = loss + preservation
                 if step == cfg.debug_nan_step:
                     loss = loss * float("nan")
-                # all ranks must agree to skip, or DDP would hang waiting for gradients
-                finite = torch.isfinite(loss.detach()).float().reshape(1)
-                if accelerator.reduce(finite, reduction="sum").item() < world:
-                    bad = True
-                    continue
+                # No host sync between forward and backward: every rank runs backward on
+                # every micro-step (so DDP never waits for a rank that skipped one), and a
+                # non-finite loss on any rank drops the whole step once it is read, below.
                 accelerator.backward(loss / accum)
-            step_loss += loss.detach().float().item() / accum
+            micro_losses.append(loss.detach().float().reshape(1))
             if db is not None:
-                for name, value in terms.items():
-                    step_terms[name] += float(value) / accum
+                micro_terms.append(
+                    torch.stack(
+                        [
+                            terms[n].float() if n in terms else loss.new_zeros(()).float()
+                            for n in TERMS
+                        ]
+                    )  # fmt: skip
+                )
             window["images"] += b * v
             window["skipped"] += int(batch.get("skipped", 0))
             window["n2d"] += int(camera is None)
             window["nb"] += 1
+        step_loss, step_terms = float("nan"), dict.fromkeys(TERMS, 0.0)
+        if micro_losses:  # one host read per step: is the loss finite on every rank, its value
+            local = torch.cat(micro_losses)  # (accum,)
+            finite = torch.isfinite(local).all().float().reshape(1)
+            head = [accelerator.reduce(finite, reduction="sum"), local.mean().reshape(1)]
+            if micro_terms:  # (accum, len(TERMS)) -> (len(TERMS),)
+                head.append(torch.stack(micro_terms).mean(0))
+            values = torch.cat([h.to(local.device) for h in head]).tolist()
+            bad = bad or values[0] < world
+            step_loss = values[1]
+            step_terms.update(zip(TERMS, values[2:], strict=False))
         grad_norm, overflow = float("nan"), False
         if not bad:  # clip + step; an fp16 loss-scale overflow skips the update, is not bad
             outcome = optimizer_step(accelerator, optimizer, unet.parameters(),
