@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from mvdiff.cameras import orbit_c2w
-from mvdiff.cli import main
+from mvdiff.cli import build_parser, main
+from mvdiff.commands.render import build_config
 from mvdiff.config import load_config
-from mvdiff.render.config import RenderConfig
+from mvdiff.render.config import FLAG_FIELDS, RenderConfig, field_flag
 from mvdiff.render.rigs import make_rig
 from mvdiff.render.shards import (
     Manifest,
@@ -97,8 +98,10 @@ def test_orbit_rig_is_a_turntable():
 def test_config_errors_name_the_field():
     with pytest.raises(Exception, match="--views"):
         RenderConfig(output="x", views=0).validate()
-    with pytest.raises(Exception, match="--azimuths"):
+    with pytest.raises(Exception, match=r"--set azimuths=\[\.\.\.\]"):
         RenderConfig(output="x", rig="fixed", views=2, azimuths=[0.0]).validate()
+    with pytest.raises(Exception, match=r"--set elevations=\.\.\."):
+        RenderConfig(output="x", rig="orbit", views=2, elevations=[1.0, 2.0, 3.0]).validate()
     with pytest.raises(Exception, match="--output"):
         RenderConfig().validate()
 
@@ -263,6 +266,25 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     assert main(["shard-info", str(tmp_path / "nothing.tar")]) == 2
     with pytest.raises(SystemExit):
         main(["render", "--help"])
+
+
+def test_fixed_rig_error_names_a_setting_that_works(tmp_path, capsys):
+    """The error of `--rig fixed` without azimuths names how to give them (there is no
+    --azimuths flag), and its example, pasted back, gets past the check."""
+    out = str(tmp_path / "o")
+    assert main(["render", str(ASSETS), "-o", out, "--rig", "fixed", "--views", "2", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--set azimuths=[0,180]" in err, err
+    assert "--azimuths" not in err.replace("--set azimuths", "")
+    # Every flag an error can name (a field with its own flag) is a real `mvdiff render` flag.
+    render = build_parser()._subparsers._group_actions[0].choices["render"]
+    flags = {s for a in render._actions for s in a.option_strings}
+    for name in FLAG_FIELDS:
+        assert field_flag(name) in flags, name
+    assert field_flag("azimuths") == "--set azimuths=..." and "--azimuths" not in flags
+    args = build_parser().parse_args(["render", str(ASSETS), "-o", out, "--rig", "fixed",
+                                      "--views", "2", "--set", "azimuths=[0,180]"])  # fmt: skip
+    assert build_config(args).azimuths == [0.0, 180.0]
 
 
 @pytest.mark.parametrize("name", ["render_mvdream", "render_objaverse_lvis", "render_turntable"])

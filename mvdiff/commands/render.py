@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-# flag -> RenderConfig field, for flags that override the config file when given.
-FLAGS = {
-    "output": "output", "views": "views", "resolution": "resolution", "samples": "samples",
-    "workers": "workers", "backend": "backend", "timeout": "timeout", "captions": "captions",
-    "rig": "rig", "retries": "retries", "seed": "seed", "engine": "engine", "limit": "limit",
-    "recycle_every": "recycle_every", "shard_max_samples": "shard_max_samples",
-    "objaverse_uids": "objaverse_uids", "objaverse_lvis": "objaverse_lvis",
-    "objaverse_mirror": "objaverse_mirror", "objaverse_cache": "objaverse_cache",
-    "ray_address": "ray_address", "work_dir": "work_dir",
-}  # fmt: skip
+from mvdiff.render.config import FLAG_FIELDS
+
+# flag -> RenderConfig field, for flags that override the config file when given
+# (--depth and --normal are store_true flags, set below).
+FLAGS = {name: name for name in FLAG_FIELDS if name not in ("depth", "normal")}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +41,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recycle-every", type=int, help="restart workers after N objects (default 50)")
     p.add_argument("--captions", help="CSV of uid,caption (Cap3D layout)")
     p.add_argument(
-        "--rig", choices=["mvdream", "fixed", "orbit"], help="camera rig (default mvdream)"
+        "--rig",
+        choices=["mvdream", "fixed", "orbit"],
+        help="camera rig (default mvdream); fixed: cameras at --set azimuths=[0,90,...] (one "
+        "per view) and --set elevations=[15] (one, or one per view); orbit: a turntable at "
+        "--set elevations=[15]",
     )
     p.add_argument("--seed", type=int, help="seed of the per-object random rig")
     p.add_argument("--engine", help="CYCLES (default), BLENDER_EEVEE or BLENDER_WORKBENCH")

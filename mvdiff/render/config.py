@@ -13,6 +13,19 @@ from mvdiff.errors import UserError
 ENGINES = ("CYCLES", "BLENDER_EEVEE", "BLENDER_WORKBENCH")
 RIGS = ("mvdream", "fixed", "orbit")
 BACKENDS = ("local", "ray")
+# Fields that `mvdiff render` sets with a flag of the same name (``--shard-max-samples``); the
+# others are set with ``--set field=value`` or a config file, and errors name them that way.
+FLAG_FIELDS = (
+    "output", "views", "resolution", "samples", "workers", "backend", "timeout", "captions",
+    "rig", "retries", "seed", "engine", "limit", "recycle_every", "shard_max_samples",
+    "objaverse_uids", "objaverse_lvis", "objaverse_mirror", "objaverse_cache", "ray_address",
+    "work_dir", "depth", "normal",
+)  # fmt: skip
+
+
+def field_flag(name: str) -> str:
+    """How a user sets field ``name``: ``--flag`` when it has one, else ``--set name=...``."""
+    return f"--{name.replace('_', '-')}" if name in FLAG_FIELDS else f"--set {name}=..."
 
 
 @dataclass
@@ -79,7 +92,7 @@ class RenderConfig:
         """Raise :class:`UserError` naming the bad field; return self."""
 
         def bad(name, why):
-            raise UserError(f"--{name.replace('_', '-')}: {why}")
+            raise UserError(f"{field_flag(name)}: {why}")
 
         if not self.output:
             bad("output", "is required")
@@ -130,10 +143,16 @@ class RenderConfig:
             bad("fov_range", f"fields of view must be inside (0, 180), got {list(self.fov_range)}")
         if self.rig == "fixed":
             if len(self.azimuths) != self.views:
-                bad(
-                    "azimuths",
-                    f"the fixed rig needs {self.views} azimuths (--views), got {len(self.azimuths)}",
+                example = ",".join(f"{i * 360 / self.views:g}" for i in range(self.views))
+                raise UserError(
+                    f"--set azimuths=[...]: the fixed rig needs one azimuth in degrees per view "
+                    f"(--views {self.views}), e.g. --set azimuths=[{example}], got "
+                    f"{len(self.azimuths)}"
                 )
         if self.rig in ("fixed", "orbit") and len(self.elevations) not in (1, self.views):
-            bad("elevations", f"give 1 or {self.views} elevations, got {len(self.elevations)}")
+            bad(
+                "elevations",
+                f"give 1 or {self.views} elevations in degrees (e.g. --set elevations=[15]), "
+                f"got {len(self.elevations)}",
+            )
         return self
