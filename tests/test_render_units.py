@@ -30,14 +30,14 @@ from mvdiff.render.sources import discover, load_captions, local_objects, safe_u
 ASSETS = Path(__file__).parent / "fixtures" / "assets"
 
 
-def fake_answer(num_views=3, res=16, empty_view=None):
+def fake_answer(num_views=3, res=16, empty_view=None, color=(200, 100, 50)):
     """A worker answer as if an object had been rendered: PNG bytes + cameras."""
     c2w = orbit_c2w([10.0] * num_views, np.arange(num_views) * 120.0, 2.0)
     files = {}
     for v in range(num_views):
         rgba = np.zeros((res, res, 4), np.uint8)
         if v != empty_view:
-            rgba[4:12, 4:12] = (200, 100, 50, 255)
+            rgba[4:12, 4:12] = (*color, 255)
         buf = io.BytesIO()
         Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
         files[f"rgba.{v:03d}.png"] = buf.getvalue()
@@ -188,6 +188,25 @@ def test_check_shard_reports_schema_problems(tmp_path):
     assert errors and "a:" in errors[0]
     assert contact_sheet([good], tmp_path / "sheet.png") == 1
     assert Image.open(tmp_path / "sheet.png").size[0] > 0
+
+
+def test_contact_sheet_shows_white_and_black_objects(tmp_path):
+    """A white object (as the white monkey renders: ~215-240) and a black one both differ
+    clearly from the checkerboard behind them."""
+    cfg = RenderConfig(output="x", resolution=16)
+    writer = ShardWriter(tmp_path, Manifest(tmp_path / "manifest.jsonl"), max_samples=2)
+    for uid, color in (("white", (220, 220, 220)), ("black", (20, 20, 20))):
+        sample = build_sample({"uid": uid}, fake_answer(color=color), cfg)
+        writer.write(uid, sample, {"uid": uid, "source": ""})
+    writer.close_shard()
+    assert main(["shard-info", str(tmp_path), "--contact-sheet", str(tmp_path / "s.png")]) == 0
+    sheet = np.asarray(Image.open(tmp_path / "s.png").convert("L"), dtype=np.float64)
+    for row in range(2):  # the object: pixels 4:12 of 16 -> 32:96 of a 128 tile (inner part)
+        tile = sheet[row * 128 : (row + 1) * 128, :128]  # (128, 128) first view of the row
+        obj = tile[40:88, 40:88]
+        background = np.concatenate([tile[:24].ravel(), tile[104:].ravel()])
+        gap = np.abs(obj.mean() - background[:, None]).min()
+        assert gap > 60, (row, obj.mean(), np.unique(background))
 
 
 def test_shard_info_cli(tmp_path, capsys):

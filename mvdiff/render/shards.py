@@ -527,7 +527,10 @@ def check_shard(path) -> dict:
 
 def contact_sheet(paths, out_path, max_samples=8, max_views=8, tile=128) -> int:
     """A PNG grid: one row per valid sample (up to ``max_samples``), views over a
-    checkerboard; samples that fail :func:`check_sample` and unreadable shards are left out."""
+    checkerboard; samples that fail :func:`check_sample` and unreadable shards are left out.
+
+    The checkerboard is mid-grey (100/140): a white object under the white world (pixels
+    ~210-245) and a black one both stand out from it, where a light one hid white objects."""
     rows = []
     for path in paths:
         try:
@@ -546,9 +549,9 @@ def contact_sheet(paths, out_path, max_samples=8, max_views=8, tile=128) -> int:
         if len(rows) >= max_samples:
             break
     cols = max((len(r) for r in rows), default=1)
-    sheet = Image.new("RGB", (cols * tile, max(1, len(rows)) * tile), (255, 255, 255))
+    sheet = Image.new("RGB", (cols * tile, max(1, len(rows)) * tile), (120, 120, 120))
     yy, xx = np.mgrid[:tile, :tile]
-    checker = np.where(((yy // 16 + xx // 16) % 2)[..., None] == 0, 230, 200).astype(np.uint8)
+    checker = np.where(((yy // 16 + xx // 16) % 2)[..., None] == 0, 140, 100).astype(np.uint8)
     checker = Image.fromarray(np.repeat(checker, 3, axis=2))
     for r, row in enumerate(rows):
         for c, data in enumerate(row):
