@@ -4,7 +4,10 @@ checks and the CLI end to end (tiny model, three real photos of a cat)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -405,24 +408,29 @@ def _env():
             "OMP_NUM_THREADS": "1"}  # fmt: skip
 
 
-def test_cli_end_to_end_then_sample(base, photos, tmp_path, capsys):
+def test_cli_end_to_end_then_sample(base, photos, tmp_path, capsys, caplog):
     from mvdiff.cli import main
 
     out = tmp_path / "db"
     argv = ["dreambooth", "--config", str(TINY_DB), "--model", str(base), "--images",
             str(photos), "--prompt", PROMPT, "--output", str(out), "--lora", "--prior",
             "--steps", "4", "--set", "validation.every=4", "--set", "validation.steps=2"]  # fmt: skip
+    caplog.set_level(logging.INFO)
     assert main(argv) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert f"wrote {out / 'adapter'}" in printed
     assert (out / "config.yaml").is_file() and (out / "samples" / "step-0000004.png").is_file()
     assert (out / "checkpoints" / "step-0000004").is_dir()
+    # ONE follow-up command (printed, not also logged), and it runs as printed
+    said = printed + captured.err + caplog.text
+    assert said.count("mvdiff sample") == 1, said
+    follow_up = shlex.split(printed.split("try: ", 1)[1].strip())
+    assert follow_up[:2] == ["mvdiff", "sample"] and "--height" in follow_up
 
-    sample = tmp_path / "sample"
+    sample = out / "sample"
     res = subprocess.run(
-        [sys.executable, "-m", "mvdiff.cli", "sample", "--model", str(out / "adapter"),
-         "--prompt", "a sks cat", "--output", str(sample), "--height", "32", "--width", "32",
-         "--steps", "3"],
+        [sys.executable, "-m", "mvdiff.cli", *follow_up[1:], "--steps", "3"],
         env=_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
@@ -436,7 +444,7 @@ def test_cli_end_to_end_then_sample(base, photos, tmp_path, capsys):
     # --model BASE --lora ADAPTER is the same model
     again = tmp_path / "again"
     assert main(["sample", "--model", str(base), "--lora", str(out / "adapter"), "--prompt",
-                 "a sks cat", "--output", str(again), "--height", "32", "--width", "32",
+                 PROMPT, "--output", str(again), "--height", "32", "--width", "32",
                  "--steps", "3"]) == 0  # fmt: skip
     for v in range(4):
         assert np.array_equal(views[v], np.asarray(PIL.Image.open(again / f"view_{v:02d}.png")))
@@ -499,3 +507,22 @@ def test_adapter_on_the_builtin_tiny_model(photos, tmp_path):
     assert info["kind"] == "adapter" and info["base_model"] == "tiny"
     images = pipe("a sks cat", height=32, width=32, num_inference_steps=2, output_type="np")
     assert images.images.shape == (4, 32, 32, 3)
+
+
+def test_readme_try_out_matches_the_printed_command_and_stays_in_one_folder():
+    """README's tiny try-out ends with the very command `mvdiff dreambooth` prints, and
+    writes only under tryout/ (not cat/, runs/, samples/ in the repository root)."""
+    from mvdiff.cli import build_parser
+    from mvdiff.commands.dreambooth import config_from_args, sample_command
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("Tiny CPU try-out")
+    first = readme.index("```bash\n", start) + len("```bash\n")
+    block = readme[first : readme.index("```", first)]
+    lines = block.replace("\\\n", " ").splitlines()
+    train = next(shlex.split(x) for x in lines if x.startswith("mvdiff dreambooth"))
+    cfg = config_from_args(build_parser().parse_args(train[1:]))
+    assert lines[-1] == sample_command(cfg, f"{cfg.output_dir}/adapter")
+    paths = re.findall(r"(?:--images|--output) +(\S+)", block)
+    paths += re.findall(r"(?:Path|save)\(f?'([^']+)'\)", block)
+    assert len(paths) >= 5 and all(p.startswith("tryout/") for p in paths), paths

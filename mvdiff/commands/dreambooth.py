@@ -123,6 +123,20 @@ def run(args) -> int:
         return e.exit_code
     result = summary.get("adapter") or summary.get("model")
     if result:
-        print(f"wrote {result}; try: mvdiff sample --model {result} "
-              f"--prompt {cfg.dreambooth.prompt!r} --output {cfg.output_dir}/sample")  # fmt: skip
+        print(f"wrote {result}; try: {sample_command(cfg, result)}")
     return 0
+
+
+def sample_command(cfg, result: str) -> str:
+    """The one follow-up command printed after training: sample the subject from ``result``
+    at the training resolution, into ``OUTPUT/sample``."""
+    import shlex
+
+    from mvdiff.commands.sample import SampleSettings
+
+    words = ["mvdiff", "sample", "--model", result, "--prompt", cfg.dreambooth.prompt,
+             "--output", f"{cfg.output_dir}/sample"]  # fmt: skip
+    size = cfg.data.resolution
+    if (size, size) != (SampleSettings.height, SampleSettings.width):
+        words += ["--height", str(size), "--width", str(size)]
+    return shlex.join(words)

@@ -463,10 +463,6 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
                 summary["model"] = str(out / "model")
             if ema is not None:
                 ema.restore(trainable)
-            if db is not None:
-                result = summary.get("adapter") or summary["model"]
-                log.info("sample the subject: mvdiff sample --model %s --prompt %r --output "
-                         "%s/samples-final", result, db.prompt, out)  # fmt: skip
         summary = _json_safe(summary)  # valid JSON: a loss that never came is null, not NaN
         (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
         log.info("done: %s", json.dumps(summary))
