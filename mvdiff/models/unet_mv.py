@@ -352,4 +352,6 @@ def add_camera_mlp(unet: UNet2DConditionModel) -> MultiViewUNet2DConditionModel:
         raise ValueError(f"state dicts disagree: missing={missing} unexpected={unexpected}")
     torch.nn.init.zeros_(model.class_embedding.linear_2.weight)
     torch.nn.init.zeros_(model.class_embedding.linear_2.bias)
-    return model.to(dtype=unet.dtype, device=unet.device)
+    model = model.to(device=unet.device)
+    # cast only when needed: diffusers logs a warning on any .to(dtype), even a no-op one
+    return model if model.dtype == unet.dtype else model.to(dtype=unet.dtype)

@@ -28,6 +28,16 @@ ADAPTER_FORMAT = "mvdiff-lora/1"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+def dtype_kwargs(dtype) -> dict:
+    """The keyword that sets the weights' dtype in diffusers' ``from_pretrained``: ``dtype``
+    from diffusers 0.40 on (where ``torch_dtype`` is deprecated: a FutureWarning on every
+    load), ``torch_dtype`` before (those versions do not know ``dtype``)."""
+    import diffusers
+
+    major, minor = (int(x) for x in re.findall(r"\d+", diffusers.__version__)[:2])
+    return {"dtype" if (major, minor) >= (0, 40) else "torch_dtype": dtype}
+
+
 def default_cache_dir() -> Path:
     """``$MVDIFF_CACHE`` or ``$XDG_CACHE_HOME/mvdiff`` (``~/.cache/mvdiff``)."""
     if os.environ.get("MVDIFF_CACHE"):
@@ -157,10 +167,10 @@ def _load_base(model, torch_dtype, original_config, cache_dir, log):
     if model == "tiny":  # the base of adapters trained on mvdiff.testing.tiny_components()
         from mvdiff.testing import tiny_components
 
-        return MVDreamPipeline(**tiny_components(0)).to(dtype=torch_dtype), {
-            "model": "tiny",
-            "kind": "tiny",
-        }
+        pipe = MVDreamPipeline(**tiny_components(0))  # float32
+        if torch_dtype != torch.float32:  # diffusers logs a warning on any .to(dtype)
+            pipe = pipe.to(dtype=torch_dtype)
+        return pipe, {"model": "tiny", "kind": "tiny"}
     kind = model_kind(model)
     info = {"model": model, "kind": kind}
     folder = None
@@ -173,7 +183,7 @@ def _load_base(model, torch_dtype, original_config, cache_dir, log):
 
     if folder is None:
         try:
-            pipe = MVDreamPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+            pipe = MVDreamPipeline.from_pretrained(model, **dtype_kwargs(torch_dtype))
         except Exception as e:  # noqa: BLE001 - offline, unknown id, gated ...
             first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise UserError(
@@ -182,7 +192,7 @@ def _load_base(model, torch_dtype, original_config, cache_dir, log):
         return pipe, info
     info["fingerprint"] = fingerprint(folder)
     try:
-        pipe = MVDreamPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype)
+        pipe = MVDreamPipeline.from_pretrained(str(folder), **dtype_kwargs(torch_dtype))
     except (OSError, ValueError, KeyError) as e:
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UserError(f"--model {model}: cannot load the pipeline ({first})") from None

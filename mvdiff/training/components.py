@@ -62,12 +62,16 @@ def _load(pretrained: str, sub: str, load, *args):
         ) from None
 
 
-def load_components(pretrained: str) -> Components:
-    """Components from a diffusers folder or ``"tiny"`` (see module docstring)."""
+def load_components(pretrained: str, vae_dtype=None) -> Components:
+    """Components from a diffusers folder or ``"tiny"`` (see module docstring); the VAE in
+    ``vae_dtype`` (default float32), set at load time: diffusers logs a warning on any
+    ``vae.to(dtype)``, even one with nothing to keep in float32."""
     if pretrained == "tiny":
         from mvdiff.testing import tiny_components
 
-        parts = tiny_components(seed=0)
+        parts = tiny_components(seed=0)  # float32
+        if vae_dtype is not None and vae_dtype != parts["vae"].dtype:
+            parts["vae"] = parts["vae"].to(dtype=vae_dtype)
         return Components(**parts, source="tiny")
     if not pretrained:
         raise UserError("model.pretrained is empty: give a diffusers model folder or 'tiny'")
@@ -96,7 +100,11 @@ def load_components(pretrained: str) -> Components:
         unet = _load(pretrained, "unet", UNet2DConditionModel.from_pretrained, unet_dir)
         unet = add_camera_mlp(unet)
         source = "sd"
-    vae = _load(pretrained, "vae", AutoencoderKL.from_pretrained, _require(folder, "vae"))
+    from mvdiff.pipelines.loading import dtype_kwargs
+
+    vae_dir = _require(folder, "vae")
+    vae = _load(pretrained, "vae", lambda: AutoencoderKL.from_pretrained(
+        vae_dir, **dtype_kwargs(vae_dtype or torch.float32)))  # fmt: skip
     text_encoder = _load(pretrained, "text_encoder", CLIPTextModel.from_pretrained,
                          _require(folder, "text_encoder"))  # fmt: skip
     tokenizer = _load(pretrained, "tokenizer", CLIPTokenizer.from_pretrained,

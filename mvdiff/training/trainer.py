@@ -149,13 +149,13 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
         log.warning("data.p_2d=%s but data.shards_2d is empty: training on 3D only", cfg.data.p_2d)
 
     # ---- model: trainable multi-view UNet, frozen VAE + text encoder ------------------------
-    parts = load_components(cfg.model.pretrained)
-    unet, vae, text_encoder, tokenizer = parts.unet, parts.vae, parts.text_encoder, parts.tokenizer
-    noise_scheduler = noise_scheduler_from(parts.scheduler)
     frozen_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         cfg.mixed_precision
     ]
-    freeze(vae).to(accelerator.device, dtype=frozen_dtype)
+    parts = load_components(cfg.model.pretrained, vae_dtype=frozen_dtype)  # VAE: no .to(dtype)
+    unet, vae, text_encoder, tokenizer = parts.unet, parts.vae, parts.text_encoder, parts.tokenizer
+    noise_scheduler = noise_scheduler_from(parts.scheduler)
+    freeze(vae).to(accelerator.device)
     freeze(text_encoder).to(accelerator.device, dtype=frozen_dtype)
     class_images, lora_config, class_generated = None, None, 0
     if db is not None and db.prior.enabled:
