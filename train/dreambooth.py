@@ -8,8 +8,8 @@
 
 The config is :class:`mvdiff.training.config.DreamBoothTrainConfig` (a training config with a
 ``dreambooth`` section; YAML + ``--set key=value``, unknown keys are errors); the flags above
-are shortcuts for its entries. The resolved config is printed and saved as
-``OUTPUT/config.yaml``. The loop is :func:`mvdiff.training.trainer.train` (DreamBooth mode).
+are shortcuts for its entries. The resolved config is saved as
+``OUTPUT/config.yaml`` (a one-line summary is logged). The loop is :func:`mvdiff.training.trainer.train` (DreamBooth mode).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 
 The config is a YAML file of :class:`mvdiff.training.config.TrainConfig` (unknown keys are
 errors); ``--set key=value`` overrides any entry (``--set optim.lr=5e-5``). The resolved
-config is printed and saved as ``OUTPUT_DIR/config.yaml``. The loop itself is
+config is saved as ``OUTPUT_DIR/config.yaml`` (a one-line summary is logged). The loop itself is
 :func:`mvdiff.training.trainer.train`.
 """
 

@@ -87,15 +87,25 @@ def build_config(args: argparse.Namespace):
     return cfg.validate()
 
 
+def config_summary(cfg) -> str:
+    """One line of the main settings; the full config is saved next to the shards."""
+    workers = cfg.workers or "one per CPU core"
+    quality = f"{cfg.samples} samples" if cfg.engine == "CYCLES" else "no sampling"
+    return (
+        f"rendering {len(cfg.inputs)} input(s) -> {cfg.output}: rig {cfg.rig}, {cfg.views} "
+        f"views at {cfg.resolution}px, {cfg.engine} ({quality}), workers {workers}; full "
+        f"config: {cfg.output.rstrip('/')}/render_config.yaml"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from mvdiff.config import dump_config
     from mvdiff.render.runner import render_objects
 
     cfg = build_config(args)
     if not args.quiet:
-        print(dump_config(cfg), flush=True)
+        print(config_summary(cfg), flush=True)
     summary = render_objects(cfg, progress=not args.quiet)
     print(
         f"rendered {summary['done']} objects ({summary['views']} views), {summary['failed']} "

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from mvdiff.accel import enable_tf32
-from mvdiff.config import dump_config, save_config
+from mvdiff.config import save_config
 from mvdiff.data.loader import build_loader
 from mvdiff.data.mixer import BatchMixer
 from mvdiff.data.shards import expand_urls, make_seed
@@ -100,6 +100,25 @@ def build_optimizer(params, optim: OptimConfig, lr: float) -> torch.optim.Optimi
     return torch.optim.AdamW(params, fused=optim.fused or None, **kwargs)
 
 
+def config_summary(cfg, path: Path) -> str:
+    """One line of the settings that matter most, and where the full config is (``path``)."""
+    d = cfg.data
+    data = ", ".join(f"{k} {v}" for k, v in (("3D", d.mv_shards), ("2D", d.shards_2d)) if v)
+    line = (
+        f"config {path}: model {cfg.model.pretrained}, {cfg.max_steps} steps, batch "
+        f"{d.batch_size} x {d.num_views} views at {d.resolution}px, lr {cfg.optim.lr:g}, "
+        f"mixed precision {cfg.mixed_precision}"
+    )
+    db = getattr(cfg, "dreambooth", None)
+    if db is not None:
+        on = {True: "on", False: "off"}
+        return (
+            f"{line}; photos {db.images}, prompt {db.prompt!r}, LoRA {on[db.lora.enabled]}, "
+            f"prior {on[db.prior.enabled]}"
+        )
+    return f"{line}; data: {data or 'none'}"
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train a multi-view UNet as configured; returns a summary dict (also in summary.json).
 
@@ -139,8 +158,9 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        print(dump_config(cfg), flush=True)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if accelerator.is_main_process:
+        log.info("%s", config_summary(cfg, out / "config.yaml"))
     set_seed(cfg.seed)  # initial weights of anything created below are the same on all ranks
     if db is not None:
         for warning in photo_warnings:
