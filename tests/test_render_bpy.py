@@ -350,3 +350,39 @@ def test_kill_9_then_resume_renders_every_object_exactly_once(tmp_path):
     assert not list(out.glob("*.tmp"))
     records = Manifest(manifest).records
     assert sorted(records) == sorted(keys) and all(r["status"] == "done" for r in records.values())
+
+
+def test_render_at_the_cameras_of_a_sample_is_eval_ground_truth(tmp_path, capsys):
+    """`mvdiff render ASSET --cameras-from SAMPLE_DIR` renders the cameras of an `mvdiff
+    sample` folder (here a non-default rig: elevation 10, first azimuth 30) into a one-sample
+    shard that `mvdiff eval --gt` matches view for view; ground truth at other cameras is an
+    error that names --cameras-from."""
+    from mvdiff.cli import main
+    from mvdiff.pipelines import MVDreamPipeline
+    from mvdiff.testing import tiny_components
+
+    MVDreamPipeline(**tiny_components(0)).save_pretrained(tmp_path / "model")
+    sample = tmp_path / "sample"
+    assert main(["sample", "--model", str(tmp_path / "model"), "--prompt", "a monkey",
+                 "--output", str(sample), "--height", "32", "--width", "32", "--steps", "1",
+                 "--elevation", "10", "--azimuth-start", "30"]) == 0  # fmt: skip
+    cheap = ["--resolution", "32", "--engine", "BLENDER_WORKBENCH", "--workers", "1", "-q"]
+    gt = tmp_path / "gt"
+    assert main(["render", str(ASSETS / "monkey.glb"), "--cameras-from", str(sample),
+                 "--output", str(gt), *cheap]) == 0  # fmt: skip
+    (meta,) = [json.loads(s["json"]) for s in read_shards(gt).values()]
+    assert np.allclose(meta["azimuth_deg"], [30, 120, 210, 300], atol=1e-3)
+    assert np.allclose(meta["elevation_deg"], 10, atol=1e-3)
+    capsys.readouterr()
+    ev = ["eval", str(sample), "--recon-steps", "1", "--holdout", "none"]
+    assert main([*ev, "--gt", str(gt / "mv-000000.tar"), "--output", str(tmp_path / "e")]) == 0
+    record = json.loads((tmp_path / "e" / "results.json").read_text())["samples"][0]["gt"]
+    assert record["views"] == [0, 1, 2, 3] and max(record["angle_deg"]) < 0.01, record
+    # the default (turntable) cameras are not the sample's: the error says how to render them
+    other = tmp_path / "other"
+    assert main(["render", str(ASSETS / "monkey.glb"), "--rig", "orbit", "--views", "4",
+                 "--output", str(other), *cheap]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main([*ev, "--gt", str(other / "mv-000000.tar"), "--output", str(tmp_path / "f")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("mvdiff eval: error")]
+    assert len(err) == 1 and f"--cameras-from {sample} --output" in err[0], err

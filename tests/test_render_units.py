@@ -306,6 +306,26 @@ def test_fixed_rig_error_names_a_setting_that_works(tmp_path, capsys):
     assert build_config(args).azimuths == [0.0, 180.0]
 
 
+def test_cameras_from_bad_inputs_are_one_line(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert main(["render", str(ASSETS), "-o", out, "--cameras-from", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--cameras-from" in err and "cameras.json" in err
+    (tmp_path / "cameras.json").write_text('{"views": [{"c2w": "x"}]}')
+    assert main(["render", str(ASSETS), "-o", out, "--cameras-from", str(tmp_path)]) == 2
+    assert "not a readable cameras.json" in capsys.readouterr().err
+    c2w = orbit_c2w([10.0, 10.0], [30.0, 210.0], 1.0).tolist()
+    (tmp_path / "cameras.json").write_text(json.dumps({"views": [{"c2w": m} for m in c2w]}))
+    assert main(["render", str(ASSETS), "-o", out, "--cameras-from", str(tmp_path),
+                 "--rig", "orbit"]) == 2  # fmt: skip
+    assert "leave out --rig/--views" in capsys.readouterr().err
+    args = build_parser().parse_args(["render", str(ASSETS), "-o", out, "--cameras-from",
+                                      str(tmp_path)])  # fmt: skip
+    cfg = build_config(args)
+    assert cfg.rig == "fixed" and cfg.views == 2 and np.allclose(cfg.azimuths, [30, 210])
+    assert np.allclose(cfg.elevations, 10)
+
+
 @pytest.mark.parametrize("name", ["render_mvdream", "render_objaverse_lvis", "render_turntable"])
 def test_data_prep_render_configs_load(name):
     path = Path(__file__).parents[1] / "data_prep" / "configs" / f"{name}.yaml"

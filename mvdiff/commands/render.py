@@ -48,6 +48,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--set elevations=[15]",
     )
     p.add_argument("--seed", type=int, help="seed of the per-object random rig")
+    p.add_argument(
+        "--cameras-from",
+        metavar="SAMPLE_DIR",
+        help="render exactly the cameras of an `mvdiff sample` output folder (its cameras.json; "
+        "sets the fixed rig and --views): the ground truth `mvdiff eval --gt` compares with",
+    )
     p.add_argument("--engine", help="CYCLES (default), BLENDER_EEVEE or BLENDER_WORKBENCH")
     p.add_argument("--depth", action="store_true", help="also write depth.VVV.png (uint16 mm)")
     p.add_argument("--normal", action="store_true", help="also write normal.VVV.png (world space)")
@@ -84,6 +90,19 @@ def build_config(args: argparse.Namespace):
         cfg.normal = True
     if args.no_denoise:
         cfg.denoise = False
+    if getattr(args, "cameras_from", None):
+        from mvdiff.errors import UserError
+        from mvdiff.render.rigs import cameras_from_sample
+
+        cams = cameras_from_sample(args.cameras_from)
+        n = len(cams["azimuths"])
+        if args.rig not in (None, "fixed") or args.views not in (None, n):
+            raise UserError(f"--cameras-from {args.cameras_from}: sets the fixed rig with its "
+                            f"{n} views; leave out --rig/--views")  # fmt: skip
+        cfg.rig, cfg.views = "fixed", n
+        cfg.elevations, cfg.azimuths = cams["elevations"], cams["azimuths"]
+        if cams["fov"] is not None:
+            cfg.fov = cams["fov"]
     return cfg.validate()
 
 

@@ -163,7 +163,9 @@ def evaluate_views(
             raise UserError(
                 f"--gt {cand.get('source', cand.get('uid'))}: no ground-truth view within "
                 f"{match_tolerance_deg}° of view {angles.index(worst)} of {sample['name']} "
-                f"(nearest {worst:.1f}°); render the ground truth at the sample's cameras"
+                f"(nearest {worst:.1f}°); render the ground truth at the sample's cameras: "
+                f"mvdiff render ASSET --cameras-from {sample.get('path') or 'SAMPLE_DIR'} "
+                "--output GT_DIR"
             )
         cand_rgb = composite_white(cand["rgba"][idx])
         agree = gt_agreement(rgb, cand_rgb)

@@ -27,6 +27,36 @@ def object_rng(seed: int, uid: str) -> np.random.Generator:
     return np.random.default_rng([seed, digest])
 
 
+def cameras_from_sample(folder) -> dict:
+    """The cameras of an ``mvdiff sample`` output folder (its ``cameras.json``) as fixed-rig
+    settings: ``elevations``/``azimuths`` (degrees, per view, from the ``c2w`` camera centres)
+    and ``fov`` (None when the file has none: the model's cameras have no field of view)."""
+    import json
+    from pathlib import Path
+
+    from mvdiff.errors import UserError
+    from mvdiff.render.shards import spherical_from_c2w
+
+    path = Path(folder) / "cameras.json"
+    where = f"--cameras-from {folder}"
+    if not path.is_file():
+        raise UserError(f"{where}: no cameras.json (not an `mvdiff sample` output folder)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        views = record["views"]
+        c2w = np.asarray([v["c2w"] for v in views], dtype=np.float64).reshape(-1, 4, 4)
+        fov = record.get("fov_deg")
+        fov = None if fov is None else float(fov)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{where}: not a readable cameras.json ({e})") from None
+    if len(c2w) == 0 or not np.isfinite(c2w).all():
+        raise UserError(f"{where}: cameras.json has no finite cameras")
+    elevations, azimuths, distance = spherical_from_c2w(c2w)  # ([V], [V], [V])
+    if min(distance) < 1e-6:
+        raise UserError(f"{where}: a camera of cameras.json is at the origin")
+    return {"elevations": elevations, "azimuths": azimuths, "fov": fov}
+
+
 def fixed_rig(elevations, azimuths, fov_deg: float = 40.0, distance_factor: float = 1.0) -> dict:
     """Cameras at the given elevations/azimuths (degrees), all looking at the origin."""
     azimuths = np.asarray(azimuths, dtype=np.float64)
