@@ -19,7 +19,8 @@ from mvdiff.errors import UserError
 # flag -> (EvalConfig field, type, help)
 _FLAGS = {
     "--gt": ("gt", "list", "ground truth: a multi-view shard (.tar) or a folder of views + "
-             "cameras.json; one for all samples or one per sample"),
+             "cameras.json; one for all samples or one per sample (render it at a sample's "
+             "cameras with `mvdiff render ASSET --cameras-from SAMPLE_DIR`)"),
     "--gt-uid": ("gt_uid", "list", "shard sample(s) to use as ground truth (default: those "
                  "captioned with the sample's prompt, scored against the closest; or the "
                  "shard's only sample)"),
