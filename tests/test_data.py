@@ -7,6 +7,7 @@ import json
 import random
 import tarfile
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -226,7 +227,16 @@ def test_expand_urls(tmp_path):
     assert expand_urls(f"{brace[0]}::{brace[1]}") == brace[:2]
     fs = expand_urls(f"file://{tmp_path}/s-*.tar")
     assert len(fs) == 3 and all(u.startswith("file://") for u in fs)
-    assert expand_urls("s3://bucket/x-{0..1}.tar") == ["s3://bucket/x-0.tar", "s3://bucket/x-1.tar"]
+    mem = fsspec.filesystem("memory")
+    for i in range(2):
+        mem.pipe(f"/expand-test/x-{i}.tar", b"")
+    urls = expand_urls("memory://expand-test/x-{0..1}.tar")
+    assert urls == ["memory://expand-test/x-0.tar", "memory://expand-test/x-1.tar"]
+    # remote brace patterns are checked with one listing: nothing / some missing is named
+    with pytest.raises(UserError, match="matches no files"):
+        expand_urls("memory://expand-test/y-{0..1}.tar")
+    with pytest.raises(UserError, match="x-2.tar' does not exist"):
+        expand_urls("memory://expand-test/x-{0..2}.tar")
     with pytest.raises(UserError, match="nothing-"):
         expand_urls(str(tmp_path / "nothing-*.tar"))
     with pytest.raises(UserError, match="missing.tar"):
