@@ -249,6 +249,19 @@ def test_fsspec_url_reads(tmp_path):
     assert len(list(build_loader(cfg, "mv", epochs=1))) == 2
 
 
+def test_a_one_sample_shard_read_twice_in_a_row_is_two_samples(tmp_path):
+    """One shard per reader (2 DataLoader workers, 2 shards) or a resampled draw repeats a
+    shard back to back; with one sample per shard, its last key is its first (was: grouped
+    into one sample with duplicate members, skipped, "no usable sample")."""
+    from mvdiff.data.shards import open_shards, tar_samples
+
+    write_synthetic_mv_shards(tmp_path, 1, 1, num_views=4, resolution=16)
+    url = str(next(tmp_path.glob("mv-*.tar")))
+    samples = list(tar_samples(open_shards([{"url": url}, {"url": url}])))
+    assert len(samples) == 2 and samples[0]["__key__"] == samples[1]["__key__"]
+    assert samples[0].keys() == samples[1].keys()
+
+
 def test_shard_split_by_rank_is_a_partition():
     urls = [f"s{i}" for i in range(8)]
     seen = []

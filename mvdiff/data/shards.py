@@ -315,8 +315,14 @@ def tar_members(data: Iterable[dict], handler=wds.warn_and_continue) -> Iterator
 
 
 def tar_samples(data: Iterable[dict], handler=wds.warn_and_continue) -> Iterator[dict]:
-    """Opened shards -> samples ``{"__key__", "__url__", "<ext>": bytes}`` (webdataset grouping)."""
-    return tariterators.group_by_keys(tar_members(data, handler=handler), handler=handler)
+    """Opened shards -> samples ``{"__key__", "__url__", "<ext>": bytes}`` (webdataset grouping).
+
+    Grouped shard by shard: a sample never spans two shards, even when a shard follows itself
+    (one shard per reader, or a resampled draw) and its last key is also its first."""
+    for source in data:
+        yield from tariterators.group_by_keys(
+            tar_members([source], handler=handler), handler=handler
+        )
 
 
 def split_samples(data: Iterable[dict], split: tuple[int, int] | None) -> Iterator[dict]:
