@@ -104,14 +104,20 @@ def test_render_to_s3_train_from_s3_resume_exactly_once(s3, tmp_path):
     assert keys == ["mv/manifest.jsonl", "mv/mv-000000.tar", "mv/mv-000001.tar",
                     "mv/render_config.yaml"], keys  # fmt: skip
 
-    # train from the bucket: a brace pattern of s3:// URLs; checkpoints on local disk
+    # train from the bucket: a brace pattern of s3:// URLs read in 2 DataLoader worker
+    # processes; checkpoints on local disk; then resumed from the step-2 checkpoint
     run = tmp_path / "run"
-    res = _mvdiff(env, "train", "--config", str(TINY), "--max-steps", "2", "--output-dir",
-                  str(run), "--set", f"data.mv_shards={url}/mv-{{000000..000001}}.tar",
-                  "--set", "data.p_2d=0", "--set", "data.batch_size=1",
-                  "--set", "checkpoint.every=2", "--set", "export=false")  # fmt: skip
+    train = ["train", "--config", str(TINY), "--output-dir", str(run),
+             "--set", f"data.mv_shards={url}/mv-{{000000..000001}}.tar", "--set", "data.p_2d=0",
+             "--set", "data.batch_size=1", "--set", "data.num_workers=2",
+             "--set", "checkpoint.every=2", "--set", "export=false"]  # fmt: skip
+    res = _mvdiff(env, *train, "--max-steps", "2")
     assert res.returncode == 0, res.stderr[-3000:]
     assert (run / "checkpoints" / "step-0000002").is_dir()
+    res = _mvdiff(env, *train, "--max-steps", "4", "--set", "checkpoint.resume=latest")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    assert (run / "checkpoints" / "step-0000004").is_dir()
 
     # resume from another machine (an empty work folder): the bucket's manifest says what is
     # done. That run is killed (SIGKILL) mid-run, and its uploads are taken back, as if the
