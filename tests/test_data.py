@@ -7,6 +7,7 @@ import json
 import random
 import tarfile
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -226,7 +227,16 @@ def test_expand_urls(tmp_path):
     assert expand_urls(f"{brace[0]}::{brace[1]}") == brace[:2]
     fs = expand_urls(f"file://{tmp_path}/s-*.tar")
     assert len(fs) == 3 and all(u.startswith("file://") for u in fs)
-    assert expand_urls("s3://bucket/x-{0..1}.tar") == ["s3://bucket/x-0.tar", "s3://bucket/x-1.tar"]
+    mem = fsspec.filesystem("memory")
+    for i in range(2):
+        mem.pipe(f"/expand-test/x-{i}.tar", b"")
+    urls = expand_urls("memory://expand-test/x-{0..1}.tar")
+    assert urls == ["memory://expand-test/x-0.tar", "memory://expand-test/x-1.tar"]
+    # remote brace patterns are checked with one listing: nothing / some missing is named
+    with pytest.raises(UserError, match="matches no files"):
+        expand_urls("memory://expand-test/y-{0..1}.tar")
+    with pytest.raises(UserError, match="x-2.tar' does not exist"):
+        expand_urls("memory://expand-test/x-{0..2}.tar")
     with pytest.raises(UserError, match="nothing-"):
         expand_urls(str(tmp_path / "nothing-*.tar"))
     with pytest.raises(UserError, match="missing.tar"):
@@ -237,6 +247,19 @@ def test_fsspec_url_reads(tmp_path):
     write_synthetic_mv_shards(tmp_path, 1, 2, num_views=4, resolution=16)
     cfg = DataConfig(mv_shards=f"file://{tmp_path}/mv-*.tar", resolution=16, num_workers=0)
     assert len(list(build_loader(cfg, "mv", epochs=1))) == 2
+
+
+def test_a_one_sample_shard_read_twice_in_a_row_is_two_samples(tmp_path):
+    """One shard per reader (2 DataLoader workers, 2 shards) or a resampled draw repeats a
+    shard back to back; with one sample per shard, its last key is its first (was: grouped
+    into one sample with duplicate members, skipped, "no usable sample")."""
+    from mvdiff.data.shards import open_shards, tar_samples
+
+    write_synthetic_mv_shards(tmp_path, 1, 1, num_views=4, resolution=16)
+    url = str(next(tmp_path.glob("mv-*.tar")))
+    samples = list(tar_samples(open_shards([{"url": url}, {"url": url}])))
+    assert len(samples) == 2 and samples[0]["__key__"] == samples[1]["__key__"]
+    assert samples[0].keys() == samples[1].keys()
 
 
 def test_shard_split_by_rank_is_a_partition():

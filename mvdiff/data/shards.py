@@ -66,19 +66,24 @@ def expand_urls(spec: str | Iterable[str], what: str = "shards") -> list[str]:
         if item.startswith("pipe:"):
             urls.extend(braceexpand(item))
             continue
+        remote = []  # this item's remote URLs without wildcards: checked below, all at once
         for pattern in braceexpand(item):
             if _is_remote(pattern) or pattern.startswith("file://"):
                 if any(c in pattern for c in "*?["):
-                    import fsspec
-
-                    fs, path = fsspec.core.url_to_fs(pattern)
-                    matched = sorted(fs.glob(path))
+                    fs, path = _url_to_fs(pattern, what)
+                    try:
+                        matched = sorted(fs.glob(path))
+                    except Exception as e:  # noqa: BLE001 - no server, no access, ...
+                        raise UserError(
+                            f"{what}: cannot list {pattern!r} ({_one_line(e)})"
+                        ) from None
                     protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
                     matched = [p if "://" in p else f"{protocol}://{p}" for p in matched]
                     if not matched:
                         raise UserError(f"{what}: {pattern!r} matches no files")
                     urls.extend(matched)
                 else:
+                    remote.append(pattern)
                     urls.append(pattern)
             elif any(c in pattern for c in "*?["):
                 matched = sorted(glob.glob(os.path.expanduser(pattern)))
@@ -90,9 +95,53 @@ def expand_urls(spec: str | Iterable[str], what: str = "shards") -> list[str]:
                 if not os.path.exists(path):
                     raise UserError(f"{what}: {pattern!r} does not exist")
                 urls.append(path)
+        _check_remote(remote, item, what)
     if not urls:
         raise UserError(f"{what}: no shards given")
     return urls
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
+def _url_to_fs(url: str, what: str):
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs: pip install 'mvdiff[cloud]'
+        raise UserError(f"{what}: {url!r}: {_one_line(e)}") from None
+
+
+def _check_remote(urls: list[str], pattern: str, what: str) -> None:
+    """Every URL of a remote brace pattern exists: one listing per folder, so that a pattern
+    that matches nothing, a wrong bucket or an unreachable endpoint is a one-line error now
+    instead of a stream of failed opens. HTTP(S) URLs cannot be listed and are not checked,
+    nor are ``file://`` ones (they fail at once when opened)."""
+    folders: dict[str, set[str]] = {}
+    checked, missing = 0, []
+    for url in urls:
+        fs, path = _url_to_fs(url, what)
+        protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+        if {"http", "https", "file", "local"} & set(protocols):
+            continue  # not listable / opened (and failing) fast by the loader
+        parent, _, name = path.rstrip("/").rpartition("/")
+        if parent not in folders:
+            try:
+                names = fs.ls(parent, detail=False)
+                folders[parent] = {p.rstrip("/").rpartition("/")[2] for p in names}
+            except FileNotFoundError:
+                folders[parent] = set()
+            except Exception as e:  # noqa: BLE001 - no server, no access, no such bucket, ...
+                raise UserError(f"{what}: cannot read {url!r} ({_one_line(e)})") from None
+        checked += 1
+        if name not in folders[parent]:
+            missing.append(url)
+    if missing and len(missing) == checked:
+        raise UserError(f"{what}: {pattern!r} matches no files")
+    if missing:
+        raise UserError(f"{what}: {missing[0]!r} does not exist ({len(missing)} missing)")
 
 
 def worker_info() -> tuple[int, int]:
@@ -266,8 +315,14 @@ def tar_members(data: Iterable[dict], handler=wds.warn_and_continue) -> Iterator
 
 
 def tar_samples(data: Iterable[dict], handler=wds.warn_and_continue) -> Iterator[dict]:
-    """Opened shards -> samples ``{"__key__", "__url__", "<ext>": bytes}`` (webdataset grouping)."""
-    return tariterators.group_by_keys(tar_members(data, handler=handler), handler=handler)
+    """Opened shards -> samples ``{"__key__", "__url__", "<ext>": bytes}`` (webdataset grouping).
+
+    Grouped shard by shard: a sample never spans two shards, even when a shard follows itself
+    (one shard per reader, or a resampled draw) and its last key is also its first."""
+    for source in data:
+        yield from tariterators.group_by_keys(
+            tar_members([source], handler=handler), handler=handler
+        )
 
 
 def split_samples(data: Iterable[dict], split: tuple[int, int] | None) -> Iterator[dict]:

@@ -50,10 +50,14 @@ class _Output:
         digest = hashlib.sha1(cfg.output.encode()).hexdigest()[:16]
         self.local = Path(cfg.work_dir or Path.home() / ".cache/mvdiff/render" / digest)
         self.local.mkdir(parents=True, exist_ok=True)
-        self.fs.makedirs(self.root, exist_ok=True)
         remote_manifest = f"{self.root}/{MANIFEST}"
-        if not (self.local / MANIFEST).exists() and self.fs.exists(remote_manifest):
-            self.fs.get_file(remote_manifest, str(self.local / MANIFEST))
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            if not (self.local / MANIFEST).exists() and self.fs.exists(remote_manifest):
+                self.fs.get_file(remote_manifest, str(self.local / MANIFEST))
+        except Exception as e:  # noqa: BLE001 - no server, no access, no such bucket, ...
+            msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            raise UserError(f"--output {cfg.output}: cannot use it ({msg})") from None
 
     def publish(self, shard: Path) -> None:
         """After a shard is closed: upload it (temp name, then move) and the manifest."""
@@ -63,6 +67,23 @@ class _Output:
         self.fs.put_file(str(shard), tmp)
         self.fs.mv(tmp, f"{self.root}/{shard.name}")
         self.fs.put_file(str(self.local / MANIFEST), f"{self.root}/{MANIFEST}")
+
+    def sync(self, prefix: str) -> None:
+        """On start-up: publish the closed shards of the work folder that the output lacks (a
+        run killed between closing a shard and its upload), then the manifest. Before this,
+        the output's manifest never names a shard it does not hold, and after it neither."""
+        if not self.remote:
+            return
+        try:
+            listing = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:  # object stores: a prefix exists once it holds an object
+            listing = []
+        remote = {p.rstrip("/").rpartition("/")[2]: p for p in listing}
+        for shard in sorted(self.local.glob(f"{prefix}-*.tar")):
+            if shard.name not in remote or self.fs.size(remote[shard.name]) != shard.stat().st_size:
+                self.publish(shard)
+        if (self.local / MANIFEST).exists():
+            self.fs.put_file(str(self.local / MANIFEST), f"{self.root}/{MANIFEST}")
 
     def finish(self, cfg) -> None:
         if self.remote:
@@ -172,6 +193,7 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
             out.local, manifest, cfg.shard_prefix, cfg.shard_max_samples, cfg.shard_max_bytes,
             on_close=out.publish,
         )  # fmt: skip
+        out.sync(cfg.shard_prefix)
     except (UserError, OSError) as e:
         manifest.close()
         lock.close()
