@@ -84,48 +84,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def resolve_config(args: argparse.Namespace):
     """Preset (default or --fast), then --config, then --set, then the flags; checked."""
-    from pathlib import Path
-
-    import yaml
-
-    from mvdiff import config as cfgmod
+    from mvdiff.commands.text_to_3d import load_sds_config
     from mvdiff.sds.image_to_3d import ImageTo3DConfig
 
-    config = ImageTo3DConfig.fast() if args.fast else ImageTo3DConfig()
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise UserError(f"--config {path}: no such file")
-        try:
-            data = cfgmod._yaml(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise UserError(f"--config {path}: not valid YAML/JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"--config {path}: expected a mapping at the top level")
-        merged = cfgmod._deep_merge(cfgmod.config_to_dict(config), data, str(path))
-        config = cfgmod._from_dict(ImageTo3DConfig, merged, str(path))
-    config = cfgmod.apply_overrides(config, args.set)
-    if args.prompt is not None:
-        config.prompt = args.prompt
-    if args.negative_prompt is not None:
-        config.negative_prompt = args.negative_prompt
-    for name in ("steps", "samples", "lr", "seed", "mesh_resolution", "save_every"):
-        value = getattr(args, name)
-        if value is not None:
-            if value <= 0 and name != "seed":
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-            setattr(config, name, value)
-    if args.steps is not None:
-        config.sds.anneal_steps = args.steps
-        config.hires_after = min(config.hires_after, args.steps)
-    if args.guidance is not None:
-        config.sds.guidance_scale = args.guidance
-    for name in ("ref_weight", "sds_weight", "depth_weight"):
-        value = getattr(args, name)
-        if value is not None:
-            if value < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-            setattr(config, name, value)
+    config = load_sds_config(
+        ImageTo3DConfig,
+        args,
+        ("steps", "samples", "lr", "seed", "mesh_resolution", "save_every"),
+        ("ref_weight", "sds_weight", "depth_weight"),
+    )
     if args.elevation is not None:
         if not -89 <= args.elevation <= 89:
             raise UserError(f"--elevation must be in [-89, 89], got {args.elevation}")

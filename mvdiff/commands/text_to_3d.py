@@ -120,16 +120,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def resolve_config(args: argparse.Namespace):
-    """Preset (default or --fast), then --config, then --set, then the flags; checked."""
+def load_sds_config(cls, args: argparse.Namespace, positive: tuple, weights: tuple):
+    """``cls`` (TextTo3DConfig or a subclass) from the preset (default or --fast), then
+    --config, then --set, then the flags text-to-3d and image-to-3d share: the prompts, the
+    ``positive`` numbers, --guidance and the non-negative loss ``weights``. Not checked yet."""
     from pathlib import Path
 
     import yaml
 
     from mvdiff import config as cfgmod
-    from mvdiff.sds.text_to_3d import TextTo3DConfig
 
-    config = TextTo3DConfig.fast() if args.fast else TextTo3DConfig()
+    config = cls.fast() if args.fast else cls()
     if args.config:
         path = Path(args.config)
         if not path.is_file():
@@ -141,13 +142,13 @@ def resolve_config(args: argparse.Namespace):
         if not isinstance(data, dict):
             raise UserError(f"--config {path}: expected a mapping at the top level")
         merged = cfgmod._deep_merge(cfgmod.config_to_dict(config), data, str(path))
-        config = cfgmod._from_dict(TextTo3DConfig, merged, str(path))
+        config = cfgmod._from_dict(cls, merged, str(path))
     config = cfgmod.apply_overrides(config, args.set)
     if args.prompt is not None:
         config.prompt = args.prompt
     if args.negative_prompt is not None:
         config.negative_prompt = args.negative_prompt
-    for name in ("steps", "render_size", "samples", "lr", "seed", "mesh_resolution", "save_every"):
+    for name in positive:
         value = getattr(args, name)
         if value is not None:
             if value <= 0 and name != "seed":
@@ -158,6 +159,27 @@ def resolve_config(args: argparse.Namespace):
         config.hires_after = min(config.hires_after, args.steps)
     if args.guidance is not None:
         config.sds.guidance_scale = args.guidance
+    for name in weights:
+        value = getattr(args, name)
+        if value is not None:
+            if value < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+            setattr(config, name, value)
+    return config
+
+
+def resolve_config(args: argparse.Namespace):
+    """Preset (default or --fast), then --config, then --set, then the flags; checked."""
+    from pathlib import Path
+
+    from mvdiff.sds.text_to_3d import TextTo3DConfig
+
+    config = load_sds_config(
+        TextTo3DConfig,
+        args,
+        ("steps", "render_size", "samples", "lr", "seed", "mesh_resolution", "save_every"),
+        ("ref_weight", "sds_weight"),
+    )
     if args.rescale is not None:
         if not 0 <= args.rescale <= 1:
             raise UserError(f"--rescale must be in [0, 1], got {args.rescale}")
@@ -166,12 +188,6 @@ def resolve_config(args: argparse.Namespace):
         config.ref_views = args.ref_views
     if args.ref_uid is not None:
         config.ref_uid = args.ref_uid
-    for name in ("ref_weight", "sds_weight"):
-        value = getattr(args, name)
-        if value is not None:
-            if value < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-            setattr(config, name, value)
     if config.sds_weight == 0 and not config.ref_views:
         raise UserError("--sds-weight 0 needs --ref-views (nothing to optimise otherwise)")
     if args.form is not None:
