@@ -124,10 +124,7 @@ def resolve_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
-    from mvdiff.commands.text_to_3d import NO_ROOM
-    from mvdiff.pipelines.loading import load_pipeline
+    from mvdiff.commands.text_to_3d import NO_ROOM, load_prior
     from mvdiff.sds.image_to_3d import image_to_3d, load_depth, load_photo
 
     config = resolve_config(args)
@@ -136,13 +133,7 @@ def run(args: argparse.Namespace) -> int:
     photo = load_photo(args.photo, config.ref_object_fraction)  # bad inputs: one line, early
     if args.depth is not None:
         load_depth(args.depth, photo)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = None
-    if config.sds_weight > 0:
-        pipe, _ = load_pipeline(args.model, torch.float32)
-        pipe.to(device)
+    pipe, device = load_prior(args, config)
     try:
         summary = image_to_3d(
             pipe, config, args.photo, args.output, depth_path=args.depth, resume=args.resume,

@@ -168,6 +168,23 @@ def load_sds_config(cls, args: argparse.Namespace, positive: tuple, weights: tup
     return config
 
 
+def load_prior(args: argparse.Namespace, config):
+    """(the SDS prior's pipeline from ``--model``, or None without SDS; the device of
+    ``--device``, ``auto`` -> CUDA when there is one)."""
+    import torch
+
+    from mvdiff.pipelines.loading import load_pipeline
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = None
+    if config.sds_weight > 0:
+        pipe, _ = load_pipeline(args.model, torch.float32)
+        pipe.to(device)
+    return pipe, device
+
+
 def resolve_config(args: argparse.Namespace):
     """Preset (default or --fast), then --config, then --set, then the flags; checked."""
     from pathlib import Path
@@ -237,21 +254,12 @@ NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
-    from mvdiff.pipelines.loading import load_pipeline
     from mvdiff.sds.text_to_3d import text_to_3d
 
     config = resolve_config(args)
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise UserError(f"--output {args.output}: exists and is not a folder")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = None
-    if config.sds_weight > 0:
-        pipe, _ = load_pipeline(args.model, torch.float32)
-        pipe.to(device)
+    pipe, device = load_prior(args, config)
     try:
         summary = text_to_3d(
             pipe, config, args.output, resume=args.resume, progress=not args.no_progress,
