@@ -339,6 +339,23 @@ def test_text_to_3d_gaussians_with_the_sds_prior(tmp_path, capsys):
     assert main([*argv[:-3], "--resume"]) == 2
     assert "representation" in capsys.readouterr().err
 
+    # a tampered Gaussians checkpoint is one line naming it, never a traceback
+    good = torch.load(out / "checkpoint.pt", weights_only=True)
+    n = good["gaussians"]["means"].shape[0]
+    spoiled = {
+        "gaussians.means": {**good, "gaussians": {**good["gaussians"], "means": torch.zeros(n)}},
+        "grad_sum": {**good, "grad_sum": torch.zeros(n + 1)},
+        "grad_count": {**good, "grad_count": torch.full((n,), float("nan"))},
+        "lacks": {k: v for k, v in good.items() if k != "gaussians"},
+    }
+    for words, state in spoiled.items():
+        torch.save(state, out / "checkpoint.pt")
+        assert main([*argv, "--resume"]) == 2, words
+        err = capsys.readouterr().err  # (the prior's loading bars come first)
+        last = err.strip().splitlines()[-1]
+        assert "Traceback" not in err and last.startswith("mvdiff text-to-3d: error:"), err
+        assert "checkpoint.pt" in last and words in last, last
+
 
 def test_fit_loop_densifies_and_resets_opacity_on_the_scaled_schedule():
     """20 steps: densification every 4 steps after step 4 until step 12 (at 8 and 12), opacity
