@@ -19,7 +19,6 @@ The loop is :func:`mvdiff.sds.loop.run_steps`; the outputs are those of text-to-
 from __future__ import annotations
 
 import dataclasses
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +29,17 @@ import torch.nn.functional as F
 
 from mvdiff.accel import enable_tf32
 from mvdiff.cameras import orbit_c2w
-from mvdiff.errors import UserError, interrupts_deferred
-from mvdiff.io import atomic_write, save_image, write_json
+from mvdiff.errors import UserError
+from mvdiff.io import save_image, write_json
 from mvdiff.sds.config import TextTo3DConfig
 from mvdiff.sds.guidance import MultiViewSDS, SDSConfig
-from mvdiff.sds.loop import FitState, load_checkpoint, make_fit_state, restore, run_steps
+from mvdiff.sds.loop import (
+    FitState,
+    fit_with_checkpoints,
+    load_checkpoint,
+    make_fit_state,
+    restore,
+)
 from mvdiff.sds.recon import psnr, silhouette_iou
 from mvdiff.sds.ref_views import _read_png, composite, estimate_alpha
 from mvdiff.sds.render import render_rays
@@ -392,37 +397,11 @@ def image_to_3d(
     if sds is not None or depth_rays is not None:
         term = ImageTo3DTerm(config, sds, depth_rays)
     loop_config = dataclasses.replace(config, sds_weight=1.0 if term is not None else 0.0)
-    saved = [start if resume and ckpt_path.exists() else None]
-
-    def save(step):
-        state = {**fit.state_dict(), "step": step, "config": config.to_dict()}
-
-        def write(tmp):  # serialised first: a full disk is then an OSError
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            tmp.write_bytes(buf.getbuffer())
-
-        with interrupts_deferred():  # the file and the step the note names agree
-            atomic_write(ckpt_path, write)  # no .tmp left on failure
-            saved[0] = step
-
-    def on_step(done, metrics):
-        if config.save_every and done % config.save_every == 0 and done < config.steps:
-            save(done)
-
     t0 = time.time()
-    try:
-        metrics = run_steps(
-            fit, loop_config, start, config.steps, sds=term, rays=rays, progress=progress,
-            on_step=on_step, desc="image-to-3d",
-        )  # fmt: skip
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the last checkpoint stays as it was
-        e.args = (
-            f"{ckpt_path} (step {saved[0]}) is kept, --resume continues from it"
-            if saved[0] is not None else "no checkpoint was saved yet",
-        )  # fmt: skip
-        raise
-    save(max(config.steps, start))
+    metrics = fit_with_checkpoints(
+        fit, config, ckpt_path, start, start if resume and ckpt_path.exists() else None,
+        loop_config=loop_config, sds=term, rays=rays, progress=progress, desc="image-to-3d",
+    )  # fmt: skip
 
     # the reference view as fitted and as rendered now, over the same background
     bg = photo["background"]

@@ -11,12 +11,14 @@ bar (step, loss, t, it/s). ``mvdiff text-to-3d`` (with or without ``--ref-views`
 
 from __future__ import annotations
 
+import io
 import time
 
 import torch
 import torch.nn.functional as F
 
-from mvdiff.errors import UserError
+from mvdiff.errors import UserError, interrupts_deferred
+from mvdiff.io import atomic_write
 from mvdiff.sds.background import Background
 from mvdiff.sds.config import TextTo3DConfig
 from mvdiff.sds.field import RadianceField
@@ -31,7 +33,9 @@ __all__ = [
     "ref_view_loss",
     "render_size",
     "restore",
+    "fit_with_checkpoints",
     "run_steps",
+    "save_checkpoint",
     "train_step",
 ]
 
@@ -322,3 +326,45 @@ def run_steps(
         if on_step is not None:
             on_step(step + 1, metrics)
     return {**metrics, "loss": float(metrics["loss"])}
+
+
+def save_checkpoint(fit, config, path, step: int) -> None:
+    """``path`` (``checkpoint.pt``): the fit state, ``step`` and ``config``, written whole or
+    not at all. Serialised in memory first, so a full disk is an OSError (torch's own file
+    writer turns it into an unrelated RuntimeError); signals wait until it is written."""
+    state = {**fit.state_dict(), "step": step, "config": config.to_dict()}
+
+    def write(tmp):
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        tmp.write_bytes(buf.getbuffer())
+
+    with interrupts_deferred():
+        atomic_write(path, write)  # no .tmp left on failure
+
+
+def fit_with_checkpoints(fit, config, path, start: int, saved_step: int | None, *, loop_config=None,
+                         sds=None, rays=None, progress: bool = True, desc: str = "text-to-3d") -> dict:  # fmt: skip
+    """:func:`run_steps` from ``start`` to ``config.steps`` (with ``loop_config`` if given),
+    checkpointing to ``path`` every ``config.save_every`` steps and at the end. On Ctrl-C or
+    SIGTERM the interrupt's note names the checkpoint kept (``saved_step`` if nothing newer)."""
+    saved = [saved_step]
+
+    def on_step(done, metrics):
+        if config.save_every and done % config.save_every == 0 and done < config.steps:
+            save_checkpoint(fit, config, path, done)
+            saved[0] = done
+
+    try:
+        metrics = run_steps(
+            fit, loop_config or config, start, config.steps, sds=sds, rays=rays,
+            progress=progress, on_step=on_step, desc=desc,
+        )  # fmt: skip
+    except KeyboardInterrupt as e:  # the last checkpoint stays as it was
+        e.args = (
+            f"{path} (step {saved[0]}) is kept, --resume continues from it"
+            if saved[0] is not None else "no checkpoint was saved yet",
+        )  # fmt: skip
+        raise
+    save_checkpoint(fit, config, path, max(config.steps, start))
+    return metrics

@@ -20,7 +20,6 @@ Every file is written under a temporary name and renamed.
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from pathlib import Path
@@ -30,17 +29,17 @@ import torch
 
 from mvdiff.accel import enable_tf32
 from mvdiff.cameras import orbit_c2w, sample_sds_group
-from mvdiff.errors import UserError, interrupts_deferred
-from mvdiff.io import atomic_write, save_image, write_json
+from mvdiff.errors import UserError
+from mvdiff.io import save_image, write_json
 from mvdiff.sds.config import TextTo3DConfig
 from mvdiff.sds.guidance import MultiViewSDS
 from mvdiff.sds.loop import (
     FitState,
+    fit_with_checkpoints,
     load_checkpoint,
     make_fit_state,
     render_size,
     restore,
-    run_steps,
 )
 from mvdiff.sds.ref_views import load_ref_views
 from mvdiff.sds.render import SHADING_MODES, sample_light
@@ -210,38 +209,12 @@ def text_to_3d(
 
         load_source_mesh(config.ref_mesh)
 
-    saved = [start if resume and ckpt_path.exists() else None]
-
-    def save(step):
-        state = {**fit.state_dict(), "step": step, "config": config.to_dict()}
-
-        def write(tmp):  # serialised first: a full disk is then an OSError (torch's own
-            buf = io.BytesIO()  # file writer turns it into an unrelated RuntimeError)
-            torch.save(state, buf)
-            tmp.write_bytes(buf.getbuffer())
-
-        with interrupts_deferred():  # the file and the step the SIGTERM note names agree
-            atomic_write(ckpt_path, write)  # no .tmp left on failure
-            saved[0] = step
-
-    def on_step(done, metrics):
-        if config.save_every and done % config.save_every == 0 and done < config.steps:
-            save(done)
-
     t0 = time.time()
-    try:
-        metrics = run_steps(
-            fit, config, start, config.steps, sds=sds, rays=rays, progress=progress,
-            on_step=on_step,
-        )  # fmt: skip
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the last checkpoint stays as it was
-        e.args = (
-            f"{ckpt_path} (step {saved[0]}) is kept, --resume continues from it"
-            if saved[0] is not None else "no checkpoint was saved yet",
-        )  # fmt: skip
-        raise
+    metrics = fit_with_checkpoints(
+        fit, config, ckpt_path, start, start if resume and ckpt_path.exists() else None,
+        sds=sds, rays=rays, progress=progress,
+    )  # fmt: skip
     fit_seconds = round(time.time() - t0, 2)
-    save(max(config.steps, start))
     asset = export_outputs(fit, config, output, ref, res)
     summary = {
         "steps": config.steps, "resumed_from": start, "loss": metrics["loss"], "t": metrics["t"],
