@@ -19,6 +19,7 @@ naming the folder, never unpickled.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from typing import Any
 import torch
 
 from mvdiff.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Components", "load_components", "noise_scheduler_from"]
 
@@ -83,7 +86,7 @@ def load_components(pretrained: str, vae_dtype=None) -> Components:
             raise UserError(
                 f"model.pretrained={pretrained}: not a folder or an official checkpoint"
             )
-        folder = converted_folder(folder, log=lambda msg: print(msg, flush=True))
+        folder = converted_folder(folder, log=logger.info)
     if not folder.is_dir():
         raise UserError(f"model.pretrained={pretrained}: not a directory")
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
