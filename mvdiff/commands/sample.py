@@ -29,6 +29,7 @@ from pathlib import Path
 
 from mvdiff.errors import UserError
 from mvdiff.io import save_image, write_json
+from mvdiff.shards import CAPTION_SUFFIX
 
 SETTINGS_FORMAT = "mvdiff-sample/1"
 
@@ -40,7 +41,7 @@ class SampleSettings:
     model: str = ""
     prompt: str = ""
     negative_prompt: str = ""
-    prompt_suffix: str = ", 3d asset"
+    prompt_suffix: str = CAPTION_SUFFIX
     num_views: int = 4
     elevation: float = 15.0
     azimuth_start: float = 0.0
@@ -77,8 +78,8 @@ _FLAGS = {
                 "cached), hub id, or a LoRA adapter folder from `mvdiff dreambooth --lora`"),
     "--prompt": ("prompt", str, "text prompt"),
     "--negative-prompt": ("negative_prompt", str, "negative prompt (default: empty)"),
-    "--prompt-suffix": ("prompt_suffix", str, "appended to the prompt (default ', 3d asset'; "
-                        "'' to disable)"),
+    "--prompt-suffix": ("prompt_suffix", str, f"appended to the prompt (default "
+                        f"{CAPTION_SUFFIX!r}; '' to disable)"),
     "--num-views": ("num_views", int, "views around the object (default 4; 1 = plain 2D)"),
     "--elevation": ("elevation", float, "camera elevation in degrees (default 15)"),
     "--azimuth-start": ("azimuth_start", float, "azimuth of the first view (default 0 = front)"),

@@ -46,9 +46,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from mvdiff.cameras import get_camera
 from mvdiff.errors import UserError
 from mvdiff.pipelines.winograd import use_winograd_convs
+from mvdiff.shards import CAPTION_SUFFIX
 
 #: Appended to every prompt by default, as in the official MVDream script and training.
-DEFAULT_PROMPT_SUFFIX = ", 3d asset"
+DEFAULT_PROMPT_SUFFIX = CAPTION_SUFFIX
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 #: For ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=ENTRY_FILE, trust_remote_code=True)``

@@ -10,6 +10,7 @@ from mvdiff.sds.background import BackgroundConfig
 from mvdiff.sds.field import FieldConfig
 from mvdiff.sds.gaussians import GaussianConfig
 from mvdiff.sds.guidance import SDSConfig
+from mvdiff.shards import CAPTION_SUFFIX
 
 __all__ = ["TextTo3DConfig"]
 
@@ -18,7 +19,7 @@ __all__ = ["TextTo3DConfig"]
 class TextTo3DConfig:
     prompt: str = ""
     negative_prompt: str = ""
-    prompt_suffix: str = ", 3d asset"
+    prompt_suffix: str = CAPTION_SUFFIX
     steps: int = 10000
     render_size: int = 64
     #: render size after ``hires_after`` steps (docs/design.md §6: 64² first, 256² later)

@@ -20,7 +20,6 @@ Every file is written under a temporary name and renamed.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from mvdiff.accel import enable_tf32
-from mvdiff.cameras import orbit_c2w, sample_sds_group
+from mvdiff.cameras import framing_distance, orbit_c2w, sample_sds_group
 from mvdiff.errors import UserError
 from mvdiff.io import save_image, write_json
 from mvdiff.sds.config import TextTo3DConfig
@@ -98,11 +97,6 @@ class SDSTerm:
 def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
     arr = rgb.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (V, 3, H, W) -> (V, H, W, 3)
     return (arr * 255 + 0.5).astype(np.uint8)
-
-
-def framing_distance(fov_deg: float) -> float:
-    """Distance at which the unit box's bounding sphere fills a ``fov_deg`` frame (training)."""
-    return (math.sqrt(3) / 2) / math.sin(math.radians(fov_deg) / 2)
 
 
 @torch.no_grad()
