@@ -25,10 +25,9 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import webdataset as wds
 from braceexpand import braceexpand
-from webdataset import tariterators
 
 from mvdiff.errors import UserError
-from mvdiff.shards import MultiViewSample, iter_tar_members, write_members
+from mvdiff.shards import MultiViewSample, iter_tar_members, split_member_name, write_members
 
 __all__ = [
     "ShardStream",
@@ -260,9 +259,36 @@ def tar_samples(data: Iterable[dict], handler=wds.warn_and_continue) -> Iterator
     Grouped shard by shard: a sample never spans two shards, even when a shard follows itself
     (one shard per reader, or a resampled draw) and its last key is also its first."""
     for source in data:
-        yield from tariterators.group_by_keys(
-            tar_members([source], handler=handler), handler=handler
-        )
+        yield from group_by_keys(tar_members([source], handler=handler), handler=handler)
+
+
+def group_by_keys(members: Iterable[dict], handler=wds.reraise_exception) -> Iterator[dict]:
+    """Consecutive ``{"fname", "data", "__url__"}`` members sharing a key -> one sample
+    ``{"__key__", "__url__", "<suffix>": bytes}`` (webdataset's rule: the key ends at the
+    first dot of the file name; suffixes lower-cased; a name without a dot is skipped). A
+    member twice in a sample is a ``ValueError`` given to ``handler``."""
+    current = None
+    for member in members:
+        try:
+            fname = member["fname"]
+            if "." not in fname.rpartition("/")[2]:
+                continue
+            key, suffix = split_member_name(fname)
+            suffix = suffix.lower()
+            if current is None or key != current["__key__"]:
+                if current is not None and len(current) > 2:
+                    yield current
+                current = {"__key__": key, "__url__": member["__url__"]}
+            if suffix in current:
+                raise ValueError(f"{fname}: duplicate file name in tar file")
+            current[suffix] = member["data"]
+        except Exception as exn:  # noqa: BLE001 - the handler decides (warn and skip, or raise)
+            exn.args = exn.args + (member.get("__url__"),)
+            if handler(exn):
+                continue
+            break
+    if current is not None and len(current) > 2:
+        yield current
 
 
 def split_samples(data: Iterable[dict], split: tuple[int, int] | None) -> Iterator[dict]:

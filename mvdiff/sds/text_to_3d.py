@@ -20,6 +20,7 @@ Every file is written under a temporary name and renamed.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -42,6 +43,8 @@ from mvdiff.sds.loop import (
 )
 from mvdiff.sds.ref_views import load_ref_views
 from mvdiff.sds.render import SHADING_MODES, sample_light
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SDSTerm", "TextTo3DConfig", "choose_shading", "export_outputs", "text_to_3d"]
 
@@ -144,7 +147,7 @@ def text_to_3d(
     config: TextTo3DConfig,
     output,
     resume: bool = False,
-    log=print,
+    log=logger.info,
     progress: bool = True,
     device=None,
 ) -> dict:
