@@ -273,3 +273,59 @@ def test_community_folder_errors_and_convert_message(tmp_path, reference_unet_sd
     (bad / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(UserError, match="no diffusion_pytorch_model"):
         MVDreamPipeline.from_pretrained(bad)
+
+
+# ---------------------------------------------------------------- LoRA adapters
+
+
+def _trained_lora(rank=2, alpha=4):
+    from mvdiff.training.config import LoraSettings
+    from mvdiff.training.dreambooth import add_lora
+
+    unet = tiny_components(0)["unet"]
+    config = add_lora(unet, LoraSettings(rank=rank, alpha=alpha))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:  # as if trained (B starts at zero)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return unet, config
+
+
+def _unet_out(unet):
+    g = torch.Generator().manual_seed(2)
+    x, ctx, cam = (torch.randn(s, generator=g) for s in ((4, 4, 8, 8), (4, 77, 32), (4, 16)))
+    with torch.no_grad():
+        return unet(x, torch.tensor([500]), ctx, camera=cam, num_views=4).sample
+
+
+def test_lora_adapter_is_diffusers_format_and_old_peft_adapters_still_load(tmp_path):
+    """save_lora_adapter writes diffusers' LoRA format (alpha != rank kept through the file's
+    metadata); apply_lora_adapter fuses it; adapters in the former peft layout still load."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from mvdiff.pipelines.loading import apply_lora_adapter, save_lora_adapter
+
+    unet, config = _trained_lora()
+    want = _unet_out(unet)
+    new = save_lora_adapter(unet, config, tmp_path / "new", {"base_model": "tiny"})
+    fused = tiny_components(0)["unet"]
+    apply_lora_adapter(fused, new, log=lambda *_: None)
+    assert not any("lora" in n for n, _ in fused.named_parameters())
+    torch.testing.assert_close(_unet_out(fused), want, atol=1e-5, rtol=1e-4)
+    pipe = MVDreamPipeline(**tiny_components(0))  # diffusers' API, unfused
+    pipe.load_lora_weights(str(new))
+    torch.testing.assert_close(_unet_out(pipe.unet), want, atol=1e-5, rtol=1e-4)
+
+    old = tmp_path / "old"  # what mvdiff wrote before: peft's files + format mvdiff-lora/1
+    old.mkdir()
+    config.save_pretrained(str(old))
+    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    save_file(state, str(old / "adapter_model.safetensors"))
+    (old / "mvdiff_adapter.json").write_text(
+        json.dumps({"format": "mvdiff-lora/1", "base_model": "tiny"})
+    )
+    from_old = tiny_components(0)["unet"]
+    apply_lora_adapter(from_old, old, log=lambda *_: None)
+    torch.testing.assert_close(_unet_out(from_old), want, atol=1e-5, rtol=1e-4)
