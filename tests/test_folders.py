@@ -102,6 +102,31 @@ def test_mvdiff_reads_its_folders_with_its_own_classes(tmp_path):
     assert np.array_equal(_sample(loaded), _sample(pipe))
 
 
+def test_push_to_hub_uploads_the_code(monkeypatch):
+    """pipe.push_to_hub(repo) saves through save_pretrained, so the uploaded folder carries the
+    shipped code (the hub calls are replaced: tests never touch a hub)."""
+    from types import SimpleNamespace
+
+    from diffusers.utils import hub_utils
+
+    card = SimpleNamespace(save=lambda path: Path(path).write_text("card"))
+    monkeypatch.setattr(
+        hub_utils, "create_repo", lambda repo_id, **_: SimpleNamespace(repo_id=repo_id)
+    )
+    monkeypatch.setattr(hub_utils, "load_or_create_model_card", lambda *_, **__: card)
+    monkeypatch.setattr(hub_utils, "populate_model_card", lambda c, *_, **__: c)
+    uploaded = {}
+
+    def upload(self, folder, repo_id, **_):
+        uploaded[repo_id] = {p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")}
+        uploaded["index"] = json.loads((Path(folder) / "model_index.json").read_text())
+
+    monkeypatch.setattr(MVDreamPipeline, "_upload_folder", upload)
+    MVDreamPipeline(**tiny_components(0)).push_to_hub("me/tiny-mvdream")
+    assert {"pipeline_mvdream.py", "unet/unet_mv.py", "README.md"} <= uploaded["me/tiny-mvdream"]
+    assert uploaded["index"]["_class_name"] == ["pipeline_mvdream", "MVDreamPipeline"]
+
+
 def test_shipped_code_is_mvdiffs_own_source(tmp_path):
     """The shipped files are the listed mvdiff modules verbatim (less their imports of each
     other and mvdiff-only blocks): every line comes from a source, in order, and nothing is
