@@ -288,6 +288,12 @@ def test_community_folder_errors_and_convert_message(tmp_path, reference_unet_sd
     assert info["kind"] == "folder" and type(pipe.unet) is MultiViewUNet2DConditionModel
     with pytest.raises(UserError, match="load it as it is"):
         convert_mvdream_checkpoint(folder, tmp_path / "out")
+    # and training starts from it (model.pretrained=FOLDER)
+    from mvdiff.training.components import load_components
+
+    parts = load_components(str(folder))
+    assert parts.source == "multiview" and type(parts.unet) is MultiViewUNet2DConditionModel
+    torch.testing.assert_close(parts.unet.state_dict(), pipe.unet.state_dict())
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
     config = json.loads((bad / "unet" / "config.json").read_text())
@@ -330,7 +336,7 @@ def test_lora_adapter_is_diffusers_format_and_old_peft_adapters_still_load(tmp_p
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from mvdiff.pipelines.loading import apply_lora_adapter, save_lora_adapter
+    from mvdiff.pipelines.loading import apply_lora_adapter, load_pipeline, save_lora_adapter
 
     unet, config = _trained_lora()
     want = _unet_out(unet)
@@ -354,3 +360,11 @@ def test_lora_adapter_is_diffusers_format_and_old_peft_adapters_still_load(tmp_p
     from_old = tiny_components(0)["unet"]
     apply_lora_adapter(from_old, old, log=lambda *_: None)
     torch.testing.assert_close(_unet_out(from_old), want, atol=1e-5, rtol=1e-4)
+
+    # a diffusers LoRA folder written by other tools (no mvdiff_adapter.json) works with --lora
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(new / "pytorch_lora_weights.safetensors", plain)
+    pipe, info = load_pipeline("tiny", lora=str(plain), log=lambda *_: None)
+    assert info["adapter"]["merged"]
+    torch.testing.assert_close(_unet_out(pipe.unet), want, atol=1e-5, rtol=1e-4)

@@ -210,8 +210,12 @@ def _load_base(model, torch_dtype, original_config, cache_dir, log):
 
 
 def read_adapter_meta(folder: str | Path) -> dict:
+    """``mvdiff_adapter.json`` of an adapter folder; a folder with only diffusers' LoRA file
+    (written by other tools) is an adapter without a recorded base (usable with ``--lora``)."""
     folder = Path(folder)
     path = folder / ADAPTER_META
+    if not path.exists() and (folder / ADAPTER_WEIGHTS).is_file():
+        return {"format": ADAPTER_FORMAT}
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
