@@ -138,8 +138,12 @@ def write_shipped_code(folder: str | Path, pipeline) -> None:
 # ---------------------------------------------------------------- reading folders in mvdiff
 
 
-def is_community_folder(config: dict) -> bool:
-    entry = config.get("unet")
+def is_community_folder(folder: Path) -> bool:
+    """Whether ``folder``'s ``model_index.json`` names the community UNet (``MultiViewUNetModel``)."""
+    try:
+        entry = json.loads((Path(folder) / "model_index.json").read_text()).get("unet")
+    except (OSError, ValueError, AttributeError):
+        return False  # diffusers' loader says what is wrong with the folder
     return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] == COMMUNITY_UNET
 
 

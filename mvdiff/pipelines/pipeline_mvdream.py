@@ -32,7 +32,6 @@ their own dtype (``pipe.to(torch.bfloat16)``), so half precision only touches th
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,8 +155,7 @@ class MVDreamPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         new), hub ids (a snapshot of configs, safetensors and code) and the community MVDream /
         ImageDream layout (its UNet converted on load)."""
         folder = folders.local_folder(pretrained_model_name_or_path, kwargs)
-        index = json.loads((folder / "model_index.json").read_text())
-        if folders.is_community_folder(index) and "unet" not in kwargs:
+        if folders.is_community_folder(folder) and "unet" not in kwargs:
             dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
             kwargs["unet"] = folders.load_community_unet(folder, dtype)
         return super().from_pretrained(str(folder), **kwargs)
