@@ -294,6 +294,21 @@ def test_community_folder_errors_and_convert_message(tmp_path, reference_unet_sd
     parts = load_components(str(folder))
     assert parts.source == "multiview" and type(parts.unet) is MultiViewUNet2DConditionModel
     torch.testing.assert_close(parts.unet.state_dict(), pipe.unet.state_dict())
+    # a hub id is read from a snapshot (configs, safetensors, code; the download is replaced)
+    import huggingface_hub
+
+    asked = {}
+
+    def snapshot(repo_id, **kwargs):
+        asked.update(kwargs, repo_id=repo_id)
+        return str(folder)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(huggingface_hub, "snapshot_download", snapshot)
+        hub = MVDreamPipeline.from_pretrained("ashawkey/mvdream-sd2.1-diffusers", revision="main")
+    assert asked["repo_id"] == "ashawkey/mvdream-sd2.1-diffusers" and asked["revision"] == "main"
+    assert "*.safetensors" in asked["allow_patterns"] and "*.bin" not in asked["allow_patterns"]
+    assert type(hub.unet) is MultiViewUNet2DConditionModel
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
     config = json.loads((bad / "unet" / "config.json").read_text())
