@@ -2,6 +2,7 @@
 and finite differences, occlusion, gsplat agreement (CUDA only), the 3DGS PLY layout, and
 ``mvdiff text-to-3d --representation gaussians`` end to end on a shard."""
 
+import json
 import math
 
 import numpy as np
@@ -301,6 +302,16 @@ def test_text_to_3d_gaussians_reconstructs_a_rendered_asset(tmp_path, monkey_sha
     n = ply["vertex"].count
     assert n > 100 and ply["vertex"].properties[-1].name == "rot_3"
     assert "gaussians" in (run / "summary.json").read_text()
+
+    # the field's UV-textured export: a texture image in the GLB, summary metrics
+    glb = trimesh.load(run / "mesh.glb", force="mesh")
+    assert isinstance(glb.visual, trimesh.visual.TextureVisuals)
+    assert glb.visual.uv is not None and glb.visual.material.baseColorTexture is not None
+    texture = np.asarray(glb.visual.material.baseColorTexture)
+    assert texture.std() > 3  # baked colours, not one flat fill
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mesh"]["texture"] == "uv" and summary["mesh"]["level"] > 0
+    assert summary["metrics"]["mesh_iou_ref"] > MESH_IOU
 
     mesh = trimesh.load(run / "mesh.obj", force="mesh", process=False)
     verts = np.asarray(mesh.vertices) @ Z_UP_TO_Y_UP  # file +Y up -> world z up

@@ -30,6 +30,10 @@ class TextTo3DConfig:
     fused_adam: bool = True
     seed: int = 0
     occupancy_every: int = 16
+    #: field training renders composite only the samples the occupancy grid keeps, packed ray
+    #: by ray (:func:`mvdiff.sds.render.render_rays`); False: the dense [rays, samples] path
+    #: of before (benchmarks/bench_sds.py times both in one run)
+    render_packed: bool = True
     mesh_resolution: int = 128
     #: iso-level (a density) of the mesh; None: the level whose silhouettes reproduce the
     #: field's rendered opacity (at the reference cameras, or 16 orbit cameras)
