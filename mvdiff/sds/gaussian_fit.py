@@ -223,10 +223,13 @@ class GaussianFitState:
     def before_step(self, step: int) -> None:
         self._means2d = []
         c, steps = self.config.gaussians, max(int(self.config.steps), 1)
-        lr = c.lr_means * (c.lr_means_final ** min(step / steps, 1.0))  # exponential decay
-        for group in self.optimizer.param_groups:
-            if group.get("name") == "means":
-                group["lr"] = lr
+        frac = min(step / steps, 1.0)
+        for group in self.optimizer.param_groups:  # exponential decays
+            name = group.get("name")
+            if name == "means":
+                group["lr"] = c.lr_means * c.lr_means_final**frac
+            elif name in _LR:
+                group["lr"] = getattr(c, _LR[name]) * c.lr_final**frac
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
