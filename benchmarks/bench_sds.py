@@ -296,7 +296,8 @@ def main() -> None:
     p.add_argument("--recon-steps", type=int, default=200, help="0: skip the reconstruction line")
     p.add_argument("--compare-steps", type=int, default=0, help="field steps of the field / "
                    "Gaussians comparison on bundled assets (0: skip it)")  # fmt: skip
-    p.add_argument("--gaussian-steps", type=int, default=600)
+    p.add_argument("--gaussian-steps", type=int, default=200,
+                   help="Gaussian steps (the reconstruction preset's schedules scale to them)")  # fmt: skip
     p.add_argument("--compare-assets", nargs="+", default=["monkey.glb"])
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--stop-at-target", action="store_true",
