@@ -183,8 +183,18 @@ def test_pixel_folder_trains_with_ablations_and_samples(shards, pixel_folder, tm
         "optim.warmup_steps=1",
         "checkpoint.every=0", "log_every=1",
     ])  # fmt: skip
+    import random
+
+    import numpy as np
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
     summary = train(cfg)
     assert summary["steps"] == 4 and summary["final_loss"] is not None
+    # the run seeds the global RNGs for itself; the caller's states are put back
+    assert random.getstate() == before[0]
+    assert np.array_equal(np.random.get_state()[1], before[1])
+    assert torch.equal(torch.get_rng_state(), before[2])
     model = Path(summary["model"])
     unet = MultiViewUNet2DConditionModel.from_pretrained(model / "unet")
     assert unet.class_embedding is None and unet.config.view_attention == "per_view"

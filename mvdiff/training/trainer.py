@@ -20,10 +20,12 @@ import contextlib
 import json
 import logging
 import math
+import random
 import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mvdiff.accel import enable_tf32
@@ -120,8 +122,23 @@ def train(cfg: TrainConfig, task: Task | None = None) -> dict:
     :func:`~mvdiff.training.tasks.task_for` ``(cfg)``. SIGTERM / SIGINT stop it after the
     current step with a checkpoint (:class:`~mvdiff.training.interrupt.TrainingInterrupted`,
     see that module)."""
-    with StopSignals() as stop:
+    with StopSignals() as stop, _caller_rng_restored():
         return _train(cfg, task_for(cfg) if task is None else task, stop)
+
+
+@contextlib.contextmanager
+def _caller_rng_restored():
+    """The run seeds the global RNGs (``accelerate.utils.set_seed``: identical initial weights
+    of anything created on every rank); the caller's Python, NumPy and torch states are put
+    back afterwards, so calling ``train()`` from a program leaves its randomness alone."""
+    py, np_state = random.getstate(), np.random.get_state()
+    cuda = range(torch.cuda.device_count()) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
 
 
 class _Window:
