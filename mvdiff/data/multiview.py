@@ -90,7 +90,9 @@ class MultiViewDecoder:
     ``views``: ``"ring"`` (evenly spread over the rendered azimuth ring, random start — the
     MVDream recipe) or ``"random"`` (distinct random views). ``background``: ``"white"``,
     ``"black"`` or ``"random_grey"`` (one random grey level per object). The random choices
-    come from ``rng`` so a stream is reproducible given its seed.
+    come from ``rng`` so a stream is reproducible given its seed. ``extra_views`` more views,
+    drawn at random from the renders that are not among the selected ones, are appended
+    (the image prompt of the image-conditioned mode, :mod:`mvdiff.training.image_prompt`).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class MultiViewDecoder:
         background: str = "white",
         caption_suffix: str = ", 3d asset",
         seed: int = 0,
+        extra_views: int = 0,
     ):
         if views not in ("ring", "random"):
             raise ValueError(f"views must be 'ring' or 'random', got {views!r}")
@@ -110,6 +113,7 @@ class MultiViewDecoder:
         self.views, self.background = views, background
         self.caption_suffix = caption_suffix
         self.seed = seed
+        self.extra_views = extra_views
         self.skipped = SkipCounter()
 
     # -- one sample ---------------------------------------------------------------------------
@@ -166,8 +170,10 @@ class MultiViewDecoder:
             raise SampleError(f"bad num_views {meta.get('num_views')!r}") from None
         if c2w.shape != (num_rendered, 4, 4):
             raise SampleError(f"cameras.npy has shape {c2w.shape}, expected ({num_rendered}, 4, 4)")
-        if num_rendered < self.num_views:
-            raise SampleError(f"{num_rendered} rendered views, {self.num_views} requested")
+        if num_rendered < self.num_views + self.extra_views:
+            raise SampleError(
+                f"{num_rendered} rendered views, {self.num_views + self.extra_views} requested"
+            )
         try:
             check_cameras(np.asarray(c2w), num_rendered)
         except SampleInvalid as e:
@@ -189,8 +195,11 @@ class MultiViewDecoder:
         meta, c2w = self.check(raw)
         num_rendered = c2w.shape[0]
         indices = self.select(meta, num_rendered, rng)
+        if self.extra_views:
+            rest = [i for i in range(num_rendered) if i not in indices]
+            indices = [*indices, *rng.sample(rest, self.extra_views)]
         background = self.background_color(rng)
-        pixels = np.empty((self.num_views, 3, self.resolution, self.resolution), np.uint8)
+        pixels = np.empty((len(indices), 3, self.resolution, self.resolution), np.uint8)
         for i, v in enumerate(indices):
             name = f"rgba.{v:03d}.png"
             if name not in raw:

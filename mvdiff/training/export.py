@@ -1,6 +1,7 @@
 """Write a diffusers-format model folder loadable by ``MVDreamPipeline.from_pretrained``::
 
 model/  model_index.json  unet/  vae/  text_encoder/  tokenizer/  scheduler/
+        [image_encoder/  feature_extractor/]   (image-prompt models: ``mvdiff sample --image``)
 """
 
 from __future__ import annotations
@@ -10,15 +11,19 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from mvdiff.errors import UserError
 
 __all__ = ["export_pipeline_folder"]
 
 
 def export_pipeline_folder(
-    out_dir: str | Path, unet, vae, text_encoder, tokenizer, scheduler
+    out_dir: str | Path, unet, vae, text_encoder, tokenizer, scheduler, **optional
 ) -> Path:
     """Save the five components (safetensors) and ``model_index.json``; atomic via rename.
+    ``optional``: more components (``image_encoder``, ``feature_extractor``); None ones are
+    left out.
 
     A failed write (disk full) removes the partial ``.tmp`` folder and is a one-line
     :class:`~mvdiff.errors.UserError` (the final training checkpoint is already on disk)."""
@@ -27,7 +32,7 @@ def export_pipeline_folder(
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     try:
-        return _export(out_dir, tmp, unet, vae, text_encoder, tokenizer, scheduler)
+        return _export(out_dir, tmp, unet, vae, text_encoder, tokenizer, scheduler, optional)
     except (OSError, RuntimeError, SafetensorError) as e:  # disk full, quota, permissions
         shutil.rmtree(tmp, ignore_errors=True)
         text = str(e).strip().splitlines()
@@ -37,7 +42,8 @@ def export_pipeline_folder(
         ) from None
 
 
-def _export(out_dir: Path, tmp: Path, unet, vae, text_encoder, tokenizer, scheduler) -> Path:
+def _export(out_dir: Path, tmp: Path, unet, vae, text_encoder, tokenizer, scheduler,
+            optional: dict) -> Path:  # fmt: skip
     import diffusers
 
     shutil.rmtree(tmp, ignore_errors=True)
@@ -47,6 +53,10 @@ def _export(out_dir: Path, tmp: Path, unet, vae, text_encoder, tokenizer, schedu
     text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "tokenizer")
     scheduler.save_pretrained(tmp / "scheduler")
+    optional = {k: v for k, v in optional.items() if v is not None}
+    for name, part in optional.items():
+        kwargs = {"safe_serialization": True} if isinstance(part, torch.nn.Module) else {}
+        part.save_pretrained(tmp / name, **kwargs)
 
     def entry(obj):
         module = type(obj).__module__.split(".")[0]
@@ -63,6 +73,7 @@ def _export(out_dir: Path, tmp: Path, unet, vae, text_encoder, tokenizer, schedu
         "text_encoder": entry(text_encoder),
         "tokenizer": entry(tokenizer),
         "scheduler": entry(scheduler),
+        **{name: entry(part) for name, part in optional.items()},
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     if out_dir.exists():

@@ -173,6 +173,11 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
         cfg.mixed_precision
     ]
     parts = load_components(cfg.model.pretrained, vae_dtype=frozen_dtype)  # VAE: no .to(dtype)
+    image = None  # the image-conditioned mode (training/image_prompt.py)
+    if cfg.image.enabled:
+        from mvdiff.training.image_prompt import ImagePromptTask
+
+        image = ImagePromptTask.setup(cfg, parts, accelerator.device, frozen_dtype)
     unet, vae, text_encoder, tokenizer = parts.unet, parts.vae, parts.text_encoder, parts.tokenizer
     noise_scheduler = noise_scheduler_from(parts.scheduler)
     freeze(vae).to(accelerator.device)
@@ -227,7 +232,12 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
         data_seed = cfg.seed
         if start_step and cfg.checkpoint.resume_data == "reseed":
             data_seed = make_seed("reseed", cfg.seed, start_step)
-        mv = build_loader(cfg.data, "mv", data_seed, rank, world) if cfg.data.mv_shards else None
+        extra = image.extra_views if image is not None else 0
+        mv = (
+            build_loader(cfg.data, "mv", data_seed, rank, world, extra_views=extra)
+            if cfg.data.mv_shards
+            else None
+        )
         d2 = build_loader(cfg.data, "2d", data_seed, rank, world) if cfg.data.shards_2d else None
         if mv is None and d2 is None:
             raise UserError("no training data: set data.mv_shards and/or data.shards_2d")
@@ -283,6 +293,8 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
             t_data = time.perf_counter()
             batch = next(batches)
             window["data_s"] += time.perf_counter() - t_data
+            if image is not None:  # targets + the reference view of each object
+                batch = image.split(batch, cfg.data.num_views, rank, index)
             b, v = batch["pixels"].shape[:2]
             captions = [
                 "" if random.Random(make_seed("drop", cfg.seed, rank, index, i)).random()
@@ -290,6 +302,10 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
                 for i, c in enumerate(batch["caption"])
             ]  # fmt: skip
             latents = encode_images(vae, batch["pixels"].to(accelerator.device), gen)
+            image_kwargs = {}
+            if image is not None:  # image tokens, reference latent, CFG drops
+                no_text, image_kwargs = image.condition(batch, vae, gen, rank, index)
+                captions = ["" if i in no_text else c for i, c in enumerate(captions)]
             text = encode_prompts(tokenizer, text_encoder, captions)
             camera = batch["camera"]
             if camera is not None:
@@ -298,7 +314,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
             with sync, accelerator.autocast():
                 loss = diffusion_loss(
                     unet, noise_scheduler, latents, text.float(), camera, v, gen,
-                    snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset,
+                    snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset, **image_kwargs,
                 )  # fmt: skip
                 if camera is None:
                     # 2D batch: the camera MLP is skipped; a zero term keeps DDP's set of used
@@ -476,9 +492,11 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
                 save_lora_adapter(base, lora_config, out / "adapter", dbm.adapter_meta(cfg))
                 summary["adapter"] = str(out / "adapter")
             else:
+                encoder = parts.image_encoder
                 export_pipeline_folder(
                     out / "model", base, vae.float(), text_encoder.float(), tokenizer,
-                    parts.scheduler,
+                    parts.scheduler, image_encoder=None if encoder is None else encoder.float(),
+                    feature_extractor=parts.feature_extractor,
                 )  # fmt: skip
                 summary["model"] = str(out / "model")
             if ema is not None:
