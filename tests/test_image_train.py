@@ -286,3 +286,61 @@ def test_tiny_image_model_trains_resumes_samples_and_lifts_to_3d(shards, tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["t"] is not None  # the prior was used
     assert (out / "mesh.glb").is_file() and (out / "mesh.obj").is_file()
+
+
+def test_shipped_imagedream_config_parses():
+    cfg = load_config(TrainConfig, ROOT / "train" / "configs" / "imagedream_sd21.yaml")
+    assert cfg.image.enabled and cfg.image.num_tokens == 16 and cfg.image.reference == "extra"
+    assert TrainConfig().image.enabled is False  # text training is unchanged by default
+
+
+@pytest.mark.slow
+def test_imagedream_folder_starts_image_mode_and_text_mode_keeps_the_tower(shards, tmp_path):
+    """An ImageDream folder: image mode uses its own resampler and tower (no new weights);
+    plain text training of it exports a folder that still has the tower (sample --image)."""
+    from mvdiff.pipelines import MVDreamPipeline
+    from mvdiff.testing import tiny_image_components
+    from mvdiff.training.trainer import train
+
+    folder = tmp_path / "imagedream"
+    parts = tiny_image_components(0)
+    MVDreamPipeline(**parts).save_pretrained(folder)
+    for mode in ("image", "text"):
+        overrides = [f"model.pretrained={folder}", "max_steps=1", "checkpoint.every=0",
+                     "image.encoder=", "data.p_2d=0"]  # fmt: skip
+        if mode == "text":
+            overrides.append("image.enabled=false")
+        train(image_config(shards, tmp_path / mode, *overrides))
+        model = tmp_path / mode / "model"
+        index = json.loads((model / "model_index.json").read_text())
+        assert {"image_encoder", "feature_extractor"} <= set(index), mode
+        pipe = MVDreamPipeline.from_pretrained(model)
+        assert pipe.has_image_prompt and pipe.unet.config.num_image_tokens == 4
+        tower = pipe.image_encoder.state_dict()
+        assert all(torch.equal(v, tower[k]) for k, v in parts["image_encoder"].state_dict().items())
+
+
+@pytest.mark.slow
+def test_image_mode_in_two_processes_keeps_identical_weights(shards, tmp_path):
+    """accelerate launch, 2 CPU processes (DDP): every new parameter is used on every step
+    (zero image tokens when dropped), the ranks stay in sync."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "mvdiff.cli", "train", "--config", str(TINY), "--max-steps", "3",
+           "--output-dir", str(out)]  # fmt: skip
+    for o in [f"data.mv_shards={shards}/mv/*.tar", f"data.shards_2d={shards}/2d/*.tar",
+              "data.batch_size=1", "data.p_2d=0.5", "log_every=1", "checkpoint.every=0",
+              "image.enabled=true", "image.encoder=tiny", "image.num_tokens=4",
+              "image.drop_image=0.5"]:  # fmt: skip
+        cmd += ["--set", o]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1"}  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["rank_checksums"]) == 2 and summary["ranks_in_sync"], summary
+    assert (out / "model" / "image_encoder").is_dir()
