@@ -46,6 +46,17 @@ def shards(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def imagedream_folder(tmp_path_factory):
+    """tiny_image_components(0) saved as a pipeline folder (a tiny converted ImageDream)."""
+    from mvdiff.pipelines import MVDreamPipeline
+    from mvdiff.testing import tiny_image_components
+
+    folder = tmp_path_factory.mktemp("imagedream") / "model"
+    MVDreamPipeline(**tiny_image_components(0)).save_pretrained(folder)
+    return folder
+
+
 def image_config(shards, out, *overrides) -> TrainConfig:
     return load_config(
         TrainConfig,
@@ -295,16 +306,17 @@ def test_shipped_imagedream_config_parses():
 
 
 @pytest.mark.slow
-def test_imagedream_folder_starts_image_mode_and_text_mode_keeps_the_tower(shards, tmp_path):
+def test_imagedream_folder_starts_image_mode_and_text_mode_keeps_the_tower(
+    shards, tmp_path, imagedream_folder
+):
     """An ImageDream folder: image mode uses its own resampler and tower (no new weights);
     plain text training of it exports a folder that still has the tower (sample --image)."""
     from mvdiff.pipelines import MVDreamPipeline
     from mvdiff.testing import tiny_image_components
     from mvdiff.training.trainer import train
 
-    folder = tmp_path / "imagedream"
+    folder = imagedream_folder
     parts = tiny_image_components(0)
-    MVDreamPipeline(**parts).save_pretrained(folder)
     for mode in ("image", "text"):
         overrides = [f"model.pretrained={folder}", "max_steps=1", "checkpoint.every=0",
                      "image.encoder=", "data.p_2d=0"]  # fmt: skip
@@ -344,3 +356,31 @@ def test_image_mode_in_two_processes_keeps_identical_weights(shards, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["rank_checksums"]) == 2 and summary["ranks_in_sync"], summary
     assert (out / "model" / "image_encoder").is_dir()
+
+
+@pytest.mark.slow
+def test_dreambooth_lora_on_an_imagedream_folder_keeps_sample_image(imagedream_folder, tmp_path):
+    """MVDreamBooth with LoRA from an ImageDream folder: the adapter loads on its base, which
+    still samples from a photo."""
+    from mvdiff.pipelines.loading import load_pipeline
+    from mvdiff.training.config import DreamBoothTrainConfig
+    from mvdiff.training.trainer import train
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        _photo(photos / f"p{i}.png")
+    cfg = load_config(
+        DreamBoothTrainConfig,
+        ROOT / "train" / "configs" / "dreambooth_tiny_cpu.yaml",
+        [f"model.pretrained={imagedream_folder}", f"dreambooth.images={photos}",
+         "dreambooth.prompt=a photo of sks block", f"output_dir={tmp_path / 'db'}",
+         "max_steps=2", "checkpoint.every=0", "validation.every=0",
+         "dreambooth.lora.enabled=true", "dreambooth.prior.enabled=false"],
+    )  # fmt: skip
+    summary = train(cfg)
+    pipe, info = load_pipeline(summary["adapter"], log=lambda m: None)
+    assert info["kind"] == "adapter" and pipe.has_image_prompt
+    images = pipe("a photo of sks block", image=PIL.Image.open(photos / "p0.png"), height=32,
+                  width=32, num_inference_steps=2, output_type="np").images  # fmt: skip
+    assert images.shape == (4, 32, 32, 3) and np.isfinite(images).all()
