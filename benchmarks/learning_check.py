@@ -18,18 +18,21 @@
    Cycles, orbit rig: 8 views 45° apart at 15° elevation, fov 40°, 32²) into multi-view
    shards (docs/design.md §3); plus a **2D image-text shard** of single random views and the bundled
    photos.
-3. **Train** three small models jointly on both (30% 2D batches, ring of 4 views 90° apart,
-   16² images): ``full`` (3D self-attention + camera MLP), ``no_3d_attention`` (the same UNet
-   whose self-attention runs per view: every attention processor replaced with one that
-   ignores ``num_views``) and ``no_camera`` (no camera MLP, ``camera=None`` in training and
-   sampling), each for every seed, ``jobs`` (2) models at a time in their own processes.
-   The model works in pixel space through an exact, invertible "VAE" (pixel-unshuffle by 2:
-   16² RGB <-> 8² x 12 latents) so that the tiny model learns images, not the noise of a
-   random VAE. The UNet: 2 levels (8², 4²) of 32/64 channels, attention (self + cross) at
-   both and in the middle block. It predicts x0 (``prediction=sample``; with v or epsilon
+3. **Train** three small models jointly on both with the shipped trainer
+   (:func:`mvdiff.training.trainer.train`, what ``mvdiff train`` runs; 30% 2D batches, ring
+   of 4 views 90° apart, 16² images): ``full`` (3D self-attention + camera MLP),
+   ``no_3d_attention`` (``model.attention=per_view``: the same UNet whose self-attention
+   stays within each view) and ``no_camera`` (``model.camera=false``: no camera MLP,
+   ``camera=None`` in training and sampling), each for every seed, ``jobs`` (2) models at a
+   time in their own processes. The model works in pixel space through the exact, invertible
+   :class:`~mvdiff.models.pixel_vae.PixelUnshuffleAutoencoder` (pixel-unshuffle by 2: 16² RGB
+   <-> 8² x 12 latents) so that the tiny model learns images, not the noise of a random VAE;
+   the starting model is :func:`mvdiff.testing.tiny_pixel_components`, written as a model
+   folder: a UNet of 2 levels (8², 4²) of 32/64 channels, attention (self + cross) at both and
+   in the middle block. It predicts x0 (``prediction_type=sample``; with v or epsilon
    targets, models this small and this briefly trained leave per-pixel noise in every
-   sample) and its learning rate decays on a cosine (a constant rate left blurred,
-   averaged colours and shapes at this budget).
+   sample) and its learning rate decays on a cosine (``optim.schedule=cosine``; a constant
+   rate left blurred, averaged colours and shapes at this budget).
 4. **Sample** 4 views (azimuth 0/90/180/270, elevation 15) for one object of every caption
    with :class:`mvdiff.pipelines.MVDreamPipeline` and **evaluate** them with
    :func:`mvdiff.eval.evaluate_views` (what ``mvdiff eval`` runs): reconstruction
@@ -401,176 +404,69 @@ def write_2d_shard(path: Path, objects: dict[str, dict], seed: int) -> str:
     return str(path)
 
 
-# ---- 3. models ----------------------------------------------------------------------------------
-class PatchVAE(torch.nn.Module):
-    """An exact, invertible "VAE": pixel-unshuffle by ``patch`` (``[N, 3, H, W]`` in [-1, 1],
-    shifted so that white is 0 <-> ``[N, 3 p^2, H/p, W/p]``), with the interface MVDreamPipeline and the trainer's
-    :func:`encode_images` use (``encode(x).latent_dist.mean/std``, ``decode(z).sample``,
-    ``config.scaling_factor``, ``config.block_out_channels`` -> scale factor)."""
+# ---- 3. models: the shipped trainer -----------------------------------------------------------
+def model_folder(cfg: LearningCheckConfig, seed: int, folder: Path) -> Path:
+    """The starting model as a diffusers folder: :func:`mvdiff.testing.tiny_pixel_components`
+    (the exact pixel-unshuffle "VAE", a 2-level UNet with a camera MLP), the text encoder all
+    models share, and the sampler (:func:`sampler`)."""
+    from mvdiff.testing import tiny_pixel_components, tiny_text_encoder
+    from mvdiff.training.export import export_pipeline_folder
 
-    def __init__(self, patch: int = 2, white_zero: bool = True):
-        super().__init__()
-        from types import SimpleNamespace
-
-        self.patch = patch
-        self.offset = 1.0 if white_zero else 0.0
-        levels = int(math.log2(patch)) + 1
-        self.config = SimpleNamespace(scaling_factor=1.0, shift_factor=None,
-                                      block_out_channels=[1] * levels)  # fmt: skip
-        self.register_buffer("_anchor", torch.zeros(1))
-
-    @property
-    def dtype(self):
-        return self._anchor.dtype
-
-    @property
-    def device(self):
-        return self._anchor.device
-
-    def encode(self, x: torch.Tensor):
-        from types import SimpleNamespace
-
-        # white (the background) -> 0: GroupNorm removes per-channel means, so a model whose
-        # targets sit on a constant offset learns much more slowly
-        z = F.pixel_unshuffle(x - self.offset, self.patch)  # (N, 3, H, W) -> (N, 3p², H/p, W/p)
-        dist = SimpleNamespace(mean=z, std=torch.zeros_like(z))
-        return SimpleNamespace(latent_dist=dist)
-
-    def decode(self, z: torch.Tensor):
-        from types import SimpleNamespace
-
-        x = F.pixel_shuffle(z, self.patch) + self.offset  # (N, 3p², h, w) -> (N, 3, H, W)
-        return SimpleNamespace(sample=x)
-
-
-def per_view_processor():
-    """The multi-view processor with ``num_views`` forced to 1: plain 2D self-attention
-    (views not joined); same weights, same kernels."""
-    from mvdiff.models.attention import MultiViewAttnProcessor
-
-    class PerViewAttnProcessor(MultiViewAttnProcessor):
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                     temb=None, num_views: int = 1):  # fmt: skip
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask,
-                                    temb, num_views=1)  # fmt: skip
-
-    return PerViewAttnProcessor()
-
-
-def build_unet(cfg: LearningCheckConfig, variant: str, seed: int):
-    from mvdiff.testing import tiny_unet
-
-    ch = 3 * cfg.patch**2
-    unet = tiny_unet(
-        seed, camera=variant != "no_camera", in_channels=ch, out_channels=ch,
-        channel_mult=[1, 2], attention_resolutions=list(cfg.attention_resolutions),
-        num_res_blocks=1,
-        model_channels=cfg.model_channels, num_head_channels=16,
+    parts = tiny_pixel_components(
+        seed, patch=cfg.patch, model_channels=cfg.model_channels,
+        attention_resolutions=cfg.attention_resolutions, white_zero=cfg.white_zero,
     )  # fmt: skip
-    if variant == "no_3d_attention":
-        unet.set_attn_processor(per_view_processor())
-    return unet
+    text_encoder = tiny_text_encoder(2).eval()  # the same frozen encoder for every model
+    return export_pipeline_folder(folder, parts["unet"], parts["vae"], text_encoder,
+                                  parts["tokenizer"], sampler(cfg))  # fmt: skip
 
 
-class PromptCache:
-    """Text embeddings of the frozen text encoder, computed once per caption."""
-
-    def __init__(self, tokenizer, text_encoder):
-        self.tokenizer, self.text_encoder, self.cache = tokenizer, text_encoder, {}
-
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        from mvdiff.training.loss import encode_prompts
-
-        todo = sorted({c for c in captions if c not in self.cache})
-        if todo:
-            for c, e in zip(todo, encode_prompts(self.tokenizer, self.text_encoder, todo)):
-                self.cache[c] = e
-        return torch.stack([self.cache[c] for c in captions])  # B x (L, D) -> (B, L, D)
-
-
-def v_loss(unet, scheduler, latents, text, camera, num_views: int, generator,
-           target_type: str = "v_prediction") -> torch.Tensor:  # fmt: skip
-    """:func:`mvdiff.training.loss.diffusion_loss` with the v target (``sqrt(a) eps -
-    sqrt(1 - a) x0``): one timestep per object shared by its views, noise per view."""
-    n = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator)
-    t = torch.randint(
-        0, scheduler.config.num_train_timesteps, (n // num_views,), generator=generator
+def train_config(cfg: LearningCheckConfig, variant: str, seed: int, mv_shards, shard_2d,
+                 pretrained: Path, output: Path):  # fmt: skip
+    """The :class:`~mvdiff.training.config.TrainConfig` of one model: the variant is an
+    ablation switch of the shipped trainer (``no_3d_attention``: ``model.attention=per_view``,
+    ``no_camera``: ``model.camera=false``), the recipe is this config's (x0 target, AdamW
+    without weight decay, linear warm-up then cosine to 0, clipping at 1, 30% 2D batches)."""
+    from mvdiff.data.loader import DataConfig
+    from mvdiff.training.config import (
+        CheckpointConfig,
+        ModelConfig,
+        OptimConfig,
+        TrainConfig,
+        ValidationConfig,
     )
-    t = t.repeat_interleave(num_views)  # (B,) -> (B*V,)
-    noisy = scheduler.add_noise(latents, noise, t)
-    if target_type == "sample":  # x0
-        target = latents
-    else:
-        target = scheduler.get_velocity(latents, noise, t)
-    text = text.repeat_interleave(num_views, dim=0)  # (B, L, D) -> (B*V, L, D)
-    pred = unet(noisy, t, text, camera=camera, num_views=num_views).sample
-    return F.mse_loss(pred.float(), target.float())
 
-
-def learning_rate(cfg: LearningCheckConfig, step: int) -> float:
-    warm = min(1.0, (step + 1) / cfg.warmup)
-    if cfg.lr_schedule == "cosine" and step >= cfg.warmup:
-        done = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
-    return cfg.lr * warm
-
-
-def train_variant(cfg, variant: str, seed: int, mv_shards, shard_2d, parts) -> dict:
-    """Train one model; the data order, noise and timesteps depend on ``seed`` only."""
-    import random
-
-    from tqdm.auto import tqdm
-
-    from mvdiff.data.loader import DataConfig, build_loader
-    from mvdiff.data.mixer import BatchMixer
-    from mvdiff.data.shards import make_seed
-    from mvdiff.training.components import noise_scheduler_from
-    from mvdiff.training.loss import diffusion_loss, encode_images
-
-    data = DataConfig(
-        mv_shards="::".join(mv_shards), shards_2d=shard_2d, p_2d=cfg.p_2d, num_views=4,
-        resolution=cfg.image_size, batch_size=cfg.batch_size, min_size_2d=cfg.image_size,
-        shuffle_buffer=64, num_workers=0,
+    return TrainConfig(
+        output_dir=str(output), seed=seed, max_steps=cfg.steps, caption_dropout=cfg.caption_dropout,
+        prediction_type=cfg.prediction, log_every=1, export=True,
+        model=ModelConfig(pretrained=str(pretrained),
+                          attention="per_view" if variant == "no_3d_attention" else "joint",
+                          camera=variant != "no_camera"),
+        data=DataConfig(mv_shards="::".join(mv_shards), shards_2d=shard_2d, p_2d=cfg.p_2d,
+                        num_views=4, resolution=cfg.image_size, batch_size=cfg.batch_size,
+                        min_size_2d=cfg.image_size, shuffle_buffer=64, num_workers=0),
+        optim=OptimConfig(lr=cfg.lr, weight_decay=0.0, warmup_steps=cfg.warmup,
+                          schedule=cfg.lr_schedule, min_lr_ratio=0.0, max_grad_norm=1.0),
+        checkpoint=CheckpointConfig(every=0, keep=1),
+        validation=ValidationConfig(every=0),
     )  # fmt: skip
-    mixer = BatchMixer(build_loader(data, "mv", seed), build_loader(data, "2d", seed),
-                       p_2d=cfg.p_2d, seed=seed)  # fmt: skip
-    batches = iter(mixer)
-    unet = build_unet(cfg, variant, seed).train()
-    sched = noise_scheduler_from(parts["scheduler"])
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
-    text_of = parts["prompts"]
-    losses = []
-    bar = tqdm(range(cfg.steps), desc=f"train {variant} s{seed}", file=sys.stderr,
-               dynamic_ncols=True, mininterval=2.0)  # fmt: skip
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        gen = torch.Generator().manual_seed(make_seed("step", seed, step))
-        batch = next(batches)
-        b, v = batch["pixels"].shape[:2]
-        captions = ["" if random.Random(make_seed("drop", seed, step, i)).random()
-                    < cfg.caption_dropout else c for i, c in enumerate(batch["caption"])]  # fmt: skip
-        latents = encode_images(parts["vae"], batch["pixels"], gen)
-        camera = batch["camera"]
-        if camera is not None and variant != "no_camera":
-            camera = camera.reshape(b * v, -1)  # (B, V, 16) -> (B*V, 16)
-        else:
-            camera = None
-        if cfg.prediction == "epsilon":
-            loss = diffusion_loss(unet, sched, latents, text_of(captions), camera, v, gen)
-        else:
-            loss = v_loss(unet, sched, latents, text_of(captions), camera, v, gen, cfg.prediction)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{statistics.fmean(losses[-20:]):.4f}")
-    bar.close()
+
+
+def train_variant(cfg, variant: str, seed: int, mv_shards, shard_2d, work: Path) -> dict:
+    """Train one model with ``mvdiff.training.trainer.train`` (what ``mvdiff train`` runs);
+    the data order, noise and timesteps depend on ``seed`` only. Returns the exported model
+    folder and the mean loss of the last 10% of steps."""
+    from mvdiff.training.trainer import train
+
+    root = work / "models" / f"{variant}-s{seed}"
+    pretrained = model_folder(cfg, seed, root / "init")
+    tcfg = train_config(cfg, variant, seed, mv_shards, shard_2d, pretrained, root / "run")
+    (root / "run" / "log.jsonl").unlink(missing_ok=True)  # a re-run in the same work dir
+    summary = train(tcfg)
+    lines = (root / "run" / "log.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines]
     tail = losses[-max(1, len(losses) // 10) :]
-    return {"unet": unet.eval(), "final_loss": statistics.fmean(tail)}
+    return {"model": summary["model"], "final_loss": statistics.fmean(tail)}
 
 
 # ---- 4. sample + evaluate --------------------------------------------------------------------
@@ -584,8 +480,9 @@ def eval_cameras(cfg):
 
 
 def sampler(cfg):
-    """The official DDIM sampler; with ``clip_x0`` the predicted x0 is clipped to the latent
-    range ([-1, 1], or [-2, 2] around white-at-0 latents in [-2, 0])."""
+    """The official DDIM sampler predicting ``cfg.prediction``; with ``clip_x0`` the
+    predicted x0 is clipped to the latent range ([-1, 1], or [-2, 2] around white-at-0
+    latents in [-2, 0]). It is the model folder's scheduler (the trainer keeps it)."""
     from diffusers import DDIMScheduler
 
     from mvdiff.testing import ddim_scheduler
@@ -597,13 +494,12 @@ def sampler(cfg):
     )  # fmt: skip
 
 
-def sample_views(cfg, unet, parts, prompts: list[str], seed: int) -> torch.Tensor:
-    """``[P, S, 4, 3, H, W]`` in [0, 1]: S = ``eval_samples`` objects per prompt, 4 views at
-    azimuth 0/90/180/270, elevation 15."""
+def sample_views(cfg, model: str, prompts: list[str], seed: int) -> torch.Tensor:
+    """``[P, S, 4, 3, H, W]`` in [0, 1] from the model folder: S = ``eval_samples`` objects
+    per prompt, 4 views at azimuth 0/90/180/270, elevation 15."""
     from mvdiff.pipelines import MVDreamPipeline
 
-    pipe = MVDreamPipeline(unet=unet, vae=parts["vae"], text_encoder=parts["text_encoder"],
-                           tokenizer=parts["tokenizer"], scheduler=parts["sampler"])  # fmt: skip
+    pipe = MVDreamPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
         prompts, num_views=4, elevation=15.0, azimuth_start=0.0, height=cfg.image_size,
@@ -674,29 +570,17 @@ def spread(values: list[float]) -> dict:
 
 
 # ---- the experiment ----------------------------------------------------------------------------
-def build_parts(cfg: LearningCheckConfig) -> dict:
-    """The frozen parts every model shares (deterministic: the same in every process)."""
-    from mvdiff.testing import clip_tokenizer, ddim_scheduler, tiny_text_encoder
-
-    tokenizer = clip_tokenizer()
-    text_encoder = tiny_text_encoder(2).eval().requires_grad_(False)
-    return {"vae": PatchVAE(cfg.patch, cfg.white_zero), "text_encoder": text_encoder,
-            "tokenizer": tokenizer, "scheduler": ddim_scheduler(), "sampler": sampler(cfg),
-            "prompts": PromptCache(tokenizer, text_encoder)}  # fmt: skip
-
-
-def train_and_score(variant, seed, cfg, shards, shard_2d, eval_uids, prompts, gts):
+def train_and_score(variant, seed, cfg, shards, shard_2d, eval_uids, prompts, gts, work):
     """Train one model, sample the evaluation prompts, score them (runs in a worker process).
 
     Returns (mean metrics, report strips, (train seconds, sample + eval seconds))."""
     torch.set_num_threads(cfg.threads)
-    parts = build_parts(cfg)
     t = time.perf_counter()
-    trained = train_variant(cfg, variant, seed, shards, shard_2d, parts)
+    trained = train_variant(cfg, variant, seed, shards, shard_2d, Path(work))
     train_s = time.perf_counter() - t
     t = time.perf_counter()
     with torch.no_grad():
-        views = sample_views(cfg, trained["unet"], parts, prompts, seed)
+        views = sample_views(cfg, trained["model"], prompts, seed)
     recs, strips = [], {}
     for k, u in enumerate(eval_uids):
         for j in range(cfg.eval_samples):
@@ -776,7 +660,7 @@ def run(cfg: LearningCheckConfig) -> dict:
         jobs = [(variant, seed) for seed in cfg.seeds for variant in cfg.variants]
         t = time.perf_counter()
         say(f"training {len(jobs)} models, {cfg.jobs} at a time")
-        args = (cfg, shards, shard_2d, eval_uids, prompts, gts)
+        args = (cfg, shards, shard_2d, eval_uids, prompts, gts, str(work))
         if cfg.jobs > 1:
             import concurrent.futures as cf
             import multiprocessing as mp

@@ -384,3 +384,23 @@ def test_dreambooth_lora_on_an_imagedream_folder_keeps_sample_image(imagedream_f
     images = pipe("a photo of sks block", image=PIL.Image.open(photos / "p0.png"), height=32,
                   width=32, num_inference_steps=2, output_type="np").images  # fmt: skip
     assert images.shape == (4, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_task_for_the_image_mode():
+    """image.enabled selects the image task (its summary line says so); DreamBooth refuses it."""
+    from mvdiff.errors import UserError
+    from mvdiff.training.config import DreamBoothTrainConfig
+    from mvdiff.training.tasks import ImageTask, JointTask, task_for
+
+    cfg = load_config(TrainConfig, TINY, ["image.enabled=true", "data.mv_shards=x.tar"])
+    task = task_for(cfg)
+    assert isinstance(task, ImageTask)
+    assert "image prompt: reference extra, frame on" in task.describe(cfg)
+    assert type(task_for(TrainConfig())) is JointTask
+    cfg.model.camera = False
+    with pytest.raises(UserError, match="model.camera"):
+        task.check(cfg)
+    db = DreamBoothTrainConfig()
+    db.image.enabled = True
+    with pytest.raises(UserError, match="DreamBooth"):
+        task_for(db)

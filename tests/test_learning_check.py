@@ -84,14 +84,34 @@ def test_stretch_elongates_along_x_and_keeps_the_marked_side(lc, tmp_path):
         assert len(black) and (black[:, 1] <= 0).all(), ply.name  # caps touch y = 0
 
 
-def test_cosine_learning_rate(lc):
-    cfg = lc.LearningCheckConfig(steps=100, warmup=10, lr=1.0)
-    rates = [lc.learning_rate(cfg, s) for s in range(100)]
-    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
-    assert rates[-1] < 0.001
-    constant = lc.LearningCheckConfig(steps=100, warmup=10, lr=1.0, lr_schedule="constant")
-    assert lc.learning_rate(constant, 99) == 1.0
+def test_cosine_learning_rate(lc, tmp_path):
+    """The shipped trainer's schedule, as learning_check configures it: linear warm-up, then
+    a cosine to 0 at the last step (or constant)."""
+    from mvdiff.training.trainer import learning_rate
+
+    def rates(**kw):
+        cfg = lc.LearningCheckConfig(steps=100, warmup=10, lr=1.0, **kw)
+        tcfg = lc.train_config(cfg, "full", 0, ["a.tar"], "b.tar", tmp_path, tmp_path / "run")
+        return [learning_rate(s, tcfg) for s in range(100)]
+
+    cosine = rates()
+    assert cosine[0] == pytest.approx(0.1) and cosine[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(cosine[10:], cosine[11:]))
+    assert cosine[-1] < 0.001
+    assert rates(lr_schedule="constant")[99] == 1.0
+
+
+def test_variants_are_the_trainers_ablation_switches(lc, tmp_path):
+    cfg = lc.LearningCheckConfig()
+    models = {v: lc.train_config(cfg, v, 1, ["a.tar"], "b.tar", tmp_path, tmp_path).model
+              for v in lc.VARIANTS}  # fmt: skip
+    assert (models["full"].attention, models["full"].camera) == ("joint", True)
+    assert (models["no_3d_attention"].attention, models["no_3d_attention"].camera) == (
+        "per_view", True)  # fmt: skip
+    assert (models["no_camera"].attention, models["no_camera"].camera) == ("joint", False)
+    tcfg = lc.train_config(cfg, "full", 1, ["a.tar"], "b.tar", tmp_path, tmp_path)
+    assert tcfg.prediction_type == cfg.prediction == "sample"
+    assert (tcfg.optim.weight_decay, tcfg.optim.schedule, tcfg.data.p_2d) == (0.0, "cosine", 0.3)
 
 
 @pytest.mark.parametrize(

@@ -208,3 +208,45 @@ def test_pixel_folder_trains_with_ablations_and_samples(shards, pixel_folder, tm
     parts = load_components(str(model), camera=False, attention="per_view")
     assert parts.source == "multiview" and parts.unet.class_embedding is None
     assert type(parts.vae).__name__ == "PixelUnshuffleAutoencoder"
+
+
+def test_a_task_object_adds_a_loss_term_and_its_own_export(shards, pixel_folder, tmp_path):
+    """The loop runs any Task: its extra loss term is minimised and logged, its export
+    replaces the model folder (the room a third task, e.g. image-conditioned, lands in)."""
+    from mvdiff.training.tasks import JointTask, task_for
+    from mvdiff.training.trainer import train
+
+    class Shrink(JointTask):
+        terms = ("l2",)
+
+        def __init__(self):
+            self.indices = []
+
+        def loss(self, run, batch, index, generator):
+            loss, _ = super().loss(run, batch, index, generator)
+            self.indices.append(index)
+            l2 = 0.1 * sum((p.float() ** 2).mean() for p in run.trainable)
+            return loss + l2, {"l2": l2.detach()}
+
+        def log_values(self, run):
+            return {"calls": float(len(self.indices))}
+
+        def export(self, run):
+            path = run.out / "weights.txt"
+            path.write_text(f"{sum(p.numel() for p in run.trainable)}\n")
+            return {"weights": str(path)}
+
+    out = tmp_path / "run"
+    cfg = load_config(TrainConfig, TINY, [
+        f"output_dir={out}", f"model.pretrained={pixel_folder}", "gradient_accumulation_steps=2",
+        f"data.mv_shards={shards}/mv/*.tar", "data.p_2d=0", "data.resolution=16",
+        "data.batch_size=1", "max_steps=2", "checkpoint.every=0", "log_every=1",
+    ])  # fmt: skip
+    assert type(task_for(cfg)) is JointTask
+    task = Shrink()
+    summary = train(cfg, task=task)
+    assert task.indices == [0, 1, 2, 3]  # step * accumulation + micro-step
+    assert Path(summary["weights"]).is_file() and "model" not in summary
+    assert not (out / "model").exists()
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["calls"] for r in logs] == [2.0, 4.0] and all(r["l2"] > 0 for r in logs)

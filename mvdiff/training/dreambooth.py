@@ -1,8 +1,9 @@
 """MVDreamBooth (docs/design.md §6): personalise a multi-view model from 3-10 photos of a subject.
 
-This is a *mode* of the training loop (:func:`mvdiff.training.trainer.train` given a
+This is a *task* of the training loop (:class:`mvdiff.training.tasks.DreamBoothTask`, which
+:func:`mvdiff.training.trainer.train` runs for a
 :class:`~mvdiff.training.config.DreamBoothTrainConfig`): same accelerate setup, optimizer,
-checkpoints, resume, logging, validation and export. This module holds what differs:
+checkpoints, resume, logging, validation and export. This module holds the pieces it uses:
 
 * the photos and their checks (:func:`load_photos`, :func:`check_prompt`) and the batches,
   2D mode (``num_views=1``, no camera) with the instance prompt (:class:`DreamBoothBatches`);

@@ -32,8 +32,8 @@ describe, on the pieces of this repository:
   them instead: the model starts as exactly the MVDream model (the image branch adds 0), but
   the resampler's gradient is then 0 until ``to_v_ip`` has moved away from zero.
 
-The trainer (:mod:`mvdiff.training.trainer`) calls :class:`ImagePromptTask`; everything here
-is also usable on its own (tests).
+The task of the training loop is :class:`mvdiff.training.tasks.image.ImageTask`; the pieces
+here are usable on their own (tests).
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ log = logging.getLogger("mvdiff.train")
 
 __all__ = [
     "ImagePromptConfig",
-    "ImagePromptTask",
     "add_image_prompt",
     "draw_drops",
     "encode_reference",
@@ -205,72 +204,3 @@ def encode_reference(image_encoder, processor, vae, pixels: torch.Tensor, genera
     embeds = hidden[-2].float()  # (B, N, E), before the post-layernorm
     ref = encode_images(vae, pixels[:, None], generator) if latents else None  # (B, 4, h, w)
     return embeds, ref
-
-
-# ---- the task -----------------------------------------------------------------------------------
-
-
-class ImagePromptTask:
-    """The image mode's part of a training step: set-up, batch conditioning, export extras."""
-
-    def __init__(self, cfg: ImagePromptConfig, seed: int, image_encoder, processor):
-        self.cfg, self.seed = cfg, seed
-        self.image_encoder, self.processor = image_encoder, processor
-
-    @classmethod
-    def setup(cls, train_cfg, parts, device, dtype) -> ImagePromptTask:
-        """Load the tower, give ``parts.unet`` an image prompt if it has none (in place on
-        ``parts``), freeze the tower on ``device`` in ``dtype``."""
-        cfg = train_cfg.image
-        if getattr(train_cfg, "dreambooth", None) is not None:
-            raise UserError("image.enabled: not available in DreamBooth mode (train on shards)")
-        if parts.unet.class_embedding is None and cfg.reference_frame:
-            raise UserError("image.reference_frame needs a multi-view UNet with a camera MLP")
-        if parts.image_encoder is not None and not cfg.encoder:
-            encoder, processor = parts.image_encoder, parts.feature_extractor
-        else:
-            encoder, processor = load_image_encoder(cfg.encoder, train_cfg.model.pretrained)
-        width = encoder.config.hidden_size
-        tokens = int(getattr(parts.unet.config, "num_image_tokens", 0) or 0)
-        if tokens:
-            if parts.unet.config.image_embed_dim != width:
-                raise UserError(
-                    f"image.encoder: the vision tower is {width} wide, the UNet's resampler "
-                    f"takes {parts.unet.config.image_embed_dim}"
-                )
-            log.info("image prompt: the model's own (%d tokens)", tokens)
-        else:
-            parts.unet = add_image_prompt(parts.unet, cfg.num_tokens, width, cfg.init_ip)
-            log.info("image prompt: new resampler (%d tokens), to_k_ip/to_v_ip init %s",
-                     cfg.num_tokens, cfg.init_ip)  # fmt: skip
-        encoder.requires_grad_(False)
-        encoder = encoder.eval().to(device, dtype=dtype)
-        parts.image_encoder, parts.feature_extractor = encoder, processor
-        return cls(cfg, train_cfg.seed, encoder, processor)
-
-    @property
-    def extra_views(self) -> int:
-        """Views the multi-view loader decodes beyond the targets."""
-        return 1 if self.cfg.reference == "extra" else 0
-
-    def split(self, batch: dict, num_views: int, rank: int, index: int) -> dict:
-        return split_reference(batch, num_views, self.cfg.reference, self.seed, rank, index)
-
-    def condition(self, batch: dict, vae, generator, rank: int, index: int) -> tuple[list, dict]:
-        """(object indices whose caption must be dropped, ``diffusion_loss`` keyword
-        arguments: ``image_embeds`` ``[B, N, E]`` and, on multi-view batches with the
-        reference frame, ``reference_latents`` ``[B, 4, h, w]``)."""
-        b = batch["reference"].shape[0]
-        drops = draw_drops(self.cfg, b, self.seed, rank, index)
-        frame = self.cfg.reference_frame and batch["camera"] is not None
-        embeds, ref = encode_reference(self.image_encoder, self.processor, vae,
-                                       batch["reference"], generator, latents=frame)  # fmt: skip
-        keep = torch.tensor([not d for d in drops["image"]], dtype=embeds.dtype)
-        kwargs = {"image_embeds": embeds * keep.to(embeds.device)[:, None, None]}
-        if ref is not None:
-            keep_ref = torch.tensor([not d for d in drops["reference"]], dtype=ref.dtype)
-            kwargs["reference_latents"] = ref * keep_ref.to(ref.device)[:, None, None, None]
-        return [i for i, d in enumerate(drops["text"]) if d], kwargs
-
-    def export_components(self) -> dict:
-        return {"image_encoder": self.image_encoder.float(), "feature_extractor": self.processor}

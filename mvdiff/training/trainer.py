@@ -7,12 +7,11 @@ choice of the batch) comes from a generator seeded with ``(seed, r, i)``, the da
 seeded per rank and worker, and the learning rate is a pure function of the step — so
 "N steps" and "N/2 steps, kill, ``--resume latest``, N/2 steps" give the same weights.
 
-MVDreamBooth is a mode of this loop, chosen by the config type
-(:class:`~mvdiff.training.config.DreamBoothTrainConfig`, which has a ``dreambooth`` section):
-the batches come from the subject photos (2D mode) instead of the shards, the loss gains the
-prior-preservation and parameter-preservation terms, LoRA optionally replaces full
-fine-tuning, and the export is the adapter or the model folder. The pieces live in
-:mod:`mvdiff.training.dreambooth`.
+What is trained on, the loss terms beyond the denoising loss, and what is exported come from
+a *task* (:mod:`mvdiff.training.tasks`): joint multi-view + 2D training
+(:class:`~mvdiff.training.tasks.JointTask`) or MVDreamBooth
+(:class:`~mvdiff.training.tasks.DreamBoothTask`), chosen by the config's type
+(:func:`~mvdiff.training.tasks.task_for`) unless the caller passes one.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import contextlib
 import json
 import logging
 import math
-import random
 import signal
 import time
 from pathlib import Path
@@ -30,9 +28,7 @@ import torch
 
 from mvdiff.accel import enable_tf32
 from mvdiff.config import save_config
-from mvdiff.data.loader import build_loader
-from mvdiff.data.mixer import BatchMixer
-from mvdiff.data.shards import expand_urls, make_seed
+from mvdiff.data.shards import make_seed
 from mvdiff.errors import UserError
 from mvdiff.training.checkpoint import find_checkpoint, resume_checkpoint, save_checkpoint
 from mvdiff.training.components import (
@@ -43,20 +39,17 @@ from mvdiff.training.components import (
 )
 from mvdiff.training.config import OptimConfig, TrainConfig
 from mvdiff.training.interrupt import StopSignals, TrainingInterrupted
-from mvdiff.training.loss import diffusion_loss, encode_images, encode_prompts
 from mvdiff.training.stepping import (
     accelerator_kwargs_handlers,
     build_ema,
     optimizer_step,
     place_ema,
 )
+from mvdiff.training.tasks import Run, Task, task_for
 
 log = logging.getLogger("mvdiff.train")
 
 __all__ = ["NonFiniteLossError", "TrainingInterrupted", "base_lr", "learning_rate", "train"]
-
-#: extra loss terms logged in MVDreamBooth mode
-TERMS = ("instance_loss", "prior_loss", "preservation")
 
 
 class NonFiniteLossError(UserError):
@@ -64,15 +57,16 @@ class NonFiniteLossError(UserError):
 
 
 def base_lr(cfg: TrainConfig) -> float:
-    """``optim.lr``, or ``dreambooth.lora.lr`` when training a LoRA adapter."""
-    db = getattr(cfg, "dreambooth", None)
-    return db.lora.lr if db is not None and db.lora.enabled else cfg.optim.lr
+    """The peak learning rate of ``cfg``'s task (``optim.lr``; ``dreambooth.lora.lr`` when
+    training a LoRA adapter)."""
+    return task_for(cfg).base_lr(cfg)
 
 
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then constant / cosine / linear decay to ``lr * min_lr_ratio``."""
+def learning_rate(step: int, cfg: TrainConfig, lr: float | None = None) -> float:
+    """Linear warm-up, then constant / cosine / linear decay from ``lr`` (default
+    :func:`base_lr`) to ``lr * min_lr_ratio`` at ``max_steps``."""
     o = cfg.optim
-    lr = base_lr(cfg)
+    lr = base_lr(cfg) if lr is None else lr
     if step < o.warmup_steps:
         return lr * (step + 1) / o.warmup_steps
     if o.schedule == "constant":
@@ -105,51 +99,53 @@ def build_optimizer(params, optim: OptimConfig, lr: float) -> torch.optim.Optimi
     return torch.optim.AdamW(params, fused=optim.fused or None, **kwargs)
 
 
-def config_summary(cfg, path: Path) -> str:
+def config_summary(cfg, path: Path, task: Task | None = None) -> str:
     """One line of the settings that matter most, and where the full config is (``path``)."""
+    task = task_for(cfg) if task is None else task
     d = cfg.data
-    data = ", ".join(f"{k} {v}" for k, v in (("3D", d.mv_shards), ("2D", d.shards_2d)) if v)
     line = (
         f"config {path}: model {cfg.model.pretrained}, {cfg.max_steps} steps, batch "
         f"{d.batch_size} x {d.num_views} views at {d.resolution}px, lr {cfg.optim.lr:g}, "
-        f"mixed precision {cfg.mixed_precision}"
+        f"mixed precision {cfg.mixed_precision}, predicting {cfg.prediction_type}"
     )
-    db = getattr(cfg, "dreambooth", None)
-    if db is not None:
-        on = {True: "on", False: "off"}
-        return (
-            f"{line}; photos {db.images}, prompt {db.prompt!r}, LoRA {on[db.lora.enabled]}, "
-            f"prior {on[db.prior.enabled]}"
-        )
-    return f"{line}; data: {data or 'none'}"
+    ablations = [f"attention {cfg.model.attention}"] * (cfg.model.attention != "joint")
+    ablations += ["no camera"] * (not cfg.model.camera)
+    return "; ".join([line, *ablations, task.describe(cfg)])
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, task: Task | None = None) -> dict:
     """Train a multi-view UNet as configured; returns a summary dict (also in summary.json).
 
-    SIGTERM / SIGINT stop it after the current step with a checkpoint
-    (:class:`~mvdiff.training.interrupt.TrainingInterrupted`, see that module)."""
+    ``task`` (:mod:`mvdiff.training.tasks`): what to train on and export; default
+    :func:`~mvdiff.training.tasks.task_for` ``(cfg)``. SIGTERM / SIGINT stop it after the
+    current step with a checkpoint (:class:`~mvdiff.training.interrupt.TrainingInterrupted`,
+    see that module)."""
     with StopSignals() as stop:
-        return _train(cfg, stop)
+        return _train(cfg, task_for(cfg) if task is None else task, stop)
 
 
-def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
+class _Window:
+    """Sums over the steps since the last log line (reduced over ranks when logged)."""
+
+    KEYS = ("loss", "n", "images", "skipped", "n2d", "nb")
+
+    def __init__(self, terms: tuple[str, ...]):
+        self.terms = terms
+        self.sums = dict.fromkeys((*self.KEYS, *terms), 0.0)
+        self.data_s, self.t0 = 0.0, time.perf_counter()
+
+    def add(self, **values) -> None:
+        for k, v in values.items():
+            self.sums[k] += v
+
+
+def _train(cfg: TrainConfig, task: Task, stop: StopSignals) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
     # ---- setup: check the data first (cheap), accelerator, output folder, resolved config ----
-    db = getattr(cfg, "dreambooth", None)  # MVDreamBooth mode (DreamBoothTrainConfig)
-    if db is not None:
-        from mvdiff.training import dreambooth as dbm
-
-        photos, photo_warnings = dbm.check_inputs(cfg)
-    else:
-        if not cfg.data.mv_shards and not cfg.data.shards_2d:
-            raise UserError("no training data: set data.mv_shards and/or data.shards_2d")
-        for key in ("mv_shards", "shards_2d"):
-            if getattr(cfg.data, key):
-                expand_urls(getattr(cfg.data, key), f"data.{key}")  # names a missing file now
+    warnings = task.check(cfg)
     out = Path(cfg.output_dir)
     tb = _tensorboard_available()
     accelerator = Accelerator(
@@ -158,20 +154,17 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
         log_with="tensorboard" if tb else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     enable_tf32(accelerator.device)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     if accelerator.is_main_process:
-        log.info("%s", config_summary(cfg, out / "config.yaml"))
+        log.info("%s", config_summary(cfg, out / "config.yaml", task))
     set_seed(cfg.seed)  # initial weights of anything created below are the same on all ranks
-    if db is not None:
-        for warning in photo_warnings:
-            log.warning("--images: %s", warning)
-    elif cfg.data.p_2d > 0 and not cfg.data.shards_2d and cfg.data.mv_shards:
-        log.warning("data.p_2d=%s but data.shards_2d is empty: training on 3D only", cfg.data.p_2d)
+    for warning in warnings:
+        log.warning("%s", warning)
 
     # ---- model: trainable multi-view UNet, frozen VAE + text encoder ------------------------
     frozen_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
@@ -179,28 +172,18 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
     ]
     parts = load_components(cfg.model.pretrained, vae_dtype=frozen_dtype,  # VAE: no .to(dtype)
                             camera=cfg.model.camera, attention=cfg.model.attention)  # fmt: skip
-    image = None  # the image-conditioned mode (training/image_prompt.py)
-    if cfg.image.enabled:
-        from mvdiff.training.image_prompt import ImagePromptTask
-
-        image = ImagePromptTask.setup(cfg, parts, accelerator.device, frozen_dtype)
-    unet, vae, text_encoder, tokenizer = parts.unet, parts.vae, parts.text_encoder, parts.tokenizer
-    noise_scheduler = noise_scheduler_from(parts.scheduler, cfg.prediction_type)
-    freeze(vae).to(accelerator.device)
-    freeze(text_encoder).to(accelerator.device, dtype=frozen_dtype)
-    class_images, lora_config, class_generated = None, None, 0
-    if db is not None and db.prior.enabled:
-        # class objects from the *starting* model, generated once (main process) and cached
-        unet.to(accelerator.device)
-        class_images, class_generated = dbm.class_images_for(cfg, parts, accelerator, out)
+    freeze(parts.vae).to(accelerator.device)
+    freeze(parts.text_encoder).to(accelerator.device, dtype=frozen_dtype)
+    run = Run(cfg, accelerator, out, parts, noise_scheduler_from(parts.scheduler,
+                                                                 cfg.prediction_type))  # fmt: skip
+    task.setup(run)  # with the starting model: class images, LoRA ...
     # the model's sampling scheduler from now on (validation, export) predicts what we train
     was = parts.scheduler.config.get("prediction_type")
     if was != cfg.prediction_type:
         log.warning("model.pretrained's scheduler has prediction_type=%s; training (and "
                     "exporting) prediction_type=%s", was, cfg.prediction_type)  # fmt: skip
     parts.scheduler = sampling_scheduler(parts.scheduler, cfg.prediction_type)
-    if db is not None and db.lora.enabled:
-        lora_config = dbm.add_lora(unet, db.lora)
+    unet = parts.unet
     unet.train()
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -208,14 +191,13 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
              sum(p.numel() for p in unet.parameters() if p.requires_grad) / 1e6)  # fmt: skip
 
     # ---- optimizer (lr is set every step from learning_rate(step)) -------------------------
+    peak_lr = task.base_lr(cfg)
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.optim, base_lr(cfg))
+    optimizer = build_optimizer(params, cfg.optim, peak_lr)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    trainable = [p for p in accelerator.unwrap_model(unet).parameters() if p.requires_grad]
-    # theta_0 for the parameter-preservation term: the starting weights (taken before a resume)
-    anchor = None
-    if db is not None and db.param_preservation > 0:
-        anchor = dbm.ParamAnchor(trainable)
+    run.unet = unet
+    run.trainable = trainable = [p for p in run.model.parameters() if p.requires_grad]
+    task.start(run)  # the starting weights, before a resume
     ema = None
     if cfg.ema:
         ema = build_ema(trainable, cfg.ema_decay)  # saved by save_checkpoint (safetensors)
@@ -230,47 +212,22 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
         log.info("resumed from %s at step %d", ckpt, start_step)
     elif cfg.checkpoint.resume == "latest":
         log.info("--resume latest: no checkpoint in %s/checkpoints, starting fresh", out)
+    run.start_step = start_step
 
-    # ---- data: multi-view + 2D streams for this rank, mixed per batch ----------------------
+    # ---- data: this rank's batches, from the task ------------------------------------------
     accum = cfg.gradient_accumulation_steps
-    if db is not None:
-        # photos (2D) + class objects: batch i is a pure function of (seed, rank, i)
-        batches = iter(dbm.DreamBoothBatches(
-            photos, db.prompt, cfg.data.resolution, cfg.data.batch_size, crop=db.crop,
-            flip=db.flip, seed=cfg.seed, rank=rank, prior=class_images,
-            prior_batch_size=db.prior.batch_size, start=start_step * accum,
-        ))  # fmt: skip
-    else:
-        data_seed = cfg.seed
-        if start_step and cfg.checkpoint.resume_data == "reseed":
-            data_seed = make_seed("reseed", cfg.seed, start_step)
-        extra = image.extra_views if image is not None else 0
-        mv = (
-            build_loader(cfg.data, "mv", data_seed, rank, world, extra_views=extra)
-            if cfg.data.mv_shards
-            else None
-        )
-        d2 = build_loader(cfg.data, "2d", data_seed, rank, world) if cfg.data.shards_2d else None
-        if mv is None and d2 is None:
-            raise UserError("no training data: set data.mv_shards and/or data.shards_2d")
-        mixer = BatchMixer(
-            mv,
-            d2,
-            p_2d=cfg.data.p_2d,
-            seed=data_seed,
-            rank=rank,
-            start=start_step * accum if cfg.checkpoint.resume_data == "skip" else 0,
-        )
-        batches = iter(mixer)
-    val_prompts = list(cfg.validation.prompts)
-    if db is not None and not val_prompts:
-        val_prompts = [db.prompt + db.validation_suffix]  # 4 views of the subject
+    batches = task.batches(run)
+    val_prompts = task.validation_prompts(cfg)
+    terms = task.terms
+
+    def save(step):
+        save_checkpoint(accelerator, out, step, {"nan_skips": nan_skips_total},
+                        keep=cfg.checkpoint.keep, model=unet, optimizer=optimizer, ema=ema)  # fmt: skip
 
     # ---- the loop ---------------------------------------------------------------------------
     step = saved_step = start_step
     consecutive_nan, overflow_skips = 0, 0
-    window = {"loss": 0.0, "n": 0, "images": 0, "data_s": 0.0, "t0": time.perf_counter(),
-              "skipped": 0, "n2d": 0, "nb": 0, **dict.fromkeys(TERMS, 0.0)}  # fmt: skip
+    window = _Window(terms)
     last_loss = float("nan")
     bar = tqdm(
         total=cfg.max_steps, initial=start_step, desc="train",
@@ -285,81 +242,28 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
         if (signum := stop.requested(accelerator)) is not None:  # SIGTERM / Ctrl-C
             if step > saved_step:
                 saved_step = step
-                save_checkpoint(accelerator, out, step, {"nan_skips": nan_skips_total},
-                                keep=cfg.checkpoint.keep, model=unet, optimizer=optimizer,
-                                ema=ema)  # fmt: skip
+                save(step)
             last = find_checkpoint("latest", out)
             raise TrainingInterrupted(
                 f"stopped by {signal.Signals(signum).name} at step {step}; "
                 + (f"resume from {last} with --resume latest" if last else "no checkpoint yet"),
                 signum,
             )
-        lr = learning_rate(step, cfg)
+        lr = learning_rate(step, cfg, peak_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        bad = False
+
+        # -- forward + backward over the micro-batches of this step --
         micro_losses, micro_terms = [], []  # device tensors: read once per step, below
         for micro in range(accum):
             index = step * accum + micro
-            gen = torch.Generator().manual_seed(make_seed("step", cfg.seed, rank, index))
+            gen = torch.Generator().manual_seed(make_seed("step", cfg.seed, run.rank, index))
             t_data = time.perf_counter()
             batch = next(batches)
-            window["data_s"] += time.perf_counter() - t_data
-            if image is not None:  # targets + the reference view of each object
-                batch = image.split(batch, cfg.data.num_views, rank, index)
-            b, v = batch["pixels"].shape[:2]
-            captions = [
-                "" if random.Random(make_seed("drop", cfg.seed, rank, index, i)).random()
-                < cfg.caption_dropout else c
-                for i, c in enumerate(batch["caption"])
-            ]  # fmt: skip
-            latents = encode_images(vae, batch["pixels"].to(accelerator.device), gen)
-            image_kwargs = {}
-            if image is not None:  # image tokens, reference latent, CFG drops
-                no_text, image_kwargs = image.condition(batch, vae, gen, rank, index)
-                captions = ["" if i in no_text else c for i, c in enumerate(captions)]
-            text = encode_prompts(tokenizer, text_encoder, captions)
-            camera = batch["camera"] if cfg.model.camera else None  # camera: false ablation
-            if camera is not None:
-                camera = camera.reshape(b * v, -1).to(accelerator.device)  # (B, V, 16) -> (B*V, 16)
+            window.data_s += time.perf_counter() - t_data
             sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(unet)
-            with sync, accelerator.autocast():
-                loss = diffusion_loss(
-                    unet, noise_scheduler, latents, text.float(), camera, v, gen,
-                    snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset, **image_kwargs,
-                )  # fmt: skip
-                if camera is None:
-                    # 2D batch: the camera MLP is skipped; a zero term keeps DDP's set of used
-                    # parameters the same on every rank and step
-                    mlp = accelerator.unwrap_model(unet).class_embedding
-                    if mlp is not None:
-                        loss = loss + 0.0 * sum(p.sum() for p in mlp.parameters())
-                if db is not None:
-                    terms = {"instance_loss": loss.detach()}
-                    prior = batch.get("prior")
-                    if prior is not None:  # class objects, multi-view with cameras
-                        bp, vp = prior["pixels"].shape[:2]
-                        prior_latents = encode_images(
-                            vae, prior["pixels"].to(accelerator.device), gen
-                        )
-                        prior_text = encode_prompts(tokenizer, text_encoder, prior["caption"])
-                        # (Bp, V, 16) -> (Bp*V, 16)
-                        prior_camera = None
-                        if cfg.model.camera:
-                            prior_camera = (
-                                prior["camera"].reshape(bp * vp, -1).to(accelerator.device)
-                            )
-                        prior_loss = diffusion_loss(
-                            unet, noise_scheduler, prior_latents, prior_text.float(),
-                            prior_camera, vp, gen, snr_gamma=cfg.snr_gamma,
-                            noise_offset=cfg.noise_offset,
-                        )  # fmt: skip
-                        terms["prior_loss"] = prior_loss.detach()
-                        loss = loss + db.prior.weight * prior_loss
-                    if anchor is not None:  # lambda * mean(|theta - theta_0|)
-                        preservation = anchor.loss(db.param_preservation)
-                        terms["preservation"] = preservation.detach()
-                        loss = loss + preservation
+            with sync:
+                loss, extra = task.loss(run, batch, index, gen)
                 if step == cfg.debug_nan_step:
                     loss = loss * float("nan")
                 # No host sync between forward and backward: every rank runs backward on
@@ -367,32 +271,26 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
                 # non-finite loss on any rank drops the whole step once it is read, below.
                 accelerator.backward(loss / accum)
             micro_losses.append(loss.detach().float().reshape(1))
-            if db is not None:
-                micro_terms.append(
-                    torch.stack(
-                        [
-                            terms[n].float() if n in terms else loss.new_zeros(()).float()
-                            for n in TERMS
-                        ]
-                    )  # fmt: skip
-                )
-            window["images"] += b * v
-            window["skipped"] += int(batch.get("skipped", 0))
-            window["n2d"] += int(batch["camera"] is None)
-            window["nb"] += 1
-        step_loss, step_terms = float("nan"), dict.fromkeys(TERMS, 0.0)
-        if micro_losses:  # one host read per step: is the loss finite on every rank, its value
-            local = torch.cat(micro_losses)  # (accum,)
-            finite = torch.isfinite(local).all().float().reshape(1)
-            head = [accelerator.reduce(finite, reduction="sum"), local.mean().reshape(1)]
-            if micro_terms:  # (accum, len(TERMS)) -> (len(TERMS),)
-                head.append(torch.stack(micro_terms).mean(0))
-            values = torch.cat([h.to(local.device) for h in head]).tolist()
-            bad = bad or values[0] < world
-            step_loss = values[1]
-            step_terms.update(zip(TERMS, values[2:], strict=False))
+            if terms:  # (len(terms),), 0 for a term this micro-batch has not
+                zero = loss.new_zeros(()).float()
+                micro_terms.append(torch.stack([extra.get(n, zero).float() for n in terms]))
+            b, v = batch["pixels"].shape[:2]
+            window.add(images=b * v, skipped=int(batch.get("skipped", 0)),
+                       n2d=int(batch["camera"] is None), nb=1)  # fmt: skip
+
+        # -- one host read per step: is the loss finite on every rank, its value --
+        local = torch.cat(micro_losses)  # (accum,)
+        finite = torch.isfinite(local).all().float().reshape(1)
+        head = [accelerator.reduce(finite, reduction="sum"), local.mean().reshape(1)]
+        if micro_terms:  # (accum, len(terms)) -> (len(terms),)
+            head.append(torch.stack(micro_terms).mean(0))
+        values = torch.cat([h.to(local.device) for h in head]).tolist()
+        bad, step_loss = values[0] < world, values[1]
+        step_terms = dict(zip(terms, values[2:], strict=False))
+
+        # -- optimizer step: clip + step; an fp16 loss-scale overflow skips it, is not bad --
         grad_norm, overflow = float("nan"), False
-        if not bad:  # clip + step; an fp16 loss-scale overflow skips the update, is not bad
+        if not bad:
             outcome = optimizer_step(accelerator, optimizer, unet.parameters(),
                                      cfg.optim.max_grad_norm)  # fmt: skip
             grad_norm, overflow, bad = outcome.grad_norm, outcome.overflow, outcome.bad
@@ -418,39 +316,31 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
             if ema is not None:
                 ema.step(trainable)
             last_loss = step_loss
-            window["loss"] += step_loss
-            window["n"] += 1
-            for name in TERMS:
-                window[name] += step_terms[name]
+            window.add(loss=step_loss, n=1, **step_terms)
         step += 1
         bar.update(1)
 
         # ---- logging ------------------------------------------------------------------------
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            seconds = time.perf_counter() - window["t0"]
-            stats = torch.tensor(
-                [window[k] for k in ("loss", "n", "images", "skipped", "n2d", "nb", *TERMS)],
-                dtype=torch.float64,
-                device=accelerator.device,
-            )
-            stats = accelerator.reduce(stats, reduction="sum").tolist()
-            skipped_total += int(stats[3])  # bad samples skipped by the decoders (all ranks)
+            seconds = time.perf_counter() - window.t0
+            keys = list(window.sums)
+            stats = torch.tensor([window.sums[k] for k in keys], dtype=torch.float64,
+                                 device=accelerator.device)  # fmt: skip
+            sums = dict(zip(keys, accelerator.reduce(stats, reduction="sum").tolist()))
+            skipped_total += int(sums["skipped"])  # bad samples skipped by the decoders
             logs = {
-                "loss": stats[0] / max(1.0, stats[1]),
+                "loss": sums["loss"] / max(1.0, sums["n"]),
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "samples_per_s": stats[2] / max(seconds, 1e-9),
-                "data_wait_frac": window["data_s"] / max(seconds, 1e-9),
-                "skipped_samples": stats[3],
-                "frac_2d_batches": stats[4] / max(1.0, stats[5]),
+                "samples_per_s": sums["images"] / max(seconds, 1e-9),
+                "data_wait_frac": window.data_s / max(seconds, 1e-9),
+                "skipped_samples": sums["skipped"],
+                "frac_2d_batches": sums["n2d"] / max(1.0, sums["nb"]),
                 "nan_skips": nan_skips_total,
                 "overflow_skips": overflow_skips,
+                **{name: sums[name] / max(1.0, sums["n"]) for name in terms},
+                **task.log_values(run),
             }
-            if db is not None:
-                for i, name in enumerate(TERMS):
-                    logs[name] = stats[6 + i] / max(1.0, stats[1])
-                if anchor is not None:
-                    logs["theta_distance"] = anchor.distance()  # mean(|theta - theta_0|)
             if tracker_started:
                 accelerator.log(logs, step=step)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}",
@@ -458,29 +348,24 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
             if accelerator.is_main_process:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(_json_safe({"step": step, **logs}), allow_nan=False) + "\n")
-            window = {"loss": 0.0, "n": 0, "images": 0, "data_s": 0.0,
-                      "t0": time.perf_counter(), "skipped": 0, "n2d": 0, "nb": 0,
-                      **dict.fromkeys(TERMS, 0.0)}  # fmt: skip
+            window = _Window(terms)
 
         # ---- checkpoint -----------------------------------------------------------------------
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.max_steps:
-            save_checkpoint(accelerator, out, step, {"nan_skips": nan_skips_total},
-                            keep=cfg.checkpoint.keep, model=unet, optimizer=optimizer,
-                            ema=ema)  # fmt: skip
+            save(step)
             saved_step = step
 
         # ---- validation samples ---------------------------------------------------------------
         if cfg.validation.every and (step % cfg.validation.every == 0 or step == cfg.max_steps):
             if accelerator.is_main_process:
-                _validate(accelerator, unet, ema, trainable, parts, vae, text_encoder, cfg,
-                          val_prompts, step, out)  # fmt: skip
+                _validate(accelerator, unet, ema, trainable, parts, parts.vae, parts.text_encoder,
+                          cfg, val_prompts, step, out)  # fmt: skip
             accelerator.wait_for_everyone()
     bar.close()
 
-    # ---- the end: ranks in sync?, export a diffusers folder -------------------------------------
-    base = accelerator.unwrap_model(unet)
+    # ---- the end: ranks in sync?, export (the task's result) -----------------------------------
     checksums = accelerator.gather(
-        torch.tensor([_checksum(base)], dtype=torch.float64, device=accelerator.device)
+        torch.tensor([_checksum(run.model)], dtype=torch.float64, device=accelerator.device)
     ).tolist()
     summary = {
         "steps": step,
@@ -490,31 +375,14 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
         "nan_skips": nan_skips_total,
         "skipped_samples": skipped_total,
         "overflow_skips": overflow_skips,
+        **task.summary(run),
     }
-    if db is not None:
-        summary["class_images_generated"] = class_generated
-        if class_images is not None:
-            summary["class_images"] = str(class_images.folder)
     if accelerator.is_main_process:
         if cfg.export:
-            from mvdiff.training.export import export_pipeline_folder
-
             if ema is not None:
                 ema.store(trainable)
                 ema.copy_to(trainable)
-            if lora_config is not None:  # only the adapter; it records its base model
-                from mvdiff.pipelines.loading import save_lora_adapter
-
-                save_lora_adapter(base, lora_config, out / "adapter", dbm.adapter_meta(cfg))
-                summary["adapter"] = str(out / "adapter")
-            else:
-                encoder = parts.image_encoder
-                export_pipeline_folder(
-                    out / "model", base, vae.float(), text_encoder.float(), tokenizer,
-                    parts.scheduler, image_encoder=None if encoder is None else encoder.float(),
-                    feature_extractor=parts.feature_extractor,
-                )  # fmt: skip
-                summary["model"] = str(out / "model")
+            summary.update(task.export(run))
             if ema is not None:
                 ema.restore(trainable)
         summary = _json_safe(summary)  # valid JSON: a loss that never came is null, not NaN
