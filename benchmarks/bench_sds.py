@@ -140,11 +140,10 @@ def _load() -> float | None:
 
 
 def bench_recon(steps: int, fused_adam: bool = True, field: str = "small") -> dict:
-    import math
 
     import numpy as np
 
-    from mvdiff.cameras import orbit_c2w
+    from mvdiff.cameras import framing_distance, orbit_c2w
     from mvdiff.sds.config import TextTo3DConfig
     from mvdiff.sds.field import FieldConfig
     from mvdiff.sds.oracle import ReferenceObject
@@ -152,7 +151,7 @@ def bench_recon(steps: int, fused_adam: bool = True, field: str = "small") -> di
     from mvdiff.sds.render import render
 
     fov, res = 40.0, 64
-    dist = (math.sqrt(3) / 2) / math.sin(math.radians(fov) / 2)
+    dist = framing_distance(fov)
     el, az = np.array([15.0] * 4 + [30.0]), np.array([0.0, 90.0, 180.0, 270.0, 45.0])
     c2w = torch.from_numpy(orbit_c2w(el, az, dist)).float()
     with torch.no_grad():

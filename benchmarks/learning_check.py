@@ -61,7 +61,6 @@ import math
 import os
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -362,22 +361,21 @@ def render(cfg: LearningCheckConfig, work: Path, captions: dict[str, str]) -> li
 def read_shards(shards: list[str]) -> dict[str, dict]:
     """uid -> {caption, rgba [V, 4, H, W] float, c2w [V, 4, 4], fov_deg [V]}."""
     from mvdiff.sds.ref_views import load_shard_sample
+    from mvdiff.shards import MultiViewSample, read_tar
 
     out = {}
     for shard in shards:
-        with tarfile.open(shard) as tar:
-            uids = sorted({Path(m.name).name.split(".")[0] for m in tar.getmembers()})
-        for uid in uids:
-            s = load_shard_sample(shard, uid)
-            with tarfile.open(shard) as tar:
-                meta = json.loads(tar.extractfile(f"{uid}.json").read())
-            out[uid] = {**s, "caption": meta["caption"], "shard": shard}
+        for uid, members in sorted(read_tar(shard).items()):
+            meta = MultiViewSample.decode(uid, members, strict=True).meta
+            out[uid] = {**load_shard_sample(shard, uid), "caption": meta["caption"], "shard": shard}
     return out
 
 
 def write_2d_shard(path: Path, objects: dict[str, dict], seed: int) -> str:
     """img2dataset layout: one random single view per object (on white) + the bundled photos."""
     from PIL import Image
+
+    from mvdiff.shards import write_tar
 
     rng = np.random.default_rng(seed)
     items = []
@@ -392,16 +390,13 @@ def write_2d_shard(path: Path, objects: dict[str, dict], seed: int) -> str:
     photos = REPO / "mvdiff" / "resources" / "photos"
     for name, caption in json.loads((photos / "captions.json").read_text()).items():
         items.append(((photos / name).read_bytes(), Path(name).suffix.lstrip(".").lower(), caption))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for i, (data, ext, caption) in enumerate(items):
-            for suffix, payload in ((ext, data), ("txt", caption.encode())):
-                info = tarfile.TarInfo(f"{i:09d}.{suffix}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    os.replace(tmp, path)
-    return str(path)
+    return write_tar(
+        path,
+        (
+            (f"{i:09d}", {ext: data, "txt": caption.encode()})
+            for i, (data, ext, caption) in enumerate(items)
+        ),
+    )
 
 
 # ---- 3. models: the shipped trainer -----------------------------------------------------------

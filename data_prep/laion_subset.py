@@ -203,16 +203,16 @@ def run(cfg: LaionSubsetConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    from mvdiff.config import load_config
+    from mvdiff.config import add_config_arguments, config_from_args
     from mvdiff.errors import UserError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", metavar="YAML", help="data_prep/configs/laion_subset.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config entry (repeatable)")  # fmt: skip
+    add_config_arguments(
+        parser, "LaionSubsetConfig (data_prep/configs/laion_subset.yaml)", "min_size=512"
+    )
     args = parser.parse_args(argv)
     try:
-        run(load_config(LaionSubsetConfig, args.config, args.overrides))
+        run(config_from_args(LaionSubsetConfig, args))
     except UserError as e:
         print(f"laion_subset.py: error: {e}", file=sys.stderr)
         return 2

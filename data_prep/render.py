@@ -22,7 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mvdiff.config import dump_config, load_config  # noqa: E402
+from mvdiff.cli import setup_logging  # noqa: E402
+from mvdiff.config import (  # noqa: E402
+    add_config_arguments,
+    add_quiet_argument,
+    config_from_args,
+    dump_config,
+)
 from mvdiff.errors import UserError  # noqa: E402
 from mvdiff.render.config import RenderConfig  # noqa: E402
 from mvdiff.render.runner import render_objects  # noqa: E402
@@ -30,13 +36,12 @@ from mvdiff.render.runner import render_objects  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML render config (data_prep/configs/render_*.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (repeatable)")  # fmt: skip
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_config_arguments(parser, "RenderConfig (data_prep/configs/render_*.yaml)", "output=DIR")
+    add_quiet_argument(parser)
     args = parser.parse_args(argv)
+    setup_logging(quiet=args.quiet)
     try:
-        cfg = load_config(RenderConfig, args.config, args.set).validate()
+        cfg = config_from_args(RenderConfig, args)
         if not args.quiet:
             print(dump_config(cfg), flush=True)
         summary = render_objects(cfg, progress=not args.quiet)

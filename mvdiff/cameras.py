@@ -149,10 +149,7 @@ def sample_mvdream_render_rig(
     azimuths = (offset + np.arange(num_views) * (360.0 / num_views)) % 360.0
     elevation = rng.uniform(*elevation_range)
     fov = rng.uniform(*fov_range)
-    # A unit cube centred at the origin fits in a sphere of radius sqrt(3)/2; at distance
-    # r / sin(fov/2) that sphere just touches the frame.
-    distance = (math.sqrt(3) / 2) / math.sin(math.radians(fov) / 2)
-    distance *= rng.uniform(*distance_factor_range)
+    distance = framing_distance(fov) * rng.uniform(*distance_factor_range)
     elevations = np.full(num_views, elevation)
     return {
         "elevation_deg": elevations.tolist(),
@@ -161,6 +158,13 @@ def sample_mvdream_render_rig(
         "distance": [distance] * num_views,
         "c2w": orbit_c2w(elevations, azimuths, distance),
     }
+
+
+def framing_distance(fov_deg: float) -> float:
+    """The camera distance at which the unit box (the renderer's normalised object, centred at
+    the origin) fills a ``fov_deg`` frame: its bounding sphere of radius ``sqrt(3)/2`` just
+    touches the frame at ``(sqrt(3)/2) / sin(fov/2)`` (docs/design.md §4)."""
+    return (math.sqrt(3) / 2) / math.sin(math.radians(fov_deg) / 2)
 
 
 def select_training_views(
@@ -208,9 +212,7 @@ def sample_sds_group(
     if relative_distance_range is not None:
         distance = uniform(*relative_distance_range) / math.tan(math.radians(fov) / 2)
     else:
-        distance = (
-            (math.sqrt(3) / 2) / math.sin(math.radians(fov) / 2) * uniform(*distance_factor_range)
-        )
+        distance = framing_distance(fov) * uniform(*distance_factor_range)
     c2w = orbit_c2w(np.full(num_views, elevation), azimuths, distance)
     return {
         "c2w": torch.from_numpy(c2w).float(),

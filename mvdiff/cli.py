@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import pkgutil
 import signal
@@ -30,6 +31,35 @@ def _command_modules() -> list:
     """Every module of ``mvdiff/commands`` (alphabetical): adding a file adds a subcommand."""
     names = sorted(m.name for m in pkgutil.iter_modules(mvdiff.commands.__path__))
     return [importlib.import_module(f"mvdiff.commands.{name}") for name in names]
+
+
+class _ConsoleHandler(logging.Handler):
+    """Messages below WARNING to stdout (what the commands used to print), warnings and
+    errors to stderr; the streams are looked up at each record (so redirections hold)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(quiet: bool = False) -> None:
+    """The one place that configures logging (library modules only log): ``mvdiff.*``
+    records at INFO (WARNING with ``--quiet``, and on every process but rank 0 of a
+    distributed launch) as plain lines; ``--quiet`` also turns off tqdm progress bars.
+    Idempotent: a second call only changes the level."""
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+    logger = logging.getLogger("mvdiff")
+    logger.setLevel(logging.WARNING if quiet or rank != 0 else logging.INFO)
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        handler = _ConsoleHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = image_alias(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
+    setup_logging(quiet=getattr(args, "quiet", False))
     previous = previous_int = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminated_handler(os.getpid()))

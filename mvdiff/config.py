@@ -21,11 +21,25 @@ its numeric fields in a ``LIMITS`` class variable, checked whenever a config is 
 (``>x``, ``>=x``, ``<=x``, ``[a,b]``, ``[a,b)``, ``%n`` = a positive multiple of n; list
 fields are checked element-wise). A value out of range is a :class:`ConfigError` naming the
 key, e.g. ``data.num_views: must be >= 1, got -1``.
+
+One style for every config: a dataclass with typed fields, ``Literal[...]`` for a choice,
+``LIMITS`` for ranges and, for what types cannot say (one field depending on another), one
+``validate(self)`` method raising ``ValueError``/:class:`UserError`. :func:`validate_config`
+runs all three over the whole tree (nested dataclasses first); :func:`load_config` calls it
+on the resolved config, and library entry points call it on configs built in code.
+
+Commands share one argument helper: :func:`add_config_arguments` adds ``--config YAML`` and
+``--set KEY=VALUE``; :func:`config_from_args` resolves defaults (or a preset) <- the file <-
+``--set`` <- the command's own flags, whose values are quoted (:func:`quote_value`) so that a
+flag value is always taken literally (``--prompt "a: b"`` is the string ``"a: b"``), while a
+``--set`` value is YAML (``--set fov_range=[30,40]``).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
 import re
 import types
@@ -210,26 +224,161 @@ def apply_overrides(cfg: T, overrides: list[str] | None, where: str = "--set") -
 
 
 def load_config(
-    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    base: T | None = None,
+    validate: bool = True,
 ) -> T:
-    """Defaults of ``cls`` <- YAML file ``path`` (if given) <- ``overrides``."""
-    cfg = cls()
+    """Defaults of ``cls`` (or the preset ``base``) <- YAML file ``path`` (if given) <-
+    ``overrides``; then :func:`validate_config` (unless ``validate=False``)."""
+    cfg = cls() if base is None else base
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        cfg = config_from_dict(cls, read_config_file(path), f"config file {path}", base=cfg)
+    cfg = apply_overrides(cfg, overrides)
+    return validate_config(cfg) if validate else cfg
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The top-level mapping of a YAML (or JSON) config file; problems name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: no such file")
+    try:
+        data = _yaml(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def config_from_dict(cls: type[T], data: dict, where: str, base: T | None = None) -> T:
+    """``base`` (default ``cls()``) deep-merged with the mapping ``data`` (e.g. a saved
+    config); unknown keys and bad values are :class:`ConfigError`\\ s starting with
+    ``where``. Not validated (see :func:`validate_config`)."""
+    cfg = cls() if base is None else base
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    merged = _deep_merge(config_to_dict(cfg), data, where)
+    try:
+        return _from_dict(cls, merged, "")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def validate_config(cfg: T, where: str = "") -> T:
+    """The one validation hook: for ``cfg`` and every nested dataclass (innermost first),
+    ``Literal`` choices and ``LIMITS`` (also for configs built in code, which never went
+    through the converter), then the class's ``validate()`` method if it has one. A
+    ``ValueError`` from it becomes a :class:`ConfigError`; returns ``cfg``."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            validate_config(value, key)
+        elif typing.get_origin(hints.get(f.name)) is typing.Literal:
+            _convert(value, hints[f.name], key)
+    check_limits(cfg, where)
+    hook = getattr(cfg, "validate", None)
+    if callable(hook):
         try:
-            data = _yaml(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top level")
-        merged = _deep_merge(config_to_dict(cfg), data, str(path))
-        try:
-            cfg = _from_dict(cls, merged, "")
-        except ConfigError as e:
-            raise ConfigError(f"config file {path}: {e}") from None
-    return apply_overrides(cfg, overrides)
+            hook()
+        except UserError:
+            raise
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+    return cfg
+
+
+def quote_value(value: Any) -> str:
+    """``value`` as the YAML text of an override that reads back as exactly ``value``:
+    strings are JSON-quoted (``a: b``, ``[x]``, ``no`` or ``1e3`` stay strings), numbers,
+    booleans, lists and None as JSON."""
+    return json.dumps(value)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    """``--config YAML`` (a file of ``what`` values) and repeatable ``--set KEY=VALUE``
+    (YAML values, dotted keys for nested sections; ``example`` is shown in the help)."""
+    parser.add_argument("--config", metavar="YAML", help=f"YAML file of {what} values")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value (YAML; dotted for nested ones), e.g. --set {example} "
+        "(repeatable; the flags below win over it)",
+    )
+
+
+def config_from_args(
+    cls: type[T],
+    args: argparse.Namespace,
+    flags: dict[str, tuple[str, Any]] | None = None,
+    *,
+    base: T | None = None,
+    validate: bool = True,
+) -> T:
+    """Defaults (or the preset ``base``) <- ``--config`` <- ``--set`` <- ``flags``
+    (``{"--flag": (config key, value)}``; a None value = the flag was not given). Flag values
+    are quoted (:func:`quote_value`), so they are taken literally; a bad one is a
+    :class:`ConfigError` naming the flag. Then :func:`validate_config`."""
+    cfg = load_config(cls, args.config, list(args.overrides), base=base, validate=False)
+    for flag, (key, value) in (flags or {}).items():
+        if value is not None:
+            cfg = apply_overrides(cfg, [f"{key}={quote_value(value)}"], where=flag)
+    return validate_config(cfg) if validate else cfg
+
+
+class HiddenAlias(argparse.Action):
+    """An old flag spelling kept for a release: stores into the new flag's ``dest`` and is
+    left out of ``--help`` (silently, so that scripts and one-line error output are as they
+    were; README's changelog names the new spelling)."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kw):
+        kw["help"] = argparse.SUPPRESS
+        super().__init__(option_strings, dest, **kw)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.const if values in (None, []) else values)
+
+
+def add_flag(
+    parser: argparse.ArgumentParser, *names: str, aliases: tuple = (), **kw
+) -> argparse.Action:
+    """``parser.add_argument(*names, **kw)`` plus ``aliases``: old spellings that still work
+    (hidden from ``--help``)."""
+    action = parser.add_argument(*names, **kw)
+    for old in aliases:
+        parser.add_argument(
+            old, dest=action.dest, action=HiddenAlias, new=names[0], nargs=action.nargs,
+            const=action.const, type=action.type, default=argparse.SUPPRESS,
+        )  # fmt: skip
+    return action
+
+
+def add_resume_argument(parser: argparse.ArgumentParser, where: str, path: str = "PATH") -> None:
+    """``--resume [latest|PATH]`` (bare = latest), as every resumable command spells it."""
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="latest|PATH",
+        help=f"resume from the newest checkpoint in {where} (bare --resume or 'latest') or "
+        f"from {path}",
+    )
+
+
+def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+    """``--quiet``/``-q``: no progress bars, warnings and errors only."""
+    parser.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress bars; log warnings and errors only"
+    )
 
 
 def _deep_merge(base: dict, new: dict, where: str) -> dict:

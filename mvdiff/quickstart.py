@@ -296,6 +296,8 @@ def stage_render(cfg: QuickstartConfig, out: Path) -> dict:
 def stage_photos(cfg: QuickstartConfig, out: Path) -> dict:
     from PIL import Image
 
+    from mvdiff.shards import write_members
+
     src = Path(cfg.photos.folder) if cfg.photos.folder else PHOTOS_DIR
     captions_file = src / "captions.json"
     if not captions_file.is_file():
@@ -319,11 +321,8 @@ def stage_photos(cfg: QuickstartConfig, out: Path) -> dict:
                 meta = {"key": key, "caption": caption, "width": width, "height": height,
                         "source": f"mvdiff/resources/photos/{name}" if src == PHOTOS_DIR
                         else str(path)}  # fmt: skip
-                for suffix, payload in ((ext, data), ("txt", caption.encode()),
-                                        ("json", json.dumps(meta).encode())):  # fmt: skip
-                    info = tarfile.TarInfo(f"{key}.{suffix}")
-                    info.size, info.mtime, info.mode = len(payload), 0, 0o644
-                    tar.addfile(info, io.BytesIO(payload))
+                members = {ext: data, "txt": caption.encode(), "json": json.dumps(meta).encode()}
+                write_members(tar, key, members)
 
     atomic_write(shard, write)
     return {"shard": str(shard), "images": len(captions)}

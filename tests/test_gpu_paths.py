@@ -366,8 +366,10 @@ def test_sds_autocast_option():
         losses[mode] = float(out["loss"])
     assert seen == [False, True]
     assert abs(losses["bf16"] - losses["no"]) < 0.05 * losses["no"]
+    from mvdiff.config import validate_config
+
     with pytest.raises(ValueError, match="sds.autocast"):
-        TextTo3DConfig(sds=SDSConfig(autocast="fp8")).check()
+        validate_config(TextTo3DConfig(sds=SDSConfig(autocast="fp8")))
 
 
 def test_tf32_only_on_cuda(monkeypatch):

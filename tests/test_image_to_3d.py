@@ -460,7 +460,7 @@ def test_novel_views_use_imagedreams_camera_ranges(tmp_path, monkeypatch):
         assert 0.6 - 1e-5 <= float(r) <= 0.75 + 1e-5
     # a bad range is one line naming the key
     with pytest.raises(ValueError, match="sds_fov_range"):
-        ImageTo3DConfig(sds_fov_range=[50, 45]).check()
+        ImageTo3DConfig(sds_fov_range=[50, 45]).validate()
 
 
 def test_text_to_3d_image_is_image_to_3d(tmp_path, capsys):

@@ -75,3 +75,18 @@ def test_pipeline_decodes_with_winograd_on_cpu_and_matches_the_normal_decode():
     )
     assert n > 0
     assert (fast - plain).abs().max().item() < 1e-4  # images in [0, 1]
+
+
+def test_pipeline_leaves_the_vae_alone_by_default():
+    """Winograd is opt-in: a default pipeline decodes with the VAE exactly as loaded (no
+    module has its class swapped), and turning it off again restores nn.Conv2d."""
+    pipe = MVDreamPipeline(**tiny_components(0))
+    assert pipe.winograd_decode is False
+    classes = [type(m) for m in pipe.vae.modules()]
+    pipe.decode_latents(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    assert [type(m) for m in pipe.vae.modules()] == classes
+    pipe.winograd_decode = True
+    pipe.decode_latents(torch.zeros(1, 4, 8, 8))
+    pipe.winograd_decode = False
+    pipe.decode_latents(torch.zeros(1, 4, 8, 8))
+    assert [type(m) for m in pipe.vae.modules()] == classes

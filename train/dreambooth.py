@@ -19,12 +19,14 @@ import sys
 
 
 def main(argv=None) -> int:
+    from mvdiff.cli import setup_logging
     from mvdiff.commands.dreambooth import add_arguments, run
     from mvdiff.errors import UserError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    setup_logging(quiet=args.quiet)
     try:
         return run(args)
     except UserError as e:

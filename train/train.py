@@ -18,12 +18,14 @@ import sys
 
 
 def main(argv=None) -> int:
+    from mvdiff.cli import setup_logging
     from mvdiff.commands.train import add_arguments, config_from_args
     from mvdiff.errors import UserError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    setup_logging(quiet=args.quiet)
     try:
         cfg = config_from_args(args)
         from mvdiff.training.trainer import TrainingInterrupted, train

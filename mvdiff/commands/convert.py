@@ -6,6 +6,8 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from mvdiff.config import add_quiet_argument
+
     p = sub.add_parser(
         "convert",
         help="convert an official MVDream / ImageDream checkpoint to a diffusers folder",
@@ -15,7 +17,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "feature_extractor/).",
     )
     p.add_argument("checkpoint", help="official checkpoint, e.g. sd-v2.1-base-4view.pt")
-    p.add_argument("output_dir", help="new folder to write (must not exist or be empty)")
+    p.add_argument(
+        "output_dir",
+        nargs="?",
+        metavar="OUTPUT",
+        help="new folder to write (must not exist or be empty); or give it as --output",
+    )
+    p.add_argument("--output", metavar="DIR", help="the same as the OUTPUT argument")
     p.add_argument(
         "--original-config",
         default=None,
@@ -27,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="saved dtype"
     )
+    add_quiet_argument(p)
     p.set_defaults(run=run)
 
 
@@ -36,7 +45,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from mvdiff.convert import convert_mvdream_checkpoint
+    from mvdiff.errors import UserError
 
+    if args.output_dir and args.output and args.output_dir != args.output:
+        raise UserError(f"--output {args.output} and OUTPUT {args.output_dir} differ; give one")
+    args.output_dir = args.output_dir or args.output
+    if not args.output_dir:
+        raise UserError("--output is required (the new diffusers folder)")
     t0 = time.perf_counter()
     print(f"converting {args.checkpoint} -> {args.output_dir}", flush=True)
     report = convert_mvdream_checkpoint(

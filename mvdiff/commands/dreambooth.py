@@ -15,6 +15,13 @@ HELP = "personalise a multi-view model from 3-10 photos of a subject (MVDreamBoo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mvdiff.config import (
+        add_config_arguments,
+        add_flag,
+        add_quiet_argument,
+        add_resume_argument,
+    )
+
     parser.add_argument(
         "--model",
         metavar="DIR",
@@ -25,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompt",
         help="instance prompt with the identifier, e.g. 'a photo of sks dog'",
     )
-    parser.add_argument("--output", metavar="DIR", help="output folder (checkpoints, model)")
+    add_flag(parser, "--output", aliases=("--output-dir",), metavar="DIR",
+             help="output folder (checkpoints, model)")  # fmt: skip
     parser.add_argument("--identifier", help="the subject's identifier token (default: sks)")
     parser.add_argument(
         "--lora",
@@ -46,53 +54,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LAMBDA",
         help="weight of the parameter-preservation term lambda*mean(|theta-theta0|) (default 1)",
     )
-    parser.add_argument("--steps", type=int, help="training steps (same as --set max_steps=N)")
-    parser.add_argument(
-        "--config",
-        metavar="YAML",
-        help="DreamBooth config (train/configs/dreambooth.yaml); the built-in defaults are the same",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config entry, e.g. --set optim.lr=2e-5 (repeatable)",
-    )
-    parser.add_argument(
-        "--resume", metavar="latest|PATH", help="resume from OUTPUT/checkpoints (latest) or PATH"
-    )
+    add_flag(parser, "--steps", aliases=("--max-steps",), type=int,
+             help="training steps (same as --set max_steps=N)")  # fmt: skip
+    add_config_arguments(
+        parser, "DreamBoothTrainConfig (train/configs/dreambooth.yaml; the built-in defaults are "
+        "the same)", "optim.lr=2e-5",
+    )  # fmt: skip
+    add_resume_argument(parser, "OUTPUT/checkpoints")
+    add_quiet_argument(parser)
 
 
 def config_from_args(args):
     """Built-in defaults (= train/configs/dreambooth.yaml) < --config < --set < flags."""
-    import json
-
-    from mvdiff.config import load_config
+    from mvdiff.config import config_from_args as resolve
     from mvdiff.training.config import DreamBoothTrainConfig
 
-    overrides = list(args.overrides)
-
-    def flag(key, value):
-        if value is not None:
-            # JSON quoting: a prompt like "a: b" or "[x]" stays one YAML string
-            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
-
-    flag("model.pretrained", args.model)
-    flag("dreambooth.images", args.images)
-    flag("dreambooth.prompt", args.prompt)
-    flag("output_dir", args.output)
-    flag("dreambooth.identifier", args.identifier)
-    flag("dreambooth.prior.class_prompt", args.class_prompt)
-    flag("dreambooth.param_preservation", args.preservation)
-    flag("max_steps", args.steps)
-    flag("checkpoint.resume", args.resume)
-    if args.lora:
-        overrides.append("dreambooth.lora.enabled=true")
-    if args.prior or args.class_prompt:
-        overrides.append("dreambooth.prior.enabled=true")
-    return load_config(DreamBoothTrainConfig, args.config, overrides)
+    flags = {
+        "--model": ("model.pretrained", args.model),
+        "--images": ("dreambooth.images", args.images),
+        "--prompt": ("dreambooth.prompt", args.prompt),
+        "--output": ("output_dir", args.output),
+        "--identifier": ("dreambooth.identifier", args.identifier),
+        "--class-prompt": ("dreambooth.prior.class_prompt", args.class_prompt),
+        "--preservation": ("dreambooth.param_preservation", args.preservation),
+        "--steps": ("max_steps", args.steps),
+        "--resume": ("checkpoint.resume", args.resume),
+        "--lora": ("dreambooth.lora.enabled", True if args.lora else None),
+        "--prior": (
+            "dreambooth.prior.enabled",
+            True if (args.prior or args.class_prompt) else None,
+        ),
+    }
+    return resolve(DreamBoothTrainConfig, args, flags)
 
 
 def add_parser(subparsers) -> None:

@@ -52,6 +52,8 @@ _FLAGS = {
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from mvdiff.config import add_config_arguments, add_quiet_argument
+
     p = sub.add_parser(
         "eval",
         help="multi-view metrics of sampled views (consistency, ground truth, CLIP, FID/KID)",
@@ -71,9 +73,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, dest=field, type=tp, default=None, help=help_)
     p.add_argument("--allow-download", action="store_true",
                    help="allow fetching CLIP / Inception weights from the internet")  # fmt: skip
-    p.add_argument("--config", default=None, help="YAML file of EvalConfig values")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")  # fmt: skip
+    add_config_arguments(p, "EvalConfig", "recon_steps=300")
+    add_quiet_argument(p)
     p.set_defaults(run=run)
 
 
@@ -97,18 +98,15 @@ def expand_samples(paths: list[str]) -> list[str]:
 
 
 def build_config(args: argparse.Namespace):
-    from mvdiff.config import apply_overrides, load_config
+    """Defaults <- --config <- --set <- the flags given; validated (EvalConfig.validate)."""
+    from mvdiff.config import config_from_args
     from mvdiff.eval.evaluate import EvalConfig
 
-    cfg = load_config(EvalConfig, args.config, args.overrides)
-    for field, _, _ in _FLAGS.values():
-        value = getattr(args, field)
-        if value is not None:
-            setattr(cfg, field, value)
-    cfg.samples = expand_samples(args.samples)
-    cfg.output = args.output
-    cfg.allow_download = cfg.allow_download or args.allow_download
-    return apply_overrides(cfg, [], where="flags").validate()  # re-checks types
+    flags = {flag: (field, getattr(args, field)) for flag, (field, _, _) in _FLAGS.items()}
+    flags["SAMPLE_DIR"] = ("samples", expand_samples(args.samples))
+    flags["--output"] = ("output", args.output)
+    flags["--allow-download"] = ("allow_download", True if args.allow_download else None)
+    return config_from_args(EvalConfig, args, flags)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from mvdiff.eval.report import json_safe
 
     cfg = build_config(args)
-    results = evaluate(cfg)
+    results = evaluate(cfg, progress=not args.quiet)
     print(f"wrote {results['files']['html']} and {results['files']['results']}", flush=True)
     print(
         json.dumps(json_safe({"summary": results["summary"], "seconds": results["seconds"]})),

@@ -9,6 +9,8 @@ from mvdiff.errors import UserError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from mvdiff.config import add_config_arguments, add_flag, add_resume_argument
+
     p = sub.add_parser(
         "image-to-3d",
         help="optimise a 3D asset from one photo (reference view + image-conditioned SDS)",
@@ -67,24 +69,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--sds-weight", type=float, default=None, help="SDS weight (default 1; 0 = photo only)"
     )
     p.add_argument("--depth-weight", type=float, default=None, help="depth weight (default 0.05)")
-    p.add_argument("--config", default=None, help="YAML/JSON file of ImageTo3DConfig values")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, dotted for nested ones (sds.guidance_scale=30); repeatable",
-    )
+    add_config_arguments(p, "ImageTo3DConfig (YAML or JSON)", "sds.guidance_scale=30")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint period in steps")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    add_resume_argument(p, "OUTPUT/checkpoint.pt", "OUTPUT/checkpoint.pt")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_flag(p, "--quiet", "-q", aliases=("--no-progress",), action="store_true",
+             help="no progress bars; log warnings and errors only")  # fmt: skip
     p.set_defaults(run=run)
 
 
 def resolve_config(args: argparse.Namespace):
     """Preset (default or --fast), then --config, then --set, then the flags; checked."""
     from mvdiff.commands.text_to_3d import load_sds_config
+    from mvdiff.config import validate_config
     from mvdiff.sds.image_to_3d import ImageTo3DConfig
 
     config = load_sds_config(
@@ -114,17 +111,13 @@ def resolve_config(args: argparse.Namespace):
         raise UserError("--model is required (an ImageDream folder; or --sds-weight 0)")
     if config.ref_views:
         raise UserError("ref_views: not used by image-to-3d (the photo is the reference view)")
-    try:
-        config.check()
-    except ValueError as e:
-        raise UserError(f"image-to-3d config: {e}") from None
-    return config
+    return validate_config(config)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mvdiff.commands.text_to_3d import NO_ROOM, load_prior
+    from mvdiff.commands.text_to_3d import NO_ROOM, load_prior, resume_flag
     from mvdiff.sds.image_to_3d import image_to_3d, load_depth, load_photo
 
     config = resolve_config(args)
@@ -136,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
     pipe, device = load_prior(args, config)
     try:
         summary = image_to_3d(
-            pipe, config, args.photo, args.output, depth_path=args.depth, resume=args.resume,
-            progress=not args.no_progress, device=device,
+            pipe, config, args.photo, args.output, depth_path=args.depth,
+            resume=resume_flag(args), progress=not args.quiet, device=device,
         )  # fmt: skip
     except OSError as e:
         if e.errno not in NO_ROOM:

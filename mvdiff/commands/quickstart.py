@@ -10,6 +10,8 @@ HELP = "the whole pipeline on bundled real data in a few CPU minutes, with an HT
 
 
 def add_parser(subparsers) -> None:
+    from mvdiff.config import add_config_arguments, add_quiet_argument
+
     parser = subparsers.add_parser(
         "quickstart",
         help=HELP,
@@ -21,24 +23,20 @@ def add_parser(subparsers) -> None:
         'holding a run with other settings is refused. Needs bpy: pip install -e ".[render]".',
     )
     parser.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--config", metavar="YAML", help="quickstart config (YAML)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config entry, e.g. --set train.max_steps=40 --set render.views=4 "
-        "(repeatable; sections: render, photos, train, sample, text3d; also seed, threads)",
+    add_config_arguments(
+        parser,
+        "QuickstartConfig (sections: render, photos, train, sample, text3d; also seed, threads)",
+        "train.max_steps=40 --set render.views=4",
     )
+    add_quiet_argument(parser)
     parser.set_defaults(run=run)
 
 
 def config_from_args(args):
-    from mvdiff.config import load_config
+    from mvdiff.config import config_from_args as resolve
     from mvdiff.quickstart import QuickstartConfig
 
-    return load_config(QuickstartConfig, args.config, [*args.overrides, f"output={args.output}"])
+    return resolve(QuickstartConfig, args, {"--output": ("output", args.output)})
 
 
 def run(args) -> int:

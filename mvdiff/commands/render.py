@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mvdiff.render.config import FLAG_FIELDS
+from mvdiff.render.config import FLAG_FIELDS, field_flag
 
 # flag -> RenderConfig field, for flags that override the config file when given
 # (--depth and --normal are store_true flags, set below).
@@ -12,6 +12,8 @@ FLAGS = {name: name for name in FLAG_FIELDS if name not in ("depth", "normal")}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from mvdiff.config import add_config_arguments, add_quiet_argument
+
     p = sub.add_parser(
         "render",
         help="render 3D assets into multi-view webdataset shards with Blender",
@@ -25,11 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "inputs", nargs="*", metavar="INPUT", help="asset files, folders, or objaverse:UID"
     )
     p.add_argument("--output", "-o", help="output folder or fsspec URL (shards + manifest.jsonl)")
-    p.add_argument(
-        "--config", help="YAML render config (see data_prep/configs/render_mvdream.yaml)"
+    add_config_arguments(
+        p, "RenderConfig (see data_prep/configs/render_mvdream.yaml)", "fov_range=[30,40]"
     )
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set fov_range=[30,40] (repeatable)")  # fmt: skip
     p.add_argument("--views", type=int, help="views per object (default 32)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default 256)")
     p.add_argument("--samples", type=int, help="Cycles samples per pixel (default 32)")
@@ -69,27 +69,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--objaverse-cache", help="Objaverse download cache (default ~/.objaverse)")
     p.add_argument("--work-dir", help="local staging folder when --output is a remote URL")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_quiet_argument(p)
     p.set_defaults(run=run)
 
 
 def build_config(args: argparse.Namespace):
-    from mvdiff.config import load_config
+    """Defaults <- --config <- --set <- the flags given; validated (RenderConfig.validate)."""
+    from mvdiff.config import config_from_args
     from mvdiff.render.config import RenderConfig
 
-    cfg = load_config(RenderConfig, args.config, args.set)
-    if args.inputs:
-        cfg.inputs = list(args.inputs)
-    for flag, name in FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            setattr(cfg, name, value)
-    if args.depth:
-        cfg.depth = True
-    if args.normal:
-        cfg.normal = True
-    if args.no_denoise:
-        cfg.denoise = False
+    flags = {field_flag(name): (name, getattr(args, flag, None)) for flag, name in FLAGS.items()}
+    flags["INPUT"] = ("inputs", list(args.inputs) or None)
+    flags["--depth"] = ("depth", True if args.depth else None)
+    flags["--normal"] = ("normal", True if args.normal else None)
+    flags["--no-denoise"] = ("denoise", False if args.no_denoise else None)
     if getattr(args, "cameras_from", None):
         from mvdiff.errors import UserError
         from mvdiff.render.rigs import cameras_from_sample
@@ -99,11 +92,11 @@ def build_config(args: argparse.Namespace):
         if args.rig not in (None, "fixed") or args.views not in (None, n):
             raise UserError(f"--cameras-from {args.cameras_from}: sets the fixed rig with its "
                             f"{n} views; leave out --rig/--views")  # fmt: skip
-        cfg.rig, cfg.views = "fixed", n
-        cfg.elevations, cfg.azimuths = cams["elevations"], cams["azimuths"]
-        if cams["fov"] is not None:
-            cfg.fov = cams["fov"]
-    return cfg.validate()
+        for key, value in (("rig", "fixed"), ("views", n), ("fov", cams["fov"]),
+                           ("elevations", list(cams["elevations"])),
+                           ("azimuths", list(cams["azimuths"]))):  # fmt: skip
+            flags[f"--cameras-from ({key})"] = (key, value)
+    return config_from_args(RenderConfig, args, flags)
 
 
 def config_summary(cfg) -> str:

@@ -26,9 +26,11 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import Literal
 
 from mvdiff.errors import UserError
 from mvdiff.io import save_image, write_json
+from mvdiff.shards import CAPTION_SUFFIX
 
 SETTINGS_FORMAT = "mvdiff-sample/1"
 
@@ -40,7 +42,7 @@ class SampleSettings:
     model: str = ""
     prompt: str = ""
     negative_prompt: str = ""
-    prompt_suffix: str = ", 3d asset"
+    prompt_suffix: str = CAPTION_SUFFIX
     num_views: int = 4
     elevation: float = 15.0
     azimuth_start: float = 0.0
@@ -52,14 +54,42 @@ class SampleSettings:
     guidance_rescale: float = 0.0
     eta: float = 0.0
     seed: int = 0
-    scheduler: str = "ddim"
-    dtype: str = "auto"
+    scheduler: Literal["ddim", "dpm", "euler", "unipc"] = "ddim"  # mvdiff.pipelines.SCHEDULERS
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
     original_config: str | None = None
     lora: str | None = None
     image: str | None = None
     background: float | None = None
     reference_frame: bool = True
+
+    def validate(self) -> None:
+        """What the field types cannot say (see :func:`mvdiff.config.validate_config`)."""
+        s = self
+        if not s.model:
+            raise UserError("--model is required (or --settings)")
+        if not s.prompt.strip() and not s.image:
+            raise UserError("--prompt is required and must not be empty (or give --image)")
+        if s.image and not Path(s.image).is_file():
+            raise UserError(f"--image {s.image}: no such file")
+        if s.background is not None and not 0 <= s.background <= 1:
+            raise UserError(f"--background must be in [0, 1], got {s.background}")
+        if s.num_views < 1:
+            raise UserError(f"--num-views must be >= 1, got {s.num_views}")
+        if s.num_views > 1 and not 0 < s.azimuth_span <= 360:
+            raise UserError(f"--azimuth-span must be in (0, 360], got {s.azimuth_span}")
+        if s.num_views > 1 and s.azimuth_span / s.num_views < 1.0:
+            raise UserError(
+                f"--num-views {s.num_views} over --azimuth-span {s.azimuth_span} puts views "
+                "less than 1 degree apart"
+            )
+        for flag, value in (("--height", s.height), ("--width", s.width)):
+            if value <= 0 or value % 8:
+                raise UserError(f"{flag} must be a positive multiple of 8, got {value}")
+        if s.steps < 1:
+            raise UserError(f"--steps must be >= 1, got {s.steps}")
+        if not 0 <= s.guidance_rescale <= 1:
+            raise UserError(f"--guidance-rescale must be in [0, 1], got {s.guidance_rescale}")
 
 
 #: The official ImageDream demo's settings (scripts/demo.py), used with --image unless given.
@@ -77,8 +107,8 @@ _FLAGS = {
                 "cached), hub id, or a LoRA adapter folder from `mvdiff dreambooth --lora`"),
     "--prompt": ("prompt", str, "text prompt"),
     "--negative-prompt": ("negative_prompt", str, "negative prompt (default: empty)"),
-    "--prompt-suffix": ("prompt_suffix", str, "appended to the prompt (default ', 3d asset'; "
-                        "'' to disable)"),
+    "--prompt-suffix": ("prompt_suffix", str, f"appended to the prompt (default "
+                        f"{CAPTION_SUFFIX!r}; '' to disable)"),
     "--num-views": ("num_views", int, "views around the object (default 4; 1 = plain 2D)"),
     "--elevation": ("elevation", float, "camera elevation in degrees (default 15)"),
     "--azimuth-start": ("azimuth_start", float, "azimuth of the first view (default 0 = front)"),
@@ -103,6 +133,8 @@ _FLAGS = {
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from mvdiff.config import add_config_arguments, add_quiet_argument
+
     p = sub.add_parser(
         "sample",
         help="sample multi-view images from a text prompt",
@@ -120,69 +152,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--settings", default=None, help="settings.json of an earlier run to repeat")
+    add_config_arguments(p, "SampleSettings (the fields of settings.json's settings)", "steps=20")
+    add_quiet_argument(p)
     p.add_argument("--cache-dir", default=None, help="where converted checkpoints are cached")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier sample in --output")
     p.set_defaults(run=run)
 
 
 def resolve_settings(args: argparse.Namespace) -> SampleSettings:
-    """Defaults, then ``--settings`` (if any), then the flags given; checked."""
-    from mvdiff.pipelines import SCHEDULERS
+    """Defaults <- ``--settings`` (if any) <- ``--config`` <- ``--set`` <- the flags given;
+    with ``--image``, the official ImageDream values for what none of those set; checked."""
+    from mvdiff.config import (
+        config_from_args,
+        config_from_dict,
+        read_config_file,
+        validate_config,
+    )
 
-    values = dataclasses.asdict(SampleSettings())
+    base, explicit = SampleSettings(), set()
     if args.settings:
         path = Path(args.settings)
         try:
             saved = json.loads(path.read_text())["settings"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"--settings {path}: not a readable settings.json ({e})") from None
-        unknown = set(saved) - set(values)
-        if unknown:
-            raise UserError(f"--settings {path}: unknown keys {sorted(unknown)}")
-        values.update(saved)
-    explicit = set(saved) if args.settings else set()
-    for field, _, _ in _FLAGS.values():
-        given = getattr(args, field)
-        if given is not None:
-            values[field] = given
-            explicit.add(field)
+        base = config_from_dict(SampleSettings, saved, f"--settings {path}")
+        explicit |= set(saved)
+    flags = {flag: (field, getattr(args, field)) for flag, (field, _, _) in _FLAGS.items()}
     if getattr(args, "no_reference_frame", False):
-        values["reference_frame"] = False
-    if values["image"]:
+        flags["--no-reference-frame"] = ("reference_frame", False)
+    s = config_from_args(SampleSettings, args, flags, base=base, validate=False)
+    explicit |= {field for field, value in flags.values() if value is not None}
+    explicit |= {item.split("=", 1)[0].strip() for item in args.overrides}
+    if args.config:
+        explicit |= set(read_config_file(args.config))
+    if s.image:
         for field, value in IMAGE_DEFAULTS.items():
             if field not in explicit:
-                values[field] = value
-    s = SampleSettings(**values)
-
-    if not s.model:
-        raise UserError("--model is required (or --settings)")
-    if not s.prompt.strip() and not s.image:
-        raise UserError("--prompt is required and must not be empty (or give --image)")
-    if s.image and not Path(s.image).is_file():
-        raise UserError(f"--image {s.image}: no such file")
-    if s.background is not None and not 0 <= s.background <= 1:
-        raise UserError(f"--background must be in [0, 1], got {s.background}")
-    if s.num_views < 1:
-        raise UserError(f"--num-views must be >= 1, got {s.num_views}")
-    if s.num_views > 1 and not 0 < s.azimuth_span <= 360:
-        raise UserError(f"--azimuth-span must be in (0, 360], got {s.azimuth_span}")
-    if s.num_views > 1 and s.azimuth_span / s.num_views < 1.0:
-        raise UserError(
-            f"--num-views {s.num_views} over --azimuth-span {s.azimuth_span} puts views less "
-            "than 1 degree apart"
-        )
-    for flag, value in (("--height", s.height), ("--width", s.width)):
-        if value <= 0 or value % 8:
-            raise UserError(f"{flag} must be a positive multiple of 8, got {value}")
-    if s.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {s.steps}")
-    if s.scheduler not in SCHEDULERS:
-        raise UserError(f"--scheduler must be one of {list(SCHEDULERS)}, got {s.scheduler!r}")
-    if s.dtype not in ("auto", "float32", "float16", "bfloat16"):
-        raise UserError(f"--dtype must be auto, float32, float16 or bfloat16, got {s.dtype!r}")
-    if not 0 <= s.guidance_rescale <= 1:
-        raise UserError(f"--guidance-rescale must be in [0, 1], got {s.guidance_rescale}")
-    return s
+                setattr(s, field, value)
+    return validate_config(s)
 
 
 def resolve_device(s: SampleSettings) -> tuple[str, str]:

@@ -9,6 +9,8 @@ from mvdiff.errors import UserError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from mvdiff.config import add_config_arguments, add_flag, add_resume_argument
+
     p = sub.add_parser(
         "text-to-3d",
         help="optimise a 3D asset from a text prompt with multi-view SDS",
@@ -113,17 +115,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="mesh colours: uv (UV atlas + baked albedo PNG; default) | vertex (per vertex)",
     )
-    p.add_argument("--config", default=None, help="YAML/JSON file of TextTo3DConfig values")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, dotted for nested ones (sds.guidance_scale=30); repeatable",
-    )
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    add_config_arguments(p, "TextTo3DConfig (YAML or JSON)", "sds.guidance_scale=30")
+    add_resume_argument(p, "OUTPUT/checkpoint.pt", "OUTPUT/checkpoint.pt")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_flag(p, "--quiet", "-q", aliases=("--no-progress",), action="store_true",
+             help="no progress bars; log warnings and errors only")  # fmt: skip
     p.set_defaults(run=run)
 
 
@@ -152,26 +148,10 @@ def load_sds_config(cls, args: argparse.Namespace, positive: tuple, weights: tup
     """``cls`` (TextTo3DConfig or a subclass) from the preset (default or --fast), then
     --config, then --set, then the flags text-to-3d and image-to-3d share: the prompts, the
     ``positive`` numbers, --guidance and the non-negative loss ``weights``. Not checked yet."""
-    from pathlib import Path
+    from mvdiff.config import load_config
 
-    import yaml
-
-    from mvdiff import config as cfgmod
-
-    config = cls.fast() if args.fast else cls()
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise UserError(f"--config {path}: no such file")
-        try:
-            data = cfgmod._yaml(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise UserError(f"--config {path}: not valid YAML/JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"--config {path}: expected a mapping at the top level")
-        merged = cfgmod._deep_merge(cfgmod.config_to_dict(config), data, str(path))
-        config = cfgmod._from_dict(cls, merged, str(path))
-    config = cfgmod.apply_overrides(config, args.set)
+    preset = cls.fast() if args.fast else cls()
+    config = load_config(cls, args.config, args.overrides, base=preset, validate=False)
     if args.prompt is not None:
         config.prompt = args.prompt
     if args.negative_prompt is not None:
@@ -217,6 +197,7 @@ def resolve_config(args: argparse.Namespace):
     """Preset (default or --fast), then --config, then --set, then the flags; checked."""
     from pathlib import Path
 
+    from mvdiff.config import validate_config
     from mvdiff.sds.text_to_3d import TextTo3DConfig
 
     config = load_sds_config(
@@ -268,11 +249,25 @@ def resolve_config(args: argparse.Namespace):
         raise UserError("--prompt is required and must not be empty (unless --sds-weight 0)")
     if config.ref_views and not Path(config.ref_views).exists():
         raise UserError(f"--ref-views {config.ref_views}: no such shard file or sample folder")
-    try:
-        config.check()
-    except ValueError as e:
-        raise UserError(f"text-to-3d config: {e}") from None
-    return config
+    return validate_config(config)
+
+
+def resume_flag(args: argparse.Namespace) -> bool:
+    """``--resume`` (or ``--resume latest``) continues from OUTPUT/checkpoint.pt, the one
+    checkpoint a run keeps; ``--resume PATH`` must name that file."""
+    from pathlib import Path
+
+    if args.resume is None:
+        return False
+    if args.resume != "latest":
+        wanted = Path(args.output) / "checkpoint.pt"
+        given = Path(args.resume)
+        if given.resolve() not in (wanted.resolve(), Path(args.output).resolve()):
+            raise UserError(
+                f"--resume {args.resume}: a run resumes from its own {wanted} (give --output "
+                "the folder that holds the checkpoint)"
+            )
+    return True
 
 
 #: errno values of a write that failed for want of room or permission to write (one line).
@@ -290,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     pipe, device = load_prior(args, config)
     try:
         summary = text_to_3d(
-            pipe, config, args.output, resume=args.resume, progress=not args.no_progress,
+            pipe, config, args.output, resume=resume_flag(args), progress=not args.quiet,
             device=device,
         )  # fmt: skip
     except OSError as e:

@@ -9,36 +9,38 @@ HELP = "train a multi-view diffusion model on multi-view + 2D shards (accelerate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="YAML", help="training config (train/configs/*.yaml)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config entry, e.g. --set optim.lr=5e-5 (repeatable)",
+    from mvdiff.config import (
+        add_config_arguments,
+        add_flag,
+        add_quiet_argument,
+        add_resume_argument,
     )
-    parser.add_argument("--max-steps", type=int, help="same as --set max_steps=N")
-    parser.add_argument("--output-dir", help="same as --set output_dir=DIR")
-    parser.add_argument(
-        "--resume",
-        metavar="latest|PATH",
-        help="resume from the newest checkpoint in OUTPUT_DIR/checkpoints or from PATH",
+
+    add_config_arguments(parser, "TrainConfig (train/configs/*.yaml)", "optim.lr=5e-5")
+    add_flag(
+        parser, "--steps", aliases=("--max-steps",), type=int, help="same as --set max_steps=N"
     )
+    add_flag(
+        parser,
+        "--output",
+        aliases=("--output-dir",),
+        metavar="DIR",
+        help="same as --set output_dir=DIR",
+    )
+    add_resume_argument(parser, "OUTPUT/checkpoints")
+    add_quiet_argument(parser)
 
 
 def config_from_args(args):
-    from mvdiff.config import load_config
+    from mvdiff.config import config_from_args as resolve
     from mvdiff.training.config import TrainConfig
 
-    overrides = list(args.overrides)
-    if args.max_steps is not None:
-        overrides.append(f"max_steps={args.max_steps}")
-    if args.output_dir is not None:
-        overrides.append(f"output_dir={args.output_dir}")
-    if args.resume is not None:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    return load_config(TrainConfig, args.config, overrides)
+    flags = {
+        "--steps": ("max_steps", args.steps),
+        "--output": ("output_dir", args.output),
+        "--resume": ("checkpoint.resume", args.resume),
+    }
+    return resolve(TrainConfig, args, flags)
 
 
 def add_parser(subparsers) -> None:

@@ -49,6 +49,7 @@ from mvdiff.data.shards import (
     worker_info,
 )
 from mvdiff.errors import UserError
+from mvdiff.shards import CAPTION_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class DataConfig:
     #: ring = views evenly spread over the rendered ring, random start; random = any views
     views: Literal["ring", "random"] = "ring"
     background: Literal["white", "black", "random_grey"] = "white"
-    caption_suffix: str = ", 3d asset"
+    caption_suffix: str = CAPTION_SUFFIX
     #: 2D images whose shorter side is smaller are dropped
     min_size_2d: int = 256
     crop_2d: Literal["center", "random"] = "center"

@@ -13,8 +13,6 @@ and never a NaN in the loss.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import random
 from collections.abc import Iterable, Iterator
@@ -25,6 +23,7 @@ import torch
 from PIL import Image
 
 from mvdiff.cameras import camera_vectors
+from mvdiff.shards import CAPTION_SUFFIX, MultiViewSample, SampleInvalid
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class MultiViewDecoder:
         resolution: int = 256,
         views: str = "ring",
         background: str = "white",
-        caption_suffix: str = ", 3d asset",
+        caption_suffix: str = CAPTION_SUFFIX,
         seed: int = 0,
         extra_views: int = 0,
     ):
@@ -138,79 +137,35 @@ class MultiViewDecoder:
             return np.zeros(3, dtype=np.uint8)
         return np.full(3, rng.randrange(256), dtype=np.uint8)
 
-    def check(self, raw: dict) -> tuple[dict, np.ndarray]:
-        """The cheap part of validation (no image decoding): ``(meta, c2w)`` or SampleError.
-
-        JSON and schema, cameras ``[N, 4, 4]`` that are finite rigid transforms, finite
-        azimuths, every one of the ``N`` views present, at least ``num_views`` of them.
-        """
-        from mvdiff.render.shards import SampleInvalid, check_cameras
-
-        if "json" not in raw:
-            raise SampleError("no .json member")
+    def check(self, raw: dict) -> MultiViewSample:
+        """The cheap part of validation (no image decoding) or SampleError: the lenient
+        :meth:`MultiViewSample.decode` (JSON and schema, cameras ``[N, 4, 4]`` that are finite
+        rigid transforms, finite azimuths, every one of the ``N`` views present) and at least
+        ``num_views`` of them."""
         try:
-            meta = json.loads(raw["json"])
-        except ValueError as e:
-            raise SampleError(f"bad .json ({e})") from None
-        if not isinstance(meta, dict):
-            raise SampleError(".json is not an object")
-        if meta.get("schema", 1) != 1:
-            raise SampleError(f"unsupported schema {meta.get('schema')!r}")
-        if "cameras.npy" not in raw:
-            raise SampleError("no .cameras.npy member")
-        try:
-            c2w = np.load(io.BytesIO(raw["cameras.npy"]), allow_pickle=False)
-        except Exception as e:  # noqa: BLE001
-            raise SampleError(f"bad cameras.npy ({e})") from None
-        if c2w.dtype.kind not in "fiu":
-            raise SampleError(f"cameras.npy has dtype {c2w.dtype}, expected float32")
-        try:
-            num_rendered = int(meta.get("num_views", c2w.shape[0] if c2w.ndim else 0))
-        except (TypeError, ValueError):
-            raise SampleError(f"bad num_views {meta.get('num_views')!r}") from None
-        if c2w.shape != (num_rendered, 4, 4):
-            raise SampleError(f"cameras.npy has shape {c2w.shape}, expected ({num_rendered}, 4, 4)")
-        if num_rendered < self.num_views + self.extra_views:
-            raise SampleError(
-                f"{num_rendered} rendered views, {self.num_views + self.extra_views} requested"
-            )
-        try:
-            check_cameras(np.asarray(c2w), num_rendered)
+            sample = MultiViewSample.decode(raw.get("__key__", "?"), raw, strict=False)
         except SampleInvalid as e:
             raise SampleError(str(e)) from None
-        azimuths = meta.get("azimuth_deg")
-        if isinstance(azimuths, list) and not all(
-            isinstance(a, (int, float)) and np.isfinite(a) for a in azimuths
-        ):
-            raise SampleError("azimuth_deg holds non-finite or non-numeric values")
-        missing = [
-            f"rgba.{v:03d}.png" for v in range(num_rendered) if f"rgba.{v:03d}.png" not in raw
-        ]
-        if missing:
-            raise SampleError(f"missing view(s) {', '.join(missing[:3])}")
-        return meta, c2w
+        wanted = self.num_views + self.extra_views
+        if sample.num_views < wanted:
+            raise SampleError(f"{sample.num_views} rendered views, {wanted} requested")
+        return sample
 
     def decode(self, raw: dict, rng: random.Random) -> dict:
         key = raw.get("__key__", "?")
-        meta, c2w = self.check(raw)
-        num_rendered = c2w.shape[0]
-        indices = self.select(meta, num_rendered, rng)
+        sample = self.check(raw)
+        meta, c2w = sample.meta, sample.c2w
+        indices = self.select(meta, sample.num_views, rng)
         if self.extra_views:
-            rest = [i for i in range(num_rendered) if i not in indices]
+            rest = [i for i in range(sample.num_views) if i not in indices]
             indices = [*indices, *rng.sample(rest, self.extra_views)]
         background = self.background_color(rng)
         pixels = np.empty((len(indices), 3, self.resolution, self.resolution), np.uint8)
         for i, v in enumerate(indices):
-            name = f"rgba.{v:03d}.png"
-            if name not in raw:
-                raise SampleError(f"missing view {name}")
             try:
-                with Image.open(io.BytesIO(raw[name])) as im:
-                    im = im.convert("RGBA") if im.mode != "RGBA" else im
-                    im.load()
-                    rgb = _composite(im, background)
-            except Exception as e:  # noqa: BLE001 - PIL raises many kinds on corrupt files
-                raise SampleError(f"corrupt {name} ({type(e).__name__}: {e})") from None
+                rgb = _composite(sample.image(v), background)
+            except SampleInvalid as e:
+                raise SampleError(str(e)) from None
             if rgb.size != (self.resolution, self.resolution):
                 rgb = rgb.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
             pixels[i] = np.asarray(rgb).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from mvdiff.cameras import sample_mvdream_render_rig
-from mvdiff.data.shards import write_multiview_sample
+from mvdiff.shards import MultiViewSample, write_tar
 
 __all__ = ["synthetic_object", "write_synthetic_2d_shards", "write_synthetic_mv_shards"]
 
@@ -73,11 +71,6 @@ def synthetic_object(
     return rgba, rig["c2w"].astype(np.float32), meta
 
 
-def _atomic_tar(path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    return tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
-
-
 def write_synthetic_mv_shards(
     out_dir: str | Path,
     num_shards: int = 2,
@@ -94,14 +87,12 @@ def write_synthetic_mv_shards(
     rng = np.random.default_rng(seed)
     paths = []
     for s in range(num_shards):
-        path = out_dir / f"{prefix}-{s:06d}.tar"
-        tmp, tar = _atomic_tar(path)
-        with tar:
-            for i in range(objects_per_shard):
-                rgba, c2w, meta = synthetic_object(rng, num_views, resolution, textured)
-                write_multiview_sample(tar, f"obj{s:04d}x{i:04d}", rgba, c2w, meta)
-        os.replace(tmp, path)
-        paths.append(str(path))
+        samples = []
+        for i in range(objects_per_shard):
+            rgba, c2w, meta = synthetic_object(rng, num_views, resolution, textured)
+            uid = f"obj{s:04d}x{i:04d}"
+            samples.append((uid, MultiViewSample.from_arrays(uid, rgba, c2w, meta).members()))
+        paths.append(write_tar(out_dir / f"{prefix}-{s:06d}.tar", samples))
     return paths
 
 
@@ -122,27 +113,21 @@ def write_synthetic_2d_shards(
     rng = np.random.default_rng(seed)
     paths = []
     for s in range(num_shards):
-        path = out_dir / f"{prefix}{s:05d}.tar"
-        tmp, tar = _atomic_tar(path)
-        with tar:
-            for i in range(images_per_shard):
-                key = f"{s:05d}{i:04d}"
-                colour = COLOURS[int(rng.integers(len(COLOURS)))]
-                w, h = size
-                img = np.full((h, w, 3), 255, np.uint8)
-                x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
-                img[y0 : y0 + h // 3, x0 : x0 + w // 3] = _RGB[colour]
-                buf = io.BytesIO()
-                Image.fromarray(img).save(buf, format="JPEG" if fmt == "jpg" else fmt.upper())
-                members = {
-                    fmt: buf.getvalue(),
-                    "txt": f"a {colour} square".encode(),
-                    "json": json.dumps({"key": key, "width": w, "height": h}).encode(),
-                }
-                for ext, data in members.items():
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        os.replace(tmp, path)
-        paths.append(str(path))
+        samples = []
+        for i in range(images_per_shard):
+            key = f"{s:05d}{i:04d}"
+            colour = COLOURS[int(rng.integers(len(COLOURS)))]
+            w, h = size
+            img = np.full((h, w, 3), 255, np.uint8)
+            x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+            img[y0 : y0 + h // 3, x0 : x0 + w // 3] = _RGB[colour]
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG" if fmt == "jpg" else fmt.upper())
+            members = {
+                fmt: buf.getvalue(),
+                "txt": f"a {colour} square".encode(),
+                "json": json.dumps({"key": key, "width": w, "height": h}).encode(),
+            }
+            samples.append((key, members))
+        paths.append(write_tar(out_dir / f"{prefix}{s:05d}.tar", samples))
     return paths

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mvdiff.errors import UserError
+from mvdiff.shards import CAPTION_SUFFIX
 
 __all__ = [
     "composite_white",
@@ -98,7 +99,7 @@ def _shard_captions(path: Path, flag: str) -> dict[str, str]:
 
 def _norm_caption(text: str) -> str:
     text = text.strip().lower()
-    return text[: -len(", 3d asset")] if text.endswith(", 3d asset") else text
+    return text.removesuffix(CAPTION_SUFFIX)
 
 
 def load_ground_truths(

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
 from mvdiff.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".pt", ".ckpt", ".pth", ".safetensors")
 ADAPTER_META = "mvdiff_adapter.json"
@@ -60,7 +63,7 @@ def converted_folder(
     checkpoint: str | Path,
     original_config: str | None = None,
     cache_dir: str | Path | None = None,
-    log=print,
+    log=logger.info,
 ) -> Path:
     """The diffusers folder of an official checkpoint, converting it on first use."""
     from mvdiff.convert import convert_mvdream_checkpoint
@@ -127,7 +130,7 @@ def load_pipeline(
     torch_dtype=None,
     original_config: str | None = None,
     cache_dir: str | Path | None = None,
-    log=print,
+    log=logger.info,
     lora: str | None = None,
 ):
     """``(MVDreamPipeline, info)`` for a folder, an official checkpoint, a hub id or a LoRA
@@ -240,7 +243,9 @@ def save_lora_adapter(unet, lora_config, folder: str | Path, meta: dict) -> Path
     return folder
 
 
-def apply_lora_adapter(unet, folder: str | Path, merge: bool = True, base_info=None, log=print):
+def apply_lora_adapter(
+    unet, folder: str | Path, merge: bool = True, base_info=None, log=logger.warning
+):
     """Add the adapter in ``folder`` to ``unet`` (in place) and, with ``merge``, fold it into
     the base weights and remove the LoRA layers (a plain UNet, base speed). Returns a record
     for ``info``. A base whose fingerprint differs from the one the adapter was trained on

@@ -45,10 +45,11 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from mvdiff.cameras import get_camera
 from mvdiff.errors import UserError
-from mvdiff.pipelines.winograd import use_winograd_convs
+from mvdiff.pipelines.winograd import WinogradConv2d, use_winograd_convs
+from mvdiff.shards import CAPTION_SUFFIX
 
 #: Appended to every prompt by default, as in the official MVDream script and training.
-DEFAULT_PROMPT_SUFFIX = ", 3d asset"
+DEFAULT_PROMPT_SUFFIX = CAPTION_SUFFIX
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 #: For ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=ENTRY_FILE, trust_remote_code=True)``
@@ -106,9 +107,11 @@ class MVDreamPipeline(DiffusionPipeline):
     # ImageDream folders (converted ``sd-v2.1-base-4view-ipmv``) add the OpenCLIP ViT-H
     # vision tower and its preprocessing; MVDream folders have neither.
     _optional_components = ["image_encoder", "feature_extractor"]
-    # Decode on CPU in float32 with NNPACK's Winograd 3x3 convolutions (~1e-5 relative
-    # difference, ~2x faster); set to False for PyTorch's own convolutions.
-    winograd_decode = True
+    # Opt-in: decode on CPU in float32 with NNPACK's Winograd 3x3 convolutions (~1e-5
+    # relative difference, ~2x faster). It swaps the class of the VAE decoder's Conv2d
+    # modules in place and calls a private PyTorch op (mvdiff.pipelines.winograd), so it is
+    # off unless set to True; by default the user's VAE is left exactly as loaded.
+    winograd_decode = False
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
@@ -260,8 +263,12 @@ class MVDreamPipeline(DiffusionPipeline):
             and self.vae.device.type == "cpu"
             and self.vae.dtype == torch.float32
         ):
-            # ~2x faster decode on CPU (mvdiff.pipelines.winograd); False = oneDNN convs
-            use_winograd_convs(decoder, self.winograd_decode)
+            # opt-in ~2x faster decode on CPU (mvdiff.pipelines.winograd); off: never touches
+            # the decoder, except to undo an earlier opt-in
+            if self.winograd_decode or any(
+                isinstance(m, WinogradConv2d) for m in decoder.modules()
+            ):
+                use_winograd_convs(decoder, self.winograd_decode)
         images = []
         for chunk in latents.split(chunk_size):
             z = chunk.to(dtype=self.vae.dtype) / scale + shift

@@ -5,7 +5,9 @@ resolution (~0.6 TFLOP per 256x256 view); PyTorch runs them through oneDNN's dir
 convolution. NNPACK, which PyTorch's CPU builds ship, computes them with Winograd transforms
 (fewer multiplications) and is ~2x faster on one image at a time for a ~1e-5 relative
 difference. PyTorch only picks NNPACK for batches of 16 or more on mobile builds, so we call
-it ourselves.
+it ourselves -- through ``torch._nnpack_spatial_convolution``, a private op with no stability
+promise, which is why :class:`mvdiff.pipelines.MVDreamPipeline` uses this only when asked
+(``pipe.winograd_decode = True``; default off).
 
 :func:`use_winograd_convs` turns the eligible ``nn.Conv2d`` layers of a module into
 :class:`WinogradConv2d` in place (same parameters, same state dict); the fast path is taken
@@ -19,7 +21,10 @@ from torch import nn
 
 
 def winograd_available() -> bool:
-    return bool(torch.backends.nnpack.is_available())
+    """NNPACK is built into this PyTorch and still exposes the (private, unversioned) op the
+    fast path calls; when either is missing the swap is a no-op."""
+    op = getattr(torch, "_nnpack_spatial_convolution", None)
+    return bool(torch.backends.nnpack.is_available()) and callable(op)
 
 
 class WinogradConv2d(nn.Conv2d):

@@ -9,16 +9,10 @@ Blender actually used; that read-back is what goes into the shard.
 from __future__ import annotations
 
 import hashlib
-import math
 
 import numpy as np
 
-from mvdiff.cameras import orbit_c2w, sample_mvdream_render_rig
-
-
-def framing_distance(fov_deg: float) -> float:
-    """Distance at which the unit cube's bounding sphere (radius sqrt(3)/2) touches the frame."""
-    return (math.sqrt(3) / 2) / math.sin(math.radians(fov_deg) / 2)
+from mvdiff.cameras import framing_distance, orbit_c2w, sample_mvdream_render_rig
 
 
 def object_rng(seed: int, uid: str) -> np.random.Generator:

@@ -17,6 +17,8 @@ import bpy
 import numpy as np
 from mathutils import Matrix
 
+from mvdiff.shards import view_member
+
 IMPORTERS = {
     ".glb": lambda p: bpy.ops.import_scene.gltf(filepath=p),
     ".gltf": lambda p: bpy.ops.import_scene.gltf(filepath=p),
@@ -160,14 +162,14 @@ class Scene:
             background = z > 1e9  # Cycles writes 1e10 where no surface was hit
             mm = np.clip(np.round(z * 1000.0), 0, 65535).astype(np.uint16)
             mm[background] = 0
-            Image.fromarray(mm).save(os.path.join(out_dir, f"depth.{v:03d}.png"))
+            Image.fromarray(mm).save(os.path.join(out_dir, view_member("depth", v)))
             os.remove(depth_exr)
         if os.path.exists(normal_exr):
             n = self._read_exr(normal_exr)[..., :3]  # world-space unit normals
             rgb = np.clip(np.round((n + 1.0) * 127.5), 0, 255).astype(np.uint8)
             if background is not None:
                 rgb[background] = 0
-            Image.fromarray(rgb).save(os.path.join(out_dir, f"normal.{v:03d}.png"))
+            Image.fromarray(rgb).save(os.path.join(out_dir, view_member("normal", v)))
             os.remove(normal_exr)
 
     # --- per object -------------------------------------------------------------------
@@ -300,7 +302,7 @@ class Scene:
             bpy.context.view_layer.update()
             used_c2w.append([list(row) for row in self.camera.matrix_world])
             used_fov.append(math.degrees(self.camera.data.angle))
-            self.scene.render.filepath = os.path.join(out_dir, f"rgba.{v:03d}.png")
+            self.scene.render.filepath = os.path.join(out_dir, view_member("rgba", v))
             if self.passes is not None:
                 self.passes.directory = out_dir
                 self.passes.file_name = f"pass{v:03d}_"

@@ -18,9 +18,7 @@ twice or left truncated.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import math
 import os
 import re
 import tarfile
@@ -31,19 +29,24 @@ import numpy as np
 from PIL import Image
 
 from mvdiff.io import save_image
+from mvdiff.shards import (  # noqa: F401 - the schema lives in mvdiff.shards; re-exported here
+    DEPTH_MODES,
+    MEMBER_RE,
+    META_FIELDS,
+    NORMAL_MODES,
+    PER_VIEW_FIELDS,
+    SCHEMA,
+    MultiViewSample,
+    SampleInvalid,
+    check_cameras,
+    check_pass_png,
+    check_rgba_png,
+    read_tar,
+    view_member,
+    write_members,
+)
 
-SCHEMA = 1
 MANIFEST = "manifest.jsonl"
-META_FIELDS = (
-    "schema", "uid", "caption", "source", "license", "num_views", "resolution", "engine",
-    "samples", "fov_deg", "elevation_deg", "azimuth_deg", "distance", "normalization",
-)  # fmt: skip
-PER_VIEW_FIELDS = ("fov_deg", "elevation_deg", "azimuth_deg", "distance")
-MEMBER_RE = re.compile(r"^(json|cameras\.npy|(rgba|depth|normal)\.(\d{3})\.(png|exr))$")
-
-
-class SampleInvalid(ValueError):
-    """A rendered object failed validation; it never enters a shard."""
 
 
 # --- manifest ---------------------------------------------------------------------------
@@ -128,51 +131,6 @@ def spherical_from_c2w(c2w: np.ndarray) -> tuple[list, list, list]:
     return elevation.tolist(), azimuth.tolist(), distance.tolist()
 
 
-def check_rgba_png(data: bytes, resolution: int, where: str) -> np.ndarray:
-    """Decode an RGBA PNG and check its size; returns the alpha channel (uint8 [H, W])."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format != "PNG":
-                raise SampleInvalid(f"{where}: not a PNG ({im.format})")
-            if im.mode != "RGBA":
-                raise SampleInvalid(f"{where}: mode {im.mode}, expected RGBA")
-            if im.size != (resolution, resolution):
-                raise SampleInvalid(f"{where}: size {im.size}, expected {resolution}x{resolution}")
-            return np.asarray(im)[..., 3]
-    except SampleInvalid:
-        raise
-    except Exception as e:
-        raise SampleInvalid(f"{where}: unreadable PNG ({e})") from None
-
-
-def check_pass_png(data: bytes, resolution: int, where: str, modes: tuple) -> None:
-    """Decode a depth/normal PNG and check its mode and size."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            ok = im.format == "PNG" and im.mode in modes and im.size == (resolution, resolution)
-            mode, size = im.mode, im.size
-    except Exception as e:
-        raise SampleInvalid(f"{where}: unreadable PNG ({e})") from None
-    if not ok:
-        raise SampleInvalid(f"{where}: mode {mode} size {size}, expected {modes[0]} {resolution}^2")
-
-
-DEPTH_MODES = ("I;16", "I;16B", "I")
-NORMAL_MODES = ("RGB",)
-
-
-def check_cameras(c2w: np.ndarray, num_views: int) -> None:
-    if c2w.shape != (num_views, 4, 4):
-        raise SampleInvalid(f"cameras have shape {c2w.shape}, expected ({num_views}, 4, 4)")
-    if not np.isfinite(c2w).all():
-        raise SampleInvalid("cameras are not finite")
-    if np.abs(c2w[:, 3] - np.array([0, 0, 0, 1])).max() > 1e-6:
-        raise SampleInvalid("cameras: bottom row is not [0, 0, 0, 1]")
-    rot = c2w[:, :3, :3].astype(np.float64)
-    if np.abs(rot.transpose(0, 2, 1) @ rot - np.eye(3)).max() > 1e-3:
-        raise SampleInvalid("cameras: rotation is not orthonormal")
-
-
 def build_sample(obj: dict, answer: dict, cfg) -> dict[str, bytes]:
     """Validate a worker's answer for object ``obj`` and return the shard members.
 
@@ -181,25 +139,24 @@ def build_sample(obj: dict, answer: dict, cfg) -> dict[str, bytes]:
     """
     num_views = len(answer["fov_deg"])
     files = answer["files"]
-    members: dict[str, bytes] = {}
+    passes = {"depth": [], "normal": []}
     for v in range(num_views):
-        name = f"rgba.{v:03d}.png"
+        name = view_member("rgba", v)
         if name not in files:
             raise SampleInvalid(f"view {v} is missing")
         alpha = check_rgba_png(files[name], cfg.resolution, f"view {v}")
         if alpha.max() == 0:
             raise SampleInvalid(f"view {v} is empty (alpha is zero everywhere)")
-        members[name] = files[name]
         for kind, wanted, modes in (
             ("depth", cfg.depth, DEPTH_MODES),
             ("normal", cfg.normal, NORMAL_MODES),
         ):
             if wanted:
-                name = f"{kind}.{v:03d}.png"
+                name = view_member(kind, v)
                 if name not in files:
                     raise SampleInvalid(f"view {v}: {kind} pass is missing")
                 check_pass_png(files[name], cfg.resolution, f"view {v} {kind}", modes)
-                members[name] = files[name]
+                passes[kind].append(files[name])
     c2w = np.asarray(answer["c2w"], dtype=np.float32)  # [V, 4, 4] as Blender used them
     check_cameras(c2w, num_views)
     elevation, azimuth, distance = spherical_from_c2w(c2w)
@@ -219,9 +176,9 @@ def build_sample(obj: dict, answer: dict, cfg) -> dict[str, bytes]:
         "distance": distance,
         "normalization": {"scale": float(answer["scale"]), "offset": list(answer["offset"])},
     }
-    buf = io.BytesIO()
-    np.save(buf, c2w)
-    return {"json": json.dumps(meta).encode(), "cameras.npy": buf.getvalue(), **members}
+    rgba = [files[view_member("rgba", v)] for v in range(num_views)]
+    sample = MultiViewSample(obj["uid"], meta, c2w, rgba, passes["depth"], passes["normal"])
+    return sample.members()
 
 
 # --- shards -----------------------------------------------------------------------------
@@ -321,12 +278,7 @@ class ShardWriter:
         now = time.time()
         shard = self._shard_name(self.index)
         try:
-            for suffix, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(data)
-                info.mtime = now
-                info.mode = 0o644
-                self.tar.addfile(info, io.BytesIO(data))
+            write_members(self.tar, key, members, mtime=now)
             self._file.flush()
             os.fsync(self._file.fileno())
             self.manifest.append(
@@ -379,135 +331,16 @@ class ShardWriter:
 
 
 # --- inspection ---------------------------------------------------------------------------
-def _read_tar(path, errors: list | None = None) -> dict[str, dict[str, bytes]]:
-    """Every regular member of a shard, grouped by sample key.
-
-    A truncated shard -- a member cut short, or no end-of-archive blocks after the last
-    member (a shard cut exactly between members reads "fine" with ``tarfile`` alone) -- raises
-    ``tarfile.ReadError``; with an ``errors`` list the problem is appended there instead and
-    the complete members before the cut are returned.
-    """
-    samples: dict[str, dict[str, bytes]] = {}
-    try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, _, suffix = info.name.partition(".")
-                try:
-                    data = tar.extractfile(info).read()
-                except tarfile.ReadError:
-                    data = b""
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"truncated: member {info.name} is cut short")
-                sample = samples.setdefault(key, {})
-                if suffix in sample:
-                    raise SampleInvalid(f"duplicate member {info.name}")
-                sample[suffix] = data
-            end = tar.offset  # where the next header would start: the end-of-archive marker
-        _check_end_of_archive(path, end)
-    except (tarfile.TarError, SampleInvalid) as e:
-        if errors is None or not samples:
-            raise
-        errors.append(str(e))
-    return samples
-
-
-def _check_end_of_archive(path, end: int) -> None:
-    """Two zero blocks at ``end``, and only zeros (record padding) after them."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        f.seek(end)
-        marker = f.read(2 * tarfile.BLOCKSIZE)
-        if len(marker) < 2 * tarfile.BLOCKSIZE or marker.count(0) != len(marker):
-            what = "ends" if marker.count(0) == len(marker) else "has a damaged header"
-            raise tarfile.ReadError(
-                f"truncated: no end-of-archive marker after the last complete member at byte "
-                f"{end} (the file {what} there, size {size})"
-            )
-        while chunk := f.read(1 << 20):
-            if chunk.count(0) != len(chunk):
-                raise tarfile.ReadError(f"bytes after the end-of-archive marker at byte {end}")
-
-
 def check_sample(key: str, members: dict[str, bytes]) -> dict:
-    """Check one sample against schema 1; return its metadata or raise SampleInvalid."""
-    if "json" not in members:
-        raise SampleInvalid("no .json member")
-    try:
-        meta = json.loads(members["json"])
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise SampleInvalid(f"bad .json ({e})") from None
-    if not isinstance(meta, dict):
-        raise SampleInvalid(f".json is a {type(meta).__name__}, expected an object")
-    missing = [f for f in META_FIELDS if f not in meta]
-    if missing:
-        raise SampleInvalid(f".json lacks {missing}")
-    if meta["schema"] != SCHEMA:
-        raise SampleInvalid(f"schema {meta['schema']!r}, expected {SCHEMA}")
-    if meta["uid"] != key:
-        raise SampleInvalid(f"uid {meta['uid']!r} differs from the key")
-    num_views, res = meta["num_views"], meta["resolution"]
-    for name, value in (("num_views", num_views), ("resolution", res)):
-        if not _is_int(value) or value < 1:
-            raise SampleInvalid(f"{name} must be a positive integer, got {value!r}")
-    for name in PER_VIEW_FIELDS:
-        if not _numbers(meta[name], num_views):
-            raise SampleInvalid(f"{name} must hold {num_views} finite numbers")
-    norm = meta["normalization"]
-    if not (
-        isinstance(norm, dict) and _numbers([norm.get("scale")], 1)
-        and _numbers(norm.get("offset"), 3)
-    ):  # fmt: skip
-        raise SampleInvalid("normalization must be {scale, offset[3]}")
-    for name in members:
-        if not MEMBER_RE.match(name):
-            raise SampleInvalid(f"unexpected member {key}.{name}")
-    try:
-        c2w = np.load(io.BytesIO(members.get("cameras.npy", b"")), allow_pickle=False)
-    except Exception as e:
-        raise SampleInvalid(f"bad cameras.npy ({e})") from None
-    if c2w.dtype != np.float32:
-        raise SampleInvalid(f"cameras.npy is {c2w.dtype}, expected float32")
-    check_cameras(c2w, num_views)
-    for v in range(num_views):
-        name = f"rgba.{v:03d}.png"
-        if name not in members:
-            raise SampleInvalid(f"{name} is missing")
-        check_rgba_png(members[name], res, name)
-    for name, data in members.items():
-        if name.startswith("depth.") and name.endswith(".png"):
-            check_pass_png(data, res, name, DEPTH_MODES)
-        elif name.startswith("normal.") and name.endswith(".png"):
-            check_pass_png(data, res, name, NORMAL_MODES)
-    extra = [
-        n
-        for n in members
-        if n.split(".")[0] in ("rgba", "depth", "normal") and int(n.split(".")[1]) >= num_views
-    ]
-    if extra:
-        raise SampleInvalid(f"more views than num_views: {extra}")
-    return meta
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _numbers(values, n: int) -> bool:
-    """``values`` is a list of ``n`` finite numbers."""
-    return (
-        isinstance(values, list) and len(values) == n
-        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                for x in values)
-    )  # fmt: skip
+    """Check one sample against the schema (strict); return its metadata or raise SampleInvalid."""
+    return MultiViewSample.decode(key, members, strict=True).meta
 
 
 def check_shard(path) -> dict:
     """Counts and schema problems of one shard: ``{"path", "samples", "views", "errors"}``."""
     report = {"path": str(path), "samples": 0, "views": 0, "errors": []}
     try:
-        samples = _read_tar(path, report["errors"])
+        samples = read_tar(path, report["errors"])
     except (tarfile.TarError, OSError, SampleInvalid) as e:
         report["errors"].append(f"unreadable tar ({e})")
         return report
@@ -534,16 +367,15 @@ def contact_sheet(paths, out_path, max_samples=8, max_views=8, tile=128) -> int:
     rows = []
     for path in paths:
         try:
-            samples = _read_tar(path, [])
+            samples = read_tar(path, [])
         except (tarfile.TarError, OSError, SampleInvalid):
             continue
         for key, members in samples.items():
             try:
-                check_sample(key, members)
+                sample = MultiViewSample.decode(key, members, strict=True)
             except Exception:  # reported by check_shard; never decoded here
                 continue
-            names = sorted(n for n in members if n.startswith("rgba."))[:max_views]
-            rows.append([members[n] for n in names])
+            rows.append([sample.image(v) for v in range(min(sample.num_views, max_views))])
             if len(rows) >= max_samples:
                 break
         if len(rows) >= max_samples:
@@ -554,8 +386,8 @@ def contact_sheet(paths, out_path, max_samples=8, max_views=8, tile=128) -> int:
     checker = np.where(((yy // 16 + xx // 16) % 2)[..., None] == 0, 140, 100).astype(np.uint8)
     checker = Image.fromarray(np.repeat(checker, 3, axis=2))
     for r, row in enumerate(rows):
-        for c, data in enumerate(row):
-            im = Image.open(io.BytesIO(data)).convert("RGBA").resize((tile, tile))
+        for c, view in enumerate(row):
+            im = view.resize((tile, tile))
             cell = checker.copy()
             cell.paste(im, (0, 0), im)
             sheet.paste(cell, (c * tile, r * tile))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ __all__ = ["Background", "BackgroundConfig", "EnvironmentMap"]
 @dataclass
 class BackgroundConfig:
     #: "solid" (a colour) or "env" (direction -> colour MLP, trained with the field)
-    mode: str = "solid"
+    mode: Literal["solid", "env"] = "solid"
     color: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     #: probability per step of a random solid colour instead (augmentation; 0 = off)
     random_prob: float = 0.5

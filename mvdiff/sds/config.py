@@ -10,6 +10,7 @@ from mvdiff.sds.background import BackgroundConfig
 from mvdiff.sds.field import FieldConfig
 from mvdiff.sds.gaussians import GaussianConfig
 from mvdiff.sds.guidance import SDSConfig
+from mvdiff.shards import CAPTION_SUFFIX
 
 __all__ = ["TextTo3DConfig"]
 
@@ -18,7 +19,7 @@ __all__ = ["TextTo3DConfig"]
 class TextTo3DConfig:
     prompt: str = ""
     negative_prompt: str = ""
-    prompt_suffix: str = ", 3d asset"
+    prompt_suffix: str = CAPTION_SUFFIX
     steps: int = 10000
     render_size: int = 64
     #: render size after ``hires_after`` steps (docs/design.md §6: 64² first, 256² later)
@@ -39,12 +40,12 @@ class TextTo3DConfig:
     #: decimate the marched mesh to about this many faces before UV mapping (0: keep all)
     mesh_faces: int = 20000
     #: "uv": UV atlas (xatlas) + baked albedo texture; "vertex": per-vertex colours
-    mesh_texture: str = "uv"
+    mesh_texture: Literal["uv", "vertex"] = "uv"
     texture_size: int = 1024
     turntable_frames: int = 36
     #: shading of the SDS renders: "albedo" (none), "lambertian", "textureless" or "random"
     #: (one of the three per step with ``shading_probs``); normals from the density gradient
-    shading: str = "albedo"
+    shading: Literal["albedo", "lambertian", "textureless", "random"] = "albedo"
     shading_probs: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.25, 0.25])
     #: steps of albedo-only renders before shading starts (geometry is a blob at first)
     shading_after: int = 0
@@ -57,7 +58,7 @@ class TextTo3DConfig:
     ref_mask_weight: float = 0.5
     #: "auto": the alpha channel, or for RGB views (``mvdiff sample``) a mask estimated from
     #: the background colour; "none": no mask loss
-    ref_mask: str = "auto"
+    ref_mask: Literal["auto", "none"] = "auto"
     #: random rays per step drawn from all reference views (0 = every ray of every view)
     ref_rays: int = 4096
     #: resolution the reference views are fitted at (None: theirs, at most render_size_late)
@@ -125,12 +126,9 @@ class TextTo3DConfig:
         d["background"] = BackgroundConfig(**d.get("background", {}))
         return cls(**d)
 
-    def check(self) -> None:
-        """Raise ``ValueError`` naming the first bad value."""
-        if self.shading not in ("albedo", "lambertian", "textureless", "random"):
-            raise ValueError(
-                f"shading must be albedo, lambertian, textureless or random, got {self.shading!r}"
-            )
+    def validate(self) -> None:
+        """What the field types cannot say (the hook of :func:`mvdiff.config.validate_config`,
+        which checks the ``Literal`` choices first); raise ``ValueError`` naming the value."""
         if (
             len(self.shading_probs) != 3
             or min(self.shading_probs) < 0
@@ -144,31 +142,13 @@ class TextTo3DConfig:
             r = getattr(self, name)
             if len(r) != 2 or not lo <= r[0] <= r[1] <= hi:
                 raise ValueError(f"{name} must be [low, high] within [{lo:g}, {hi:g}], got {r}")
-        if self.sds_distance_mode not in ("framing", "relative"):
-            raise ValueError(
-                f"sds_distance_mode must be framing or relative, got {self.sds_distance_mode!r}"
-            )
-        if self.representation not in ("field", "gaussians"):
-            raise ValueError(
-                f"representation must be field or gaussians, got {self.representation!r}"
-            )
         if self.representation == "gaussians" and self.shading != "albedo":
             raise ValueError(
                 f"shading {self.shading!r}: the gaussians representation is albedo only"
             )
-        if self.ref_mask not in ("auto", "none"):
-            raise ValueError(f"ref_mask must be auto or none, got {self.ref_mask!r}")
-        if self.mesh_texture not in ("uv", "vertex"):
-            raise ValueError(f"mesh_texture must be uv or vertex, got {self.mesh_texture!r}")
         if not 0 <= self.mesh_min_component < 1:
             raise ValueError(f"mesh_min_component must be in [0, 1), got {self.mesh_min_component}")
         if self.mesh_faces < 0:
             raise ValueError(f"mesh_faces must be >= 0, got {self.mesh_faces}")
         if self.texture_size < 16:
             raise ValueError(f"texture_size must be >= 16, got {self.texture_size}")
-        if self.background.mode not in ("solid", "env"):
-            raise ValueError(f"background.mode must be solid or env, got {self.background.mode!r}")
-        if self.sds.form not in ("x0", "eps"):
-            raise ValueError(f"sds.form must be x0 or eps, got {self.sds.form!r}")
-        if self.sds.autocast not in ("no", "fp16", "bf16"):
-            raise ValueError(f"sds.autocast must be no, fp16 or bf16, got {self.sds.autocast!r}")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mvdiff.config import validate_config
 from mvdiff.sds.background import Background
 from mvdiff.sds.gaussians import GaussianModel
 
@@ -81,8 +82,7 @@ class GaussianFitState:
     checkpoint_parts = ("gaussians", "background")
 
     def __init__(self, config, device="cpu"):
-        config.check()
-        torch.manual_seed(config.seed)
+        validate_config(config)
         self.config = config
         self.generator = torch.Generator().manual_seed(config.seed)
         self.device = torch.device(device)
@@ -94,7 +94,9 @@ class GaussianFitState:
         self.gaussians = GaussianModel(
             config.gaussians, generator=self.generator, points=points, colors=colors
         ).to(device)
-        self.background = Background(config.background).to(device)
+        with torch.random.fork_rng(devices=[]):  # initial weights from config.seed only
+            torch.manual_seed(config.seed)
+            self.background = Background(config.background).to(device)
         self._build_optimizer()
         self._reset_stats()
         self._means2d: list = []

@@ -25,6 +25,7 @@ with ``N = B*V`` and ``eps`` in the eps-form recomputed from the (rescaled) x0. 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ class SDSConfig:
     #: CFG-rescale factor on the predicted x0 of each view group (0 = off)
     rescale: float = 0.5
     #: "x0" (MVDream reconstruction form) or "eps" (classic SDS)
-    form: str = "x0"
+    form: Literal["x0", "eps"] = "x0"
     t_start: float = 0.98
     t_min: float = 0.02
     t_max: float = 0.5
@@ -51,7 +52,7 @@ class SDSConfig:
     vae_sample: bool = True
     #: run the VAE encoder and the UNet under autocast: "no" (float32), "fp16" or "bf16"
     #: (GPU speed; weights stay float32, the loss and its gradient are float32)
-    autocast: str = "no"
+    autocast: Literal["no", "fp16", "bf16"] = "no"
 
 
 def timestep_bounds(step: int, config: SDSConfig, num_train_timesteps: int = 1000):

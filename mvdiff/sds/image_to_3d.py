@@ -19,6 +19,7 @@ The loop is :func:`mvdiff.sds.loop.run_steps`; the outputs are those of text-to-
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from mvdiff.accel import enable_tf32
 from mvdiff.cameras import orbit_c2w
+from mvdiff.config import validate_config
 from mvdiff.errors import UserError
 from mvdiff.io import save_image, write_json
 from mvdiff.sds.config import TextTo3DConfig
@@ -45,6 +47,8 @@ from mvdiff.sds.recon import psnr, silhouette_iou
 from mvdiff.sds.ref_views import _read_png, composite, estimate_alpha
 from mvdiff.sds.render import render_rays
 from mvdiff.sds.text_to_3d import SDSTerm, export_outputs, framing_distance
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ImageConditionedSDS",
@@ -73,7 +77,7 @@ class ImageTo3DConfig(TextTo3DConfig):
     depth_weight: float = 0.05
     #: what the depth map holds: "disparity" (larger = nearer; monocular estimators such as
     #: DPT/MiDaS) or "depth" (larger = farther)
-    depth_kind: str = "disparity"
+    depth_kind: Literal["disparity", "depth"] = "disparity"
     #: the object is cropped, scaled to this fraction of the frame and centred (about the
     #: size of a unit-box asset in training renders at the default fov); None keeps the
     #: photo's own framing
@@ -96,10 +100,8 @@ class ImageTo3DConfig(TextTo3DConfig):
         kw.setdefault("sds", SDSConfig(anneal_steps=600, guidance_scale=IMAGEDREAM_GUIDANCE))
         return super().fast(**kw)
 
-    def check(self) -> None:
-        super().check()
-        if self.depth_kind not in ("disparity", "depth"):
-            raise ValueError(f"depth_kind must be disparity or depth, got {self.depth_kind!r}")
+    def validate(self) -> None:
+        super().validate()
         if not -89.0 <= self.ref_elevation_deg <= 89.0:
             raise ValueError(
                 f"ref_elevation_deg must be in [-89, 89], got {self.ref_elevation_deg}"
@@ -348,7 +350,7 @@ def image_to_3d(
     output,
     depth_path=None,
     resume: bool = False,
-    log=print,
+    log=logger.info,
     progress: bool = True,
     device=None,
 ) -> dict:
@@ -359,7 +361,7 @@ def image_to_3d(
     summary."""
     from PIL import Image
 
-    config.check()
+    validate_config(config)
     photo = load_photo(photo_path, config.ref_object_fraction)
     size = photo["rgba"].shape[-1]
     depth = load_depth(depth_path, photo) if depth_path is not None else None

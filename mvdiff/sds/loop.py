@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mvdiff.config import validate_config
 from mvdiff.errors import UserError, interrupts_deferred
 from mvdiff.io import atomic_write
 from mvdiff.sds.background import Background
@@ -66,11 +67,13 @@ class FitState:
     checkpoint_parts = ("field", "background")
 
     def __init__(self, config: TextTo3DConfig, device="cpu"):
-        config.check()
-        torch.manual_seed(config.seed)
+        validate_config(config)
         self.config = config
-        self.field = RadianceField(config.field).to(device)
-        self.background = Background(config.background).to(device)
+        # initial weights from config.seed, without touching the caller's global RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.field = RadianceField(config.field).to(device)
+            self.background = Background(config.background).to(device)
         heads = [p for n, p in self.field.named_parameters() if not n.startswith("encoding.")]
         groups = [
             {"params": list(self.field.encoding.parameters()), "lr": config.lr},

@@ -213,11 +213,9 @@ def decimate(verts, faces, target_faces: int):
 def default_views(fov_deg: float = 40.0):
     """Cameras to fit the iso-level at when a run has no reference views: 8 azimuths at
     elevations 0 and 30 degrees, framing the unit box (c2w ``[16, 4, 4]``, fov)."""
-    import math
+    from mvdiff.cameras import framing_distance, orbit_c2w
 
-    from mvdiff.cameras import orbit_c2w
-
-    dist = (math.sqrt(3) / 2) / math.sin(math.radians(fov_deg) / 2)
+    dist = framing_distance(fov_deg)
     el = np.repeat([0.0, 30.0], 8)
     az = np.tile(np.arange(8) * 45.0 + 22.5, 2)
     return torch.from_numpy(orbit_c2w(el, az, dist)).float(), fov_deg

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mvdiff.cameras import framing_distance
 from mvdiff.errors import UserError
+from mvdiff.shards import MultiViewSample, SampleInvalid, iter_tar_samples, view_member
 
 __all__ = [
     "composite",
@@ -102,7 +104,7 @@ def _read_png(data_or_path, where: str) -> np.ndarray:
 def _check_views(imgs: list, c2w: np.ndarray, fov: np.ndarray, where: str) -> None:
     """What ``mvdiff shard-info`` checks of views and cameras: one size for all views, proper
     rigid camera transforms ``[V, 4, 4]`` (finite, orthonormal), fields of view in (0, 180)."""
-    from mvdiff.render.shards import SampleInvalid, check_cameras
+    from mvdiff.shards import check_cameras
 
     if len({i.shape[:2] for i in imgs}) != 1:
         raise UserError(f"{where}: views differ in size")
@@ -121,48 +123,34 @@ def load_shard_sample(path, uid: str | None = None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--ref-views {path}: no such shard file or sample folder")
-    members: dict[str, dict[str, bytes]] = {}
+    found = None
     try:
-        with tarfile.open(path) as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, _, ext = info.name.rpartition("/")[2].partition(".")
-                if uid is None and members and key not in members:
-                    break  # the first sample is complete
-                if uid is not None and key != uid:
-                    continue
-                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
-    except (tarfile.TarError, OSError) as e:
+        with open(path, "rb") as f:
+            for key, members in iter_tar_samples(f, str(path)):
+                if uid is None or key == uid:
+                    found = key, members
+                    break
+    except (tarfile.TarError, SampleInvalid, OSError, UnicodeDecodeError) as e:
         raise UserError(f"--ref-views {path}: not a readable tar ({e})") from None
-    if not members:
+    if found is None:
         raise UserError(
             f"--ref-views {path}: no sample {uid!r}" if uid else f"--ref-views {path}: empty"
         )
-    key, m = next(iter(members.items()))
+    key, m = found
     where = f"--ref-views {path}: sample {key}"
     try:
-        meta = json.loads(m["json"])
-    except KeyError:
-        raise UserError(f"{where}: no .json member") from None
-    except ValueError as e:
-        raise UserError(f"{where}: bad .json ({e})") from None
-    n = meta.get("num_views") if isinstance(meta, dict) else None
-    if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
-        raise UserError(f"{where}: .json must be an object with num_views > 0")
-    missing = [f"rgba.{v:03d}.png" for v in range(n) if f"rgba.{v:03d}.png" not in m]
-    if missing:
-        raise UserError(f"{where}: {len(missing)} of {n} views missing ({missing[0]}, ...)")
-    if "cameras.npy" not in m:
-        raise UserError(f"{where}: no cameras.npy")
+        sample = MultiViewSample.decode(key, m, strict=False)
+    except SampleInvalid as e:
+        raise UserError(f"{where}: {e}") from None
+    n, meta, c2w = sample.num_views, sample.meta, sample.c2w
     try:
-        c2w = np.load(io.BytesIO(m["cameras.npy"]), allow_pickle=False)  # never unpickles
         fov = np.asarray(meta.get("fov_deg"), dtype=np.float32).reshape(-1)  # () | (V,) -> (1|V,)
     except Exception as e:
-        raise UserError(f"{where}: bad cameras.npy or fov_deg ({e})") from None
-    if not np.issubdtype(c2w.dtype, np.floating) or len(fov) not in (1, n):
-        raise UserError(f"{where}: cameras.npy must be float [V, 4, 4], fov_deg 1 or V numbers")
-    imgs = [_read_png(m[f"rgba.{v:03d}.png"], f"{where}: rgba.{v:03d}.png") for v in range(n)]
+        raise UserError(f"{where}: bad fov_deg ({e})") from None
+    if len(fov) not in (1, n):
+        raise UserError(f"{where}: fov_deg must hold 1 or {n} numbers")
+    names = [view_member("rgba", v) for v in range(n)]
+    imgs = [_read_png(data, f"{where}: {name}") for name, data in zip(names, sample.rgba)]
     _check_views(imgs, c2w, fov, where)
     imgs = [
         i if i.shape[-1] == 4 else np.concatenate([i, np.full_like(i[..., :1], 255)], -1)
@@ -205,7 +193,7 @@ def load_sample_folder(path, fov_deg: float = 40.0) -> dict:
         try:
             fov = float(view.get("fov_deg", record.get("fov_deg", fov_deg)))
             c2w = np.asarray(view["c2w"], dtype=np.float64).reshape(4, 4)  # nested list -> (4, 4)
-            dist = float(view.get("distance", (math.sqrt(3) / 2) / math.sin(math.radians(fov) / 2)))
+            dist = float(view.get("distance", framing_distance(fov)))
         except (TypeError, ValueError) as e:
             raise UserError(f"{where}: bad c2w, fov_deg or distance ({e})") from None
         norm = np.linalg.norm(c2w[:3, 3])

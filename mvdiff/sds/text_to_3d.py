@@ -20,7 +20,7 @@ Every file is written under a temporary name and renamed.
 
 from __future__ import annotations
 
-import math
+import logging
 import time
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from mvdiff.accel import enable_tf32
-from mvdiff.cameras import orbit_c2w, sample_sds_group
+from mvdiff.cameras import framing_distance, orbit_c2w, sample_sds_group
 from mvdiff.errors import UserError
 from mvdiff.io import save_image, write_json
 from mvdiff.sds.config import TextTo3DConfig
@@ -43,6 +43,8 @@ from mvdiff.sds.loop import (
 )
 from mvdiff.sds.ref_views import load_ref_views
 from mvdiff.sds.render import SHADING_MODES, sample_light
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SDSTerm", "TextTo3DConfig", "choose_shading", "export_outputs", "text_to_3d"]
 
@@ -106,11 +108,6 @@ def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
     return (arr * 255 + 0.5).astype(np.uint8)
 
 
-def framing_distance(fov_deg: float) -> float:
-    """Distance at which the unit box's bounding sphere fills a ``fov_deg`` frame (training)."""
-    return (math.sqrt(3) / 2) / math.sin(math.radians(fov_deg) / 2)
-
-
 @torch.no_grad()
 def export_outputs(
     fit: FitState, config: TextTo3DConfig, output: Path, ref=None, ref_resolution=None
@@ -156,7 +153,7 @@ def text_to_3d(
     config: TextTo3DConfig,
     output,
     resume: bool = False,
-    log=print,
+    log=logger.info,
     progress: bool = True,
     device=None,
 ) -> dict:

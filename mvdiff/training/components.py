@@ -27,6 +27,7 @@ the UNet's config, so the exported folder samples with the same model.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from typing import Any
 import torch
 
 from mvdiff.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Components",
@@ -125,7 +128,7 @@ def _load_components(pretrained: str, vae_dtype) -> Components:
             raise UserError(
                 f"model.pretrained={pretrained}: not a folder or an official checkpoint"
             )
-        folder = converted_folder(folder, log=lambda msg: print(msg, flush=True))
+        folder = converted_folder(folder, log=logger.info)
     if not folder.is_dir():
         raise UserError(f"model.pretrained={pretrained}: not a directory")
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel

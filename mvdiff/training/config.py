@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from mvdiff.data.loader import DataConfig
+from mvdiff.shards import CAPTION_SUFFIX
 from mvdiff.training.image_prompt import ImagePromptConfig
 
 __all__ = [
@@ -147,7 +148,7 @@ class PriorConfig:
     #: "" = the instance prompt without the identifier ("a photo of sks dog" -> "a photo of dog")
     class_prompt: str = ""
     #: appended to the class prompt for generation and training (the multi-view caption style)
-    prompt_suffix: str = ", 3d asset"
+    prompt_suffix: str = CAPTION_SUFFIX
     #: class objects to generate (each num_views images); cached and reused across runs
     num_objects: int = 25
     num_views: int = 4
@@ -211,7 +212,7 @@ class DreamBoothConfig:
     #: fewer photos than this is an error
     min_images: int = 3
     #: suffix of the validation prompt (the instance prompt rendered as 4 views)
-    validation_suffix: str = ", 3d asset"
+    validation_suffix: str = CAPTION_SUFFIX
 
     LIMITS: ClassVar[dict] = {"param_preservation": ">=0", "min_images": ">=1"}
 

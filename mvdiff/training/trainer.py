@@ -159,7 +159,6 @@ def _train(cfg: TrainConfig, task: Task, stop: StopSignals) -> dict:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     if accelerator.is_main_process:
         log.info("%s", config_summary(cfg, out / "config.yaml", task))
     set_seed(cfg.seed)  # initial weights of anything created below are the same on all ranks
