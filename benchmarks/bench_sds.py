@@ -16,12 +16,17 @@ twice: with the per-tensor Adam of before (``before_unfused_adam``: seconds to t
 count, PSNR reached) and with the fused Adam now used. Each
 line carries the 1-minute load average: on a shared machine the numbers are lower bounds.
 
-``--compare-steps N`` (issue 19) adds one row per representation (radiance field, 3D
-Gaussians) per bundled asset (``--compare-assets``, rendered by Blender: 8 views at 64²,
-elevations 15/40, views 1 and 6 held out): training seconds (evaluation excluded), final
-held-out PSNR, seconds to reach the field's final held-out PSNR (``time_to_field_psnr``),
-and the silhouette IoU of the exported mesh against the alpha of all 8 views. The field runs
-N steps, the Gaussians ``--gaussian-steps``.
+``--compare-steps N`` (issues 19 and 23) adds, per bundled asset (``--compare-assets``,
+rendered by Blender: 8 views at 64², elevations 15/40, views 1 and 6 held out), one row per
+fit: the radiance field as before (``render_packed: false``, the dense [rays, samples]
+compositing), the field now (packed compositing of the samples the occupancy grid keeps) and
+3D Gaussians. Each row: training seconds (evaluation excluded; wall clock and this process's
+CPU seconds, which a shared machine disturbs less), final held-out PSNR, seconds to reach the
+fast field's final held-out PSNR (``time_to_field_psnr`` / ``cpu_to_field_psnr``), and the
+silhouette IoU of the mesh against the alpha of all 8 views. Both fields run N steps, the
+Gaussians ``--gaussian-steps`` (stopping early with ``--stop-at-target``). A ``goal`` entry
+gives the Gaussians' time to the field's PSNR as a fraction of the field's N-step time (issue
+19's goal: <= 1/3). The first stderr line names the CPU and the instruction set torch used.
 """
 
 from __future__ import annotations
@@ -201,8 +206,38 @@ def render_asset(name: str, folder, res: int = 64) -> str:
     return str(next(Path(folder).glob("*.tar")))
 
 
-def bench_compare(asset: str, representation: str, steps: int, eval_every: int, res: int = 64):
-    """One row of the field / Gaussians comparison (module docstring)."""
+def cpu_info() -> dict:
+    """The CPU this run used: model, the vector extensions it has, and torch's choice."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_tile")
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        capability = None
+    return {
+        "cpu": model, "cores": os.cpu_count(), "features": [f for f in wanted if f in flags],
+        "torch_capability": capability, "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
+def bench_compare(asset: str, representation: str, steps: int, eval_every: int, res: int = 64,
+                  packed: bool = True, stop_at: float | None = None):  # fmt: skip
+    """One row of the field / Gaussians comparison (module docstring); ``stop_at``: stop
+    training at the first evaluation at or above this held-out PSNR."""
     import tempfile
 
     from mvdiff.sds.config import TextTo3DConfig
@@ -214,33 +249,40 @@ def bench_compare(asset: str, representation: str, steps: int, eval_every: int, 
     with tempfile.TemporaryDirectory() as tmp:
         views = load_shard_sample(render_asset(asset, tmp, res))
     holdout, train = [1, 6], [0, 2, 3, 4, 5, 7]
-    cfg = TextTo3DConfig.reconstruction(steps=steps, representation=representation)
+    cfg = TextTo3DConfig.reconstruction(
+        steps=steps, representation=representation, render_packed=packed
+    )
     bg = torch.tensor(cfg.background.color)
     fit = make_fit_state(cfg)
     ref = fit.prepare_ref(views, res, train)
     target = composite(views["rgba"][holdout], bg)
-    curve, seconds = [], 0.0
+    curve, seconds, cpu = [], 0.0, 0.0
     for start in range(0, steps, eval_every):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run_steps(fit, cfg, start, min(start + eval_every, steps), rays=ref, progress=False)
         seconds += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         rgb, _ = render_fit(fit, views["c2w"][holdout], views["fov_deg"][holdout], res, bg)
-        curve.append(
-            (min(start + eval_every, steps), round(seconds, 2), round(psnr(rgb, target), 2))
-        )
+        p = round(psnr(rgb, target), 2)
+        curve.append((min(start + eval_every, steps), round(seconds, 2), p, round(cpu, 2)))
+        if stop_at is not None and p >= stop_at:
+            break
     verts, faces, _ = fit.mesh(64)
     sil = mesh_silhouettes(verts, faces, views["c2w"], views["fov_deg"], res)
     return {
-        "mode": "compare", "asset": asset, "representation": representation, "steps": steps,
+        "mode": "compare", "asset": asset, "representation": representation,
+        "render_packed": packed if representation == "field" else None, "steps": curve[-1][0],
         "resolution": res, "train_views": len(train), "seconds_train": round(seconds, 2),
+        "cpu_seconds_train": round(cpu, 2),
         "psnr_holdout": curve[-1][2], "mesh_iou": round(silhouette_iou(sil, views["rgba"][:, 3:4]), 3),
         "curve": curve, "threads": torch.get_num_threads(), "load_avg_1min": _load(),
     }  # fmt: skip
 
 
-def time_to(curve, target: float):
-    """Training seconds of the first evaluation at or above ``target`` dB (None if never)."""
-    return next((sec for _, sec, p in curve if p >= target), None)
+def time_to(curve, target: float, cpu: bool = False):
+    """Training seconds (wall, or CPU with ``cpu``) of the first evaluation at or above
+    ``target`` dB (None if never)."""
+    return next((c if cpu else sec for _, sec, p, c in curve if p >= target), None)
 
 
 def main() -> None:
@@ -253,14 +295,18 @@ def main() -> None:
     p.add_argument("--recon-steps", type=int, default=200, help="0: skip the reconstruction line")
     p.add_argument("--compare-steps", type=int, default=0, help="field steps of the field / "
                    "Gaussians comparison on bundled assets (0: skip it)")  # fmt: skip
-    p.add_argument("--gaussian-steps", type=int, default=600)
+    p.add_argument("--gaussian-steps", type=int, default=200,
+                   help="Gaussian steps (the reconstruction preset's schedules scale to them)")  # fmt: skip
     p.add_argument("--compare-assets", nargs="+", default=["monkey.glb"])
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--stop-at-target", action="store_true",
+                   help="stop the Gaussians once they reach the field's held-out PSNR")  # fmt: skip
     p.add_argument("--recon-field", choices=["small", "default"], default="small",
                    help="reconstruction grids: the CPU preset's (12..48³) or the default (16..128³)")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"bench": "sds", "model": args.model, "sds": []}
+    result = {"bench": "sds", "model": args.model, "machine": cpu_info(), "sds": []}
+    print(f"# {json.dumps(result['machine'])}", file=sys.stderr, flush=True)
     for size in args.sizes:
         row = bench(args.model, size, args.steps, args.samples)
         print(f"# {json.dumps(row)}", file=sys.stderr, flush=True)
@@ -275,14 +321,35 @@ def main() -> None:
         }
     if args.compare_steps > 0:
         result["compare"] = []
+        result["goal"] = []
         for asset in args.compare_assets:
-            field = bench_compare(asset, "field", args.compare_steps, args.eval_every)
-            gs = bench_compare(asset, "gaussians", args.gaussian_steps, args.eval_every)
+            n, every = args.compare_steps, args.eval_every
+            before = bench_compare(asset, "field", n, every, packed=False)
+            field = bench_compare(asset, "field", n, every, packed=True)
             target = field["psnr_holdout"]
-            for row in (field, gs):
+            stop = target if args.stop_at_target else None
+            gs = bench_compare(asset, "gaussians", args.gaussian_steps, every, stop_at=stop)
+            for row in (before, field, gs):
                 row["time_to_field_psnr"] = time_to(row["curve"], target)
+                row["cpu_to_field_psnr"] = time_to(row["curve"], target, cpu=True)
                 print(f"# {json.dumps(row)}", file=sys.stderr, flush=True)
                 result["compare"].append(row)
+
+            def frac(a, b):
+                return None if a is None or not b else round(a / b, 3)
+
+            goal = {
+                "asset": asset, "field_psnr": target,
+                "field_speedup_wall": frac(before["seconds_train"], field["seconds_train"]),
+                "field_speedup_cpu": frac(before["cpu_seconds_train"], field["cpu_seconds_train"]),
+                "gaussians_fraction_wall": frac(gs["time_to_field_psnr"], field["seconds_train"]),
+                "gaussians_fraction_cpu": frac(gs["cpu_to_field_psnr"], field["cpu_seconds_train"]),
+                "gaussians_fraction_cpu_vs_before": frac(
+                    gs["cpu_to_field_psnr"], before["cpu_seconds_train"]
+                ),
+            }  # fmt: skip
+            print(f"# {json.dumps(goal)}", file=sys.stderr, flush=True)
+            result["goal"].append(goal)
     print(json.dumps(result), flush=True)  # one JSON line, like every benchmark
 
 

@@ -12,8 +12,9 @@ its vision tower ``clip_model.model.visual.*``); both prefix sets are accepted.
 does not know, or a model weight the checkpoint lacks, is an error, never a silent skip — and
 writes::
 
-    OUTPUT_DIR/model_index.json        (MVDreamPipeline)
-    OUTPUT_DIR/unet/                   MultiViewUNet2DConditionModel
+    OUTPUT_DIR/model_index.json        (MVDreamPipeline, written by its save_pretrained)
+    OUTPUT_DIR/pipeline_mvdream.py     the pipeline code (mvdiff.pipelines.folders)
+    OUTPUT_DIR/unet/                   MultiViewUNet2DConditionModel (+ its code, unet_mv.py)
     OUTPUT_DIR/vae/                    AutoencoderKL
     OUTPUT_DIR/text_encoder/           CLIPTextModel
     OUTPUT_DIR/tokenizer/              CLIPTokenizer (the CLIP BPE files shipped with mvdiff)
@@ -27,7 +28,6 @@ renamed when complete.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -927,6 +927,13 @@ def convert_mvdream_checkpoint(
     ``model.diffusion_model.`` prefix) and only ``unet/`` is written.
     """
     output_dir = Path(output_dir)
+    if (Path(checkpoint_path) / "model_index.json").is_file():
+        raise UserError(
+            f"{checkpoint_path} is a diffusers model folder (mvdiff's or the community MVDream/"
+            "ImageDream layout), not a checkpoint: load it as it is (--model "
+            f"{checkpoint_path}, MVDreamPipeline.from_pretrained); .save_pretrained(OUT) "
+            "rewrites it as an mvdiff folder"
+        )
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise UserError(f"output directory {output_dir} exists and is not empty")
     sd = load_state_dict(checkpoint_path)
@@ -948,36 +955,18 @@ def write_model_folder(components: dict, output_dir: str | Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        for name, comp in components.items():
-            if hasattr(comp, "save_pretrained"):
+        if set(components) >= {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}:
+            from mvdiff.pipelines.pipeline_mvdream import MVDreamPipeline
+
+            # diffusers' writer: model_index.json and the shipped code (pipelines/folders.py)
+            MVDreamPipeline(**components).save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            for name, comp in components.items():
                 kwargs = {"safe_serialization": True} if isinstance(comp, torch.nn.Module) else {}
                 comp.save_pretrained(str(tmp / name), **kwargs)
-        if set(components) >= {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}:
-            index = {"_class_name": "MVDreamPipeline", "_diffusers_version": _diffusers_version()}
-            for name, comp in components.items():
-                index[name] = [_library_of(comp), _class_name_of(comp)]
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if output_dir.exists():
             output_dir.rmdir()
         tmp.rename(output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _class_name_of(obj) -> str:
-    # transformers 5 builds CLIPImageProcessorPil when torchvision is missing; the folder names
-    # the generic class, which every transformers version resolves to an available backend
-    return type(obj).__name__.removesuffix("Pil")
-
-
-def _library_of(obj) -> str:
-    module = type(obj).__module__
-    top = module.split(".")[0]
-    return top if top in ("diffusers", "transformers") else module
-
-
-def _diffusers_version() -> str:
-    import diffusers
-
-    return diffusers.__version__

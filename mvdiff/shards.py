@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mvdiff.prompts import CAPTION_SUFFIX
+
 __all__ = [
     "CAPTION_SUFFIX",
     "DEPTH_MODES",
@@ -53,9 +55,6 @@ __all__ = [
     "write_tar",
 ]
 
-#: Appended to a multi-view caption when training, and to the prompt when sampling (MVDream's
-#: recipe): the one spelling of it.
-CAPTION_SUFFIX = ", 3d asset"
 #: The version written to (and required in) ``KEY.json``'s ``schema`` field.
 SCHEMA = 1
 META_FIELDS = (

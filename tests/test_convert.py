@@ -174,7 +174,7 @@ def test_cli_converts_tiny_official_checkpoint(tmp_path, tiny_official, referenc
     assert res.returncode == 0, res.stderr
     assert "schedule buffers match" in res.stdout
     index = json.loads((out / "model_index.json").read_text())
-    assert index["_class_name"] == "MVDreamPipeline"
+    assert index["_class_name"] == ["pipeline_mvdream", "MVDreamPipeline"]
     assert set(index) >= {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
 
     tensors, meta = reference

@@ -355,11 +355,13 @@ def test_lora_save_load_sample_round_trip(base, photos, tmp_path):
     adapter = Path(summary["adapter"])
     assert "model" not in summary and not (out / "model").exists()
     assert sorted(p.name for p in adapter.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "mvdiff_adapter.json"]  # fmt: skip
-    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        "mvdiff_adapter.json",
+        "pytorch_lora_weights.safetensors",
+    ]  # diffusers' LoRA format
+    with safe_open(str(adapter / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys = list(f.keys())
-    assert keys and all("lora_A" in k or "lora_B" in k for k in keys)  # only the adapter
-    size_adapter = (adapter / "adapter_model.safetensors").stat().st_size
+    assert keys and all(k.startswith("unet.") and ".lora_" in k for k in keys)  # only the adapter
+    size_adapter = (adapter / "pytorch_lora_weights.safetensors").stat().st_size
     size_unet = (base / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
     assert size_adapter < size_unet / 5
     meta = json.loads((adapter / "mvdiff_adapter.json").read_text())
@@ -398,6 +400,13 @@ def test_lora_save_load_sample_round_trip(base, photos, tmp_path):
     assert np.abs(original.astype(int) - produced.astype(int)).mean() > 3 * max(diff.mean(), 0.1)
     # the base pipeline is untouched by loading an adapter on another copy
     assert not any("lora" in n for n, _ in plain.unet.named_parameters())
+    # diffusers' own LoRA API on the same folder: load_lora_weights (unfused), fuse_lora
+    plain.load_lora_weights(str(adapter))
+    assert any("lora" in n for n, _ in plain.unet.named_parameters())
+    unfused = sample(plain)
+    assert np.abs(unfused.astype(int) - produced.astype(int)).max() <= 2
+    plain.fuse_lora()
+    assert np.abs(sample(plain).astype(int) - loaded.astype(int)).max() <= 2
 
 
 # ---- CLI ----------------------------------------------------------------------------------
@@ -485,7 +494,7 @@ def test_lora_on_self_attention_trains(base, photos, tmp_path):
                     "dreambooth.lora.enabled=true",
                     "dreambooth.lora.target_modules=[attn1.to_q, attn1.to_k, attn1.to_v]")  # fmt: skip
     summary = train(cfg)
-    weights = load_file(str(Path(summary["adapter"]) / "adapter_model.safetensors"))
+    weights = load_file(str(Path(summary["adapter"]) / "pytorch_lora_weights.safetensors"))
     for proj in ("to_q", "to_k", "to_v"):
         b = [w for k, w in weights.items() if f"attn1.{proj}.lora_B" in k]
         assert b and any(w.abs().max() > 0 for w in b), proj  # B starts at 0: it trained

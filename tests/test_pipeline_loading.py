@@ -1,8 +1,7 @@
-"""Saving and loading MVDreamPipeline: its own folders, diffusers' loader, other writers'."""
+"""Saving and loading MVDreamPipeline: its own folders and other writers' (plain diffusers,
+old folders and the community layout: tests/test_folders.py)."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 from mvdiff.errors import UserError
 from mvdiff.models import MultiViewUNet2DConditionModel
-from mvdiff.pipelines import ENTRY_FILE, MVDreamPipeline
+from mvdiff.pipelines import MVDreamPipeline
 from mvdiff.pipelines.loading import load_pipeline
 from mvdiff.testing import tiny_components
 
@@ -34,45 +33,13 @@ def test_save_and_load_round_trip(tmp_path):
     pipe = MVDreamPipeline(**tiny_components(0))
     pipe.save_pretrained(tmp_path / "model")
     index = json.loads((tmp_path / "model" / "model_index.json").read_text())
-    assert index["_class_name"] == "MVDreamPipeline"
+    assert index["_class_name"] == ["pipeline_mvdream", "MVDreamPipeline"]
     loaded = MVDreamPipeline.from_pretrained(tmp_path / "model")
     assert isinstance(loaded.unet, MultiViewUNet2DConditionModel)
     assert np.array_equal(images(pipe), images(loaded))
 
     half = MVDreamPipeline.from_pretrained(tmp_path / "model", torch_dtype=torch.bfloat16)
     assert half.unet.dtype == torch.bfloat16 and half.vae.dtype == torch.bfloat16
-
-
-def test_plain_diffusers_loader_with_the_entry_file(tmp_path):
-    """diffusers resolves a string `_class_name` only inside diffusers and runs other classes
-    only with trust_remote_code; ENTRY_FILE is a one-line import of the installed mvdiff."""
-    from diffusers import DiffusionPipeline
-
-    MVDreamPipeline(**tiny_components(0)).save_pretrained(tmp_path / "model")
-    pipe = DiffusionPipeline.from_pretrained(
-        tmp_path / "model", custom_pipeline=ENTRY_FILE, trust_remote_code=True
-    )
-    assert type(pipe) is MVDreamPipeline
-
-
-def test_plain_diffusers_loader_without_arguments(tmp_path):
-    """Once mvdiff's pipeline is imported, DiffusionPipeline.from_pretrained(folder) needs no
-    custom_pipeline and no trust_remote_code (a fresh interpreter, so nothing is cached)."""
-    MVDreamPipeline(**tiny_components(0)).save_pretrained(tmp_path / "model")
-    code = (
-        "import sys; from diffusers import DiffusionPipeline\n"
-        "from mvdiff.pipelines import MVDreamPipeline\n"
-        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1])\n"
-        "assert type(pipe) is MVDreamPipeline, type(pipe)\n"
-        "print(type(pipe.unet).__name__)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "model")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert out.stdout.strip() == "MultiViewUNet2DConditionModel"
 
 
 def test_loads_a_training_export_folder(tmp_path):

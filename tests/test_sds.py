@@ -91,6 +91,87 @@ def test_occupancy_skips_empty_space_without_changing_the_image():
     assert field.density(torch.zeros(1, 3)) > 10  # the blob initialisation
 
 
+def test_packed_compositing_equals_the_dense_path_with_gradients():
+    """render(..., packed=True) composites only the samples the occupancy grid keeps: the
+    same images, opacity, depth, normals and field gradients as the dense [rays, samples]
+    path, with stratified samples drawn from the same generator."""
+    field = small_field(1)
+    occ = OccupancyGrid(field.bound, 16, threshold=5.0)
+    occ.update(field, torch.Generator().manual_seed(0))
+    assert 0.0 < float(occ.occupied.float().mean()) < 0.9  # some cells are skipped
+    g = sample_sds_group(torch.Generator().manual_seed(3))
+    light = F.normalize(torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), dim=-1)
+    outs, grads = [], []
+    for packed in (False, True):
+        field.zero_grad()
+        out = render(
+            field, g["c2w"], g["fov_deg"], 12, 24, stratified=True, occupancy=occ,
+            generator=torch.Generator().manual_seed(5), return_normals=True,
+            shading="lambertian", light=light, background=torch.tensor([0.2, 0.4, 0.6]),
+            packed=packed,
+        )  # fmt: skip
+        (out["rgb"] * torch.linspace(0, 1, 12)).sum().backward()
+        outs.append(out)
+        grads.append([p.grad.clone() for p in field.parameters()])
+    dense, packed = outs
+    assert packed["num_evaluated"] == dense["num_evaluated"]
+    assert float(dense["opacity"].amax()) > 0.5
+    for key in ("rgb", "opacity", "depth", "normal"):
+        torch.testing.assert_close(packed[key], dense[key], atol=1e-5, rtol=1e-4)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+
+
+def _aten_ops(fn) -> set[str]:
+    """Names of the aten operators ``fn()`` runs (torch.profiler, CPU activity)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_sample_selection_with_a_fixed_budget_needs_no_host_read():
+    """On an accelerator the occupancy grid selects samples with ``nonzero_static`` and a
+    budget sized at ``update`` (issue 24: ``nonzero`` made the host wait every render). Forced
+    on here: once a count exists, a packed render runs no ``nonzero`` (nor a boolean index,
+    which runs one) and gives the images and gradients of the ``nonzero`` path; a budget that
+    proves too small is grown at the next update and counted."""
+    field = small_field(1)
+    occ = OccupancyGrid(field.bound, 16, threshold=5.0)
+    occ.static_budget = True
+    occ.update(field, torch.Generator().manual_seed(0))
+    g = sample_sds_group(torch.Generator().manual_seed(3))
+
+    def run():
+        field.zero_grad()
+        out = render(
+            field, g["c2w"], g["fov_deg"], 12, 24, stratified=True, occupancy=occ,
+            generator=torch.Generator().manual_seed(5), return_normals=True, packed=True,
+            background=torch.tensor([0.2, 0.4, 0.6]),
+        )  # fmt: skip
+        (out["rgb"] * torch.linspace(0, 1, 12)).sum().backward()
+        return out, [p.grad.clone() for p in field.parameters()]
+
+    exact, exact_grads = run()  # no budget yet: nonzero, and the count is recorded
+    assert occ.budget is None
+    occ.update(field, torch.Generator().manual_seed(0))
+    assert occ.budget is not None and occ.budget >= exact["num_evaluated"]
+    results = []
+    ops = _aten_ops(lambda: results.append(run()))
+    assert "aten::nonzero" not in ops and "aten::nonzero_static" in ops
+    budgeted, grads = results[0]
+    assert budgeted["num_evaluated"] == occ.budget
+    for key in ("rgb", "opacity", "depth", "normal"):
+        torch.testing.assert_close(budgeted[key], exact[key], atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads, exact_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+
+    occ.budget = exact["num_evaluated"] // 2  # too small: the last rays lose samples ...
+    short, _ = run()
+    assert float((short["opacity"] - exact["opacity"]).abs().amax()) > 1e-3
+    occ.update(field, torch.Generator().manual_seed(0))  # ... until the next update grows it
+    assert occ.overflows == 1 and occ.budget >= exact["num_evaluated"]
+
+
 def test_render_gradients_and_normals():
     field = small_field()
     g = sample_sds_group(torch.Generator().manual_seed(0))

@@ -119,7 +119,7 @@ def _python_sources():
     "pattern, owner",
     [
         (r"\.\{[a-z_]*:03d\}\.png", "mvdiff/shards.py"),  # member names (rgba.000.png)
-        (r"""[=:(]\s*["'], 3d asset["']""", "mvdiff/shards.py"),  # the caption / prompt suffix
+        (r"""[=:(]\s*["'], 3d asset["']""", "mvdiff/prompts.py"),  # the caption / prompt suffix
         (r"sqrt\(3\) / 2\) / math\.sin", "mvdiff/cameras.py"),  # framing distance
         (r"tarfile\.TarInfo\(", "mvdiff/shards.py"),  # tar writing
     ],

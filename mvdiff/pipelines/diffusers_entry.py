@@ -1,11 +1,12 @@
-"""Lets plain diffusers load an mvdiff model folder::
+"""Lets plain diffusers load a model folder written before mvdiff shipped its code in them::
 
     DiffusionPipeline.from_pretrained(folder, custom_pipeline=mvdiff.pipelines.ENTRY_FILE,
                                       trust_remote_code=True)
 
-diffusers resolves a string ``_class_name`` only inside the ``diffusers`` package and runs
-code for any other class only with ``trust_remote_code=True`` (even local files). This file
-just imports the installed mvdiff; ``MVDreamPipeline.from_pretrained(folder)`` needs none of it.
+Such folders name ``"_class_name": "MVDreamPipeline"`` and the UNet library
+``mvdiff.models.unet_mv``, which diffusers resolves only once imported. Folders written now
+need none of it (``mvdiff.pipelines.folders``); ``MVDreamPipeline.from_pretrained`` reads both.
 """
 
+import mvdiff.models.unet_mv  # noqa: F401  (the UNet library old folders name)
 from mvdiff.pipelines.pipeline_mvdream import MVDreamPipeline  # noqa: F401

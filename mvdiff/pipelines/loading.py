@@ -5,10 +5,13 @@
   :func:`mvdiff.convert.convert_mvdream_checkpoint` into a cache folder keyed by the file's
   path, size and modification time (and the original config), then loaded from there;
 * anything else that looks like ``org/name`` -> the Hugging Face hub (when online);
-* a LoRA adapter folder written by ``mvdiff dreambooth --lora`` (``adapter_config.json``,
-  ``adapter_model.safetensors`` and ``mvdiff_adapter.json``, which records the base model)
-  -> the base model, loaded as above, with the adapter merged into its UNet. ``lora=DIR``
-  applies an adapter on top of any ``model`` instead.
+* a LoRA adapter folder written by ``mvdiff dreambooth --lora`` (diffusers' LoRA format:
+  ``pytorch_lora_weights.safetensors``, keys ``unet.*``, the ``LoraConfig`` in its metadata,
+  so ``pipe.load_lora_weights(DIR)`` / ``pipe.fuse_lora()`` work; plus ``mvdiff_adapter.json``,
+  which records the base model) -> the base model, loaded as above, with the adapter fused
+  into its UNet. ``lora=DIR`` applies an adapter on top of any ``model`` instead. Adapters
+  written before (peft's ``adapter_config.json`` + ``adapter_model.safetensors``, format
+  ``mvdiff-lora/1``) still load.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".pt", ".ckpt", ".pth", ".safetensors")
 ADAPTER_META = "mvdiff_adapter.json"
-ADAPTER_FORMAT = "mvdiff-lora/1"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FORMAT = "diffusers-lora/1"
+#: diffusers' LoRA weight file name (``save_lora_weights`` / ``load_lora_weights``)
+ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
+#: adapters written by mvdiff before it used diffusers' format: peft's files
+PEFT_ADAPTER_FORMAT = "mvdiff-lora/1"
+PEFT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def dtype_kwargs(dtype) -> dict:
@@ -206,26 +213,33 @@ def _load_base(model, torch_dtype, original_config, cache_dir, log):
 
 
 def read_adapter_meta(folder: str | Path) -> dict:
+    """``mvdiff_adapter.json`` of an adapter folder; a folder with only diffusers' LoRA file
+    (written by other tools) is an adapter without a recorded base (usable with ``--lora``)."""
     folder = Path(folder)
     path = folder / ADAPTER_META
+    if not path.exists() and (folder / ADAPTER_WEIGHTS).is_file():
+        return {"format": ADAPTER_FORMAT}
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"--lora {folder}: no readable {ADAPTER_META} ({e})") from None
-    if meta.get("format") != ADAPTER_FORMAT:
+    files = {ADAPTER_FORMAT: (ADAPTER_WEIGHTS,), PEFT_ADAPTER_FORMAT: PEFT_ADAPTER_FILES}
+    if meta.get("format") not in files:
         raise UserError(f"{path}: unknown adapter format {meta.get('format')!r}")
-    for name in ("adapter_config.json", ADAPTER_WEIGHTS):
+    for name in files[meta["format"]]:
         if not (folder / name).is_file():
             raise UserError(f"--lora {folder}: {name} is missing")
     return meta
 
 
 def save_lora_adapter(unet, lora_config, folder: str | Path, meta: dict) -> Path:
-    """Write only the LoRA weights of ``unet`` (peft layers), its ``peft.LoraConfig`` and
-    ``mvdiff_adapter.json`` (``meta`` + format; ``meta["base_model"]`` names the base) into
-    ``folder``, atomically (temporary folder, then rename)."""
+    """Write the LoRA weights of ``unet`` (peft layers) in diffusers' LoRA format
+    (``save_lora_weights``: ``unet.``-prefixed keys, the ``peft.LoraConfig`` in the file's
+    metadata) and ``mvdiff_adapter.json`` (``meta`` + format; ``meta["base_model"]`` names the
+    base) into ``folder``, atomically (temporary folder, then rename)."""
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
+
+    from mvdiff.pipelines.pipeline_mvdream import MVDreamPipeline
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -233,8 +247,12 @@ def save_lora_adapter(unet, lora_config, folder: str | Path, meta: dict) -> Path
     tmp.mkdir(parents=True)
     state = get_peft_model_state_dict(unet)
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-    save_file(state, str(tmp / ADAPTER_WEIGHTS))
-    lora_config.save_pretrained(str(tmp))
+    config = lora_config.to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}  # JSON
+    MVDreamPipeline.save_lora_weights(
+        str(tmp), unet_lora_layers=state, unet_lora_adapter_metadata=config,
+        weight_name=ADAPTER_WEIGHTS, safe_serialization=True,
+    )  # fmt: skip
     record = {"format": ADAPTER_FORMAT, **meta, "num_tensors": len(state)}
     (tmp / ADAPTER_META).write_text(json.dumps(record, indent=1) + "\n")
     if folder.exists():
@@ -246,14 +264,10 @@ def save_lora_adapter(unet, lora_config, folder: str | Path, meta: dict) -> Path
 def apply_lora_adapter(
     unet, folder: str | Path, merge: bool = True, base_info=None, log=logger.warning
 ):
-    """Add the adapter in ``folder`` to ``unet`` (in place) and, with ``merge``, fold it into
+    """Add the adapter in ``folder`` to ``unet`` (in place) and, with ``merge``, fuse it into
     the base weights and remove the LoRA layers (a plain UNet, base speed). Returns a record
     for ``info``. A base whose fingerprint differs from the one the adapter was trained on
     is loaded with a warning."""
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--lora {folder}: no such folder")
@@ -262,9 +276,52 @@ def apply_lora_adapter(
     if base_info and trained_on and base_info.get("fingerprint") not in (None, trained_on):
         log(f"warning: {folder} was trained on another version of the base model "
             f"({meta.get('base_model')})")  # fmt: skip
+    if meta["format"] == PEFT_ADAPTER_FORMAT:
+        _apply_peft_adapter(unet, folder, merge)
+    else:
+        _apply_diffusers_lora(unet, folder, merge)
+    return {"folder": str(folder.resolve()), "fingerprint": fingerprint(folder),
+            "merged": merge, "base_model": meta.get("base_model")}  # fmt: skip
+
+
+def _apply_diffusers_lora(unet, folder: Path, merge: bool) -> None:
+    """diffusers' ``load_lora_adapter`` (and ``fuse_lora`` + ``unload_lora``), on weights read
+    here with safetensors only (diffusers' reader would fall back to unpickling a ``.bin``)."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = folder / ADAPTER_WEIGHTS
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            metadata = json.loads((f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY, "{}"))
+    except Exception as e:  # noqa: BLE001 - safetensors / json parse errors: bad input
+        text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"--lora {folder}: unreadable adapter ({text})") from None
+    prefix = "unet."
+    if not state or not all(k.startswith(prefix) for k in state):
+        raise UserError(f"--lora {folder}: {ADAPTER_WEIGHTS} has no UNet LoRA weights (unet.*)")
+    try:
+        unet.load_lora_adapter(state, prefix="unet", metadata=metadata or None)
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise UserError(
+            f"--lora {folder}: does not fit this model ({str(e).splitlines()[0][:200]})"
+        ) from None
+    if merge:
+        unet.fuse_lora()
+        unet.unload_lora()
+
+
+def _apply_peft_adapter(unet, folder: Path, merge: bool) -> None:
+    """An adapter written by mvdiff before diffusers' format (peft's files)."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors.torch import load_file
+
     try:
         config = LoraConfig.from_pretrained(str(folder))
-        state = load_file(str(folder / ADAPTER_WEIGHTS))
+        state = load_file(str(folder / PEFT_ADAPTER_FILES[1]))
     except Exception as e:  # noqa: BLE001 - safetensors / json / peft parse errors: bad input
         text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UserError(f"--lora {folder}: unreadable adapter ({text})") from None
@@ -288,5 +345,3 @@ def apply_lora_adapter(
                     parent_name, _, child = name.rpartition(".")
                     parent = unet.get_submodule(parent_name) if parent_name else unet
                     setattr(parent, child, module.get_base_layer())
-    return {"folder": str(folder.resolve()), "fingerprint": fingerprint(folder),
-            "merged": merge, "base_model": meta.get("base_model")}  # fmt: skip

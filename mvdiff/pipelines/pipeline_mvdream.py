@@ -40,21 +40,22 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from mvdiff.cameras import get_camera
 from mvdiff.errors import UserError
+from mvdiff.pipelines import folders
 from mvdiff.pipelines.winograd import WinogradConv2d, use_winograd_convs
-from mvdiff.shards import CAPTION_SUFFIX
+from mvdiff.prompts import CAPTION_SUFFIX
 
 #: Appended to every prompt by default, as in the official MVDream script and training.
 DEFAULT_PROMPT_SUFFIX = CAPTION_SUFFIX
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 #: For ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=ENTRY_FILE, trust_remote_code=True)``
-#: in a process that has not imported mvdiff (after ``from mvdiff.pipelines import MVDreamPipeline``
-#: plain ``DiffusionPipeline.from_pretrained(folder)`` works, see ``_register_with_diffusers``).
+#: on folders written before mvdiff shipped its code in them (``mvdiff.pipelines.folders``).
 ENTRY_FILE = str(Path(__file__).with_name("diffusers_entry.py"))
 
 
@@ -94,13 +95,17 @@ def rescale_noise_cfg(
     return guidance_rescale * rescaled + (1.0 - guidance_rescale) * eps_cfg
 
 
-class MVDreamPipeline(DiffusionPipeline):
+class MVDreamPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """MVDream text-to-multi-view sampling with any diffusers scheduler.
 
     Components: ``unet`` (:class:`mvdiff.models.MultiViewUNet2DConditionModel`), ``vae``
     (``AutoencoderKL``), ``text_encoder`` (``CLIPTextModel``), ``tokenizer`` (``CLIPTokenizer``),
     ``scheduler`` (DDIM configured like the official sampler in converted folders; see
     :func:`mvdiff.pipelines.make_scheduler` for DPM-Solver++).
+
+    ``save_pretrained`` / ``push_to_hub`` write a folder that carries this code
+    (:mod:`mvdiff.pipelines.folders`); LoRA weights in diffusers' format load with
+    ``load_lora_weights`` / ``fuse_lora``.
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
@@ -135,6 +140,36 @@ class MVDreamPipeline(DiffusionPipeline):
             feature_extractor=feature_extractor,
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae else 8
+
+    # mvdiff-only: begin
+    # (left out of the copy shipped in model folders, see mvdiff.pipelines.folders)
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """diffusers' reader of ``model_index.json``, with the folder's shipped (or community)
+        pipeline and UNet classes replaced by mvdiff's own."""
+        out = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        folders.use_mvdiff_classes(out[0] if isinstance(out, tuple) else out)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained`` with mvdiff's classes, for mvdiff folders (old and
+        new), hub ids (a snapshot of configs, safetensors and code) and the community MVDream /
+        ImageDream layout (its UNet converted on load)."""
+        folder = folders.local_folder(pretrained_model_name_or_path, kwargs)
+        if folders.is_community_folder(folder) and "unet" not in kwargs:
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            kwargs["unet"] = folders.load_community_unet(folder, dtype)
+        return super().from_pretrained(str(folder), **kwargs)
+
+    def save_config(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """diffusers writes ``model_index.json`` here, last (before any upload); the folder's
+        code is added to it (:func:`mvdiff.pipelines.folders.write_shipped_code`)."""
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+        folders.write_shipped_code(save_directory, self)
+
+    # mvdiff-only: end
 
     # ------------------------------------------------------------------ pieces
 
@@ -526,22 +561,3 @@ class MVDreamPipeline(DiffusionPipeline):
         if not return_dict:
             return (images, camera)
         return MVDreamPipelineOutput(images=images, cameras=camera, input_images=inputs)
-
-
-def _register_with_diffusers() -> None:
-    """Make ``DiffusionPipeline.from_pretrained(folder)`` work without ``custom_pipeline``.
-
-    diffusers resolves the ``_class_name`` of ``model_index.json`` with
-    ``getattr(diffusers, name)``; publishing the class there (once mvdiff's pipeline module is
-    imported) is all it needs; the UNet's module is imported too, because diffusers loads
-    components only from libraries already imported. Nothing of diffusers' own is replaced.
-    """
-    import diffusers
-
-    import mvdiff.models.unet_mv  # noqa: F401  (the library model_index.json names)
-
-    if "MVDreamPipeline" not in vars(diffusers):
-        diffusers.MVDreamPipeline = MVDreamPipeline
-
-
-_register_with_diffusers()

@@ -62,11 +62,16 @@ def _r(x, nd=4):
 
 
 @torch.no_grad()
-def export_asset(field, config, output, ref: dict | None = None, resolution: int | None = None):
+def export_asset(
+    field, config, output, ref: dict | None = None, resolution: int | None = None, render=None
+):
     """Mesh files of ``field`` into ``output`` and their summary (module docstring).
 
     ``ref``: the reference views (:func:`mvdiff.sds.ref_views.load_ref_views`) or None;
-    ``resolution``: the size they were fitted at. Returns ``{"mesh": {...}, "metrics":
+    ``resolution``: the size they were fitted at; ``render``: how the representation draws
+    itself, ``(c2w, fov_deg, resolution, background) -> (rgb [V, 3, H, W], opacity
+    [V, 1, H, W])`` (default: volume rendering of ``field``; 3D Gaussians pass their
+    rasteriser and a grid ``field``, :class:`mvdiff.sds.gaussian_fit.GaussianGridField`). Returns ``{"mesh": {...}, "metrics":
     {...}, "seconds": {...}}``.
     """
     from mvdiff.sds.recon import psnr, render_views, silhouette_iou
@@ -86,7 +91,10 @@ def export_asset(field, config, output, ref: dict | None = None, resolution: int
     bg = torch.tensor(config.background.color, dtype=torch.float32)
     if ref is not None and ref.get("background") is not None:  # RGB views: their own colour
         bg = torch.as_tensor(ref["background"], dtype=torch.float32)
-    renders, opacity = render_views(field, c2w, fov, res, config.samples, bg, with_opacity=True)
+    if render is None:
+        renders, opacity = render_views(field, c2w, fov, res, config.samples, bg, with_opacity=True)
+    else:
+        renders, opacity = render(c2w, fov, res, bg)
     seconds["field_render"] = round(time.time() - t, 2)
     t = time.time()
     info = {}

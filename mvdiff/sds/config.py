@@ -31,6 +31,10 @@ class TextTo3DConfig:
     fused_adam: bool = True
     seed: int = 0
     occupancy_every: int = 16
+    #: field training renders composite only the samples the occupancy grid keeps, packed ray
+    #: by ray (:func:`mvdiff.sds.render.render_rays`); False: the dense [rays, samples] path
+    #: of before (benchmarks/bench_sds.py times both in one run)
+    render_packed: bool = True
     mesh_resolution: int = 128
     #: iso-level (a density) of the mesh; None: the level whose silhouettes reproduce the
     #: field's rendered opacity (at the reference cameras, or 16 orbit cameras)
@@ -104,12 +108,19 @@ class TextTo3DConfig:
     @classmethod
     def reconstruction(cls, **kw) -> TextTo3DConfig:
         """Plain posed-view reconstruction (no prior) on a CPU: a higher learning rate and
-        random ray batches; the preset of :func:`mvdiff.sds.recon.reconstruct_from_views`."""
+        random ray batches (Gaussians: faster learning-rate and densification schedules);
+        the preset of :func:`mvdiff.sds.recon.reconstruct_from_views`."""
         base = dict(
             steps=300, lr=0.05, samples=32, sds_weight=0.0, occupancy_every=10,
             render_size=64, render_size_late=64, mesh_resolution=64, turntable_frames=12,
             texture_size=512,
             field=FieldConfig(resolutions=[12, 24, 48]), ref_rays=4096,
+            gaussians=GaussianConfig(
+                # tuned for a short CPU budget (benchmarks/bench_sds.py): 4x the learning
+                # rates, all decaying to a tenth, no opacity reset, densify every 15% of the run
+                num_init=1500, lr_means=0.008, lr_sh=0.08, lr_opacity=0.2, lr_scales=0.04,
+                lr_quats=0.02, lr_final=0.1, opacity_reset_every=0.0, densify_every=0.15,
+            ),
         )  # fmt: skip
         base.update(kw)
         return cls(**base)

@@ -29,7 +29,7 @@ from mvdiff.config import validate_config
 from mvdiff.sds.background import Background
 from mvdiff.sds.gaussians import GaussianModel
 
-__all__ = ["GaussianFitState", "mesh_surface_points"]
+__all__ = ["GaussianFitState", "GaussianGridField", "mesh_surface_points"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,37 @@ def mesh_surface_points(path, n: int, generator=None):
         tri = np.asarray(vc)[np.asarray(mesh.faces)[face_ids], :3].mean(1) / 255.0  # (n, 3)
         colors = torch.from_numpy(tri).float()
     return pts, colors
+
+
+class GaussianGridField(torch.nn.Module):
+    """3D Gaussians seen as a field for the mesh export: their opacity-weighted density and
+    density-weighted colour (:meth:`GaussianModel.density_grid`) on a ``resolution``³ lattice
+    over the cube, sampled trilinearly. Has what :func:`mvdiff.sds.asset.export_asset` uses
+    of a radiance field: ``bound``, ``density_grid(resolution)``, ``field(x) -> (density
+    [N], colour [N, 3])`` and a (empty) parameter naming the device."""
+
+    def __init__(self, gaussians: GaussianModel, resolution: int):
+        super().__init__()
+        self.gaussians, self.bound, self.resolution = gaussians, float(gaussians.bound), resolution
+        grid, color = gaussians.density_grid(resolution, with_color=True)
+        # grid_sample's (x, y, z) index (W, H, D): the lattice is [ix, iy, iz] -> (z, y, x)
+        vol = torch.cat([grid[..., None], color], -1)  # (R, R, R, 4)
+        self.volume = vol.permute(3, 2, 1, 0)[None].contiguous()  # -> (1, 4, Rz, Ry, Rx)
+        self.grid = grid
+        self.device_marker = torch.nn.Parameter(torch.zeros(0, device=grid.device), False)
+
+    @torch.no_grad()
+    def density_grid(self, resolution: int = 64, chunk: int | None = None) -> torch.Tensor:
+        if resolution == self.resolution:
+            return self.grid
+        return self.gaussians.density_grid(resolution)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor):
+        g = (x.float() / self.bound).reshape(1, -1, 1, 1, 3)  # (N, 3) -> (1, N, 1, 1, 3)
+        v = F.grid_sample(self.volume, g, mode="bilinear", align_corners=True)  # (1, 4, N, 1, 1)
+        v = v.reshape(4, -1).t()  # (1, 4, N, 1, 1) -> (N, 4)
+        return v[:, 0], v[:, 1:].clamp(0.0, 1.0)
 
 
 def _at(fraction: float, steps: int) -> int:
@@ -194,10 +225,13 @@ class GaussianFitState:
     def before_step(self, step: int) -> None:
         self._means2d = []
         c, steps = self.config.gaussians, max(int(self.config.steps), 1)
-        lr = c.lr_means * (c.lr_means_final ** min(step / steps, 1.0))  # exponential decay
-        for group in self.optimizer.param_groups:
-            if group.get("name") == "means":
-                group["lr"] = lr
+        frac = min(step / steps, 1.0)
+        for group in self.optimizer.param_groups:  # exponential decays
+            name = group.get("name")
+            if name == "means":
+                group["lr"] = c.lr_means * c.lr_means_final**frac
+            elif name in _LR:
+                group["lr"] = getattr(c, _LR[name]) * c.lr_final**frac
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
@@ -234,24 +268,19 @@ class GaussianFitState:
         return self.gaussians.extract_mesh(resolution)
 
     def export_asset(self, config, output, ref=None, ref_resolution=None) -> dict:
-        """``mesh.glb`` / ``mesh.obj`` / ``mesh.ply`` of the Gaussians' density on a grid, vertex
-        colours; the summary in the form of :func:`mvdiff.sds.asset.export_asset` (the field's
-        UV texture baking and level search need a field, so Gaussians keep vertex colours)."""
-        import time
+        """``mesh.glb`` / ``mesh.obj`` / ``mesh.ply`` of the Gaussians' density on a grid through
+        the field's export (:func:`mvdiff.sds.asset.export_asset`: iso-level chosen from the
+        Gaussians' own rendered opacity, floaters dropped, UV atlas and baked albedo texture,
+        metrics) with :class:`GaussianGridField` as the field and the rasteriser as renderer."""
+        from mvdiff.sds.asset import export_asset
+        from mvdiff.sds.recon import render_fit
 
-        from mvdiff.sds.mesh import export_mesh, to_trimesh
+        field = GaussianGridField(self.gaussians, config.mesh_resolution)
 
-        t = time.time()
-        verts, faces, colors = self.mesh(config.mesh_resolution)
-        mesh = to_trimesh(verts, faces, colors)
-        for name in ("mesh.glb", "mesh.obj", "mesh.ply"):
-            export_mesh(mesh, Path(output) / name)
-        info = {
-            "vertices": int(len(mesh.vertices)),
-            "faces": int(len(mesh.faces)),
-            "texture": "vertex",
-        }
-        return {"mesh": info, "metrics": {}, "seconds": {"mesh": round(time.time() - t, 2)}}
+        def render(c2w, fov_deg, resolution, background):
+            return render_fit(self, c2w, fov_deg, resolution, background)
+
+        return export_asset(field, config, output, ref, ref_resolution, render=render)
 
     def write_outputs(self, folder) -> dict:
         from mvdiff.sds.ply import save_gaussians_ply

@@ -52,6 +52,8 @@ class GaussianConfig:
     lr_quats: float = 0.005
     #: final means learning rate as a fraction of lr_means (exponential decay, as 3DGS)
     lr_means_final: float = 0.05
+    #: final learning rate of the other attributes as a fraction of theirs (1: constant)
+    lr_final: float = 1.0
     # Densification schedule as fractions of the run (3DGS: 500 / 15000 / 100 / 3000 of 30000)
     densify_from: float = 0.05
     densify_until: float = 0.6

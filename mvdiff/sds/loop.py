@@ -128,12 +128,12 @@ class FitState:
                shading="albedo", light=None, ambient=0.3) -> dict:  # fmt: skip
         """Views ``[V, 3, H, W]`` etc. (:func:`mvdiff.sds.render.render`); ``training``:
         stratified samples, drawn by :attr:`render_generator` on the render device (not by
-        ``generator``), and occupancy skipping."""
+        ``generator``), occupancy skipping and (``config.render_packed``) packed compositing."""
         return render(
             self.field, c2w, fov_deg, size, self.config.samples, background=background,
             stratified=training, generator=self.render_generator if training else generator,
             occupancy=self.occupancy if training else None, shading=shading, light=light,
-            ambient=ambient,
+            ambient=ambient, packed=training and self.config.render_packed,
         )  # fmt: skip
 
     def prepare_ref(self, views: dict, resolution: int, indices=None) -> dict:
@@ -259,7 +259,7 @@ def ref_view_loss(fit: FitState, rays: dict, config: TextTo3DConfig) -> torch.Te
             bg = bg.to(dev)
     out = render_rays(
         fit.field, o, d, config.samples, background=bg, stratified=True,
-        generator=fit.render_generator, occupancy=fit.occupancy,
+        generator=fit.render_generator, occupancy=fit.occupancy, packed=config.render_packed,
     )  # fmt: skip
     a = target[:, 3:4]
     if fixed is not None:

@@ -9,10 +9,14 @@ are never sent through the field. Compositing is the usual emission-absorption q
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from mvdiff.cameras import intrinsics_from_fov
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "OccupancyGrid",
@@ -86,10 +90,57 @@ class OccupancyGrid:
         )
         self.values = None
         self.occupied = None
+        #: :meth:`select` with a fixed sample budget (``nonzero_static``): None = on accelerators
+        #: only (on the CPU ``nonzero`` costs no wait); True / False force it (tests).
+        self.static_budget: bool | None = None
+        self.budget: int | None = None  # samples per render for the static path; None = unknown
+        self._seen = None  # device scalar: the most samples any render has kept (no host read)
+
+    def _use_budget(self, keep: torch.Tensor) -> bool:
+        if self.static_budget is None:
+            return keep.device.type != "cpu"
+        return self.static_budget
+
+    def select(self, keep: torch.Tensor):
+        """Indices of the True entries of ``keep`` ``[N]`` and a validity mask (None = all valid).
+
+        ``nonzero``'s output shape depends on the data, so on an accelerator it makes the host
+        wait for the device at every render. There (``static_budget``) the indices come from
+        ``nonzero_static`` with a fixed budget, padded with index 0 and marked invalid in the
+        mask (callers zero the density of those samples): no wait. The budget is sized at each
+        :meth:`update`, which reads the device anyway, from the most samples any render kept
+        (x1.25, rounded up to 64 Ki); until a count exists, ``nonzero`` is used. A render that
+        keeps more samples than the budget drops the ones past it (the last rays in the batch)
+        until the next :meth:`update` grows the budget; ``overflows`` counts those updates.
+        """
+        count = keep.sum()
+        self._seen = count if self._seen is None else torch.maximum(self._seen, count)
+        if not self._use_budget(keep) or self.budget is None:
+            return keep.nonzero().squeeze(1), None  # (K, 1) -> (K,)
+        sel = torch.nonzero_static(keep, size=self.budget, fill_value=0).squeeze(1)  # (B,)
+        valid = torch.arange(self.budget, device=keep.device) < count  # (B,)
+        return sel, valid
+
+    def _resize_budget(self, seen: int) -> None:
+        if seen <= 0:
+            return
+        if self.budget is not None and seen > self.budget:
+            self.overflows += 1
+            logger.warning(
+                "occupancy: a render kept %d samples, over the budget of %d: grown",
+                seen,
+                self.budget,
+            )
+        chunk = 1 << 16
+        want = -(-int(seen * 1.25) // chunk) * chunk  # ceil to a multiple of 64 Ki
+        self.budget = max(self.budget or 0, want)
+
+    overflows = 0
 
     @torch.no_grad()
     def update(self, field, generator: torch.Generator | None = None) -> float:
-        """Refresh from ``field``; returns the occupied fraction."""
+        """Refresh from ``field``; returns the occupied fraction (and, with a static budget,
+        re-sizes it from the sample counts seen: one host read for both)."""
         r, b = self.res, self.bound
         dev = _device(field, None)
         idx = torch.arange(r, device=dev, dtype=torch.float32)
@@ -102,7 +153,12 @@ class OccupancyGrid:
             sigma if self.values is None else torch.maximum(self.values * self.decay, sigma)
         )
         self.occupied = self.values > self.threshold
-        return float(self.occupied.float().mean())
+        fraction = self.occupied.float().mean()
+        if self._seen is None or not self._use_budget(self._seen):
+            return float(fraction)
+        fraction, seen = torch.stack([fraction, self._seen.float()]).tolist()  # one host read
+        self._resize_budget(int(seen))
+        return fraction
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean ``[N]`` for points ``[N, 3]`` (all True before the first update)."""
@@ -145,6 +201,29 @@ def _background_rays(background, d: torch.Tensor, per_ray_rows: int, dtype) -> t
     return bg.repeat_interleave(per_ray_rows, dim=0)  # (G, 3) -> (R, 3)
 
 
+def _composite_packed(sigma, color, t, delta, ray_of, n_rays: int):
+    """Emission-absorption over samples ``[K]`` listed ray by ray, in order along each ray
+    (``ray_of`` ``[K]`` non-decreasing). Returns per-sample weights ``[K]`` and per-ray
+    opacity ``[R, 1]``, colour ``[R, 3]`` and depth ``[R, 1]``.
+
+    The exclusive optical depth of each sample is a cumulative sum over all samples minus the
+    sum at the start of its ray; the sum runs in float64, where thousands of rays' depths add
+    up without eating the few digits a single ray needs."""
+    tau = sigma * delta  # (K,) optical depth of each sample
+    cs = torch.cumsum(tau.double(), 0) - tau.double()  # (K,) exclusive running sum
+    first = torch.ones_like(ray_of, dtype=torch.bool)
+    first[1:] = ray_of[1:] != ray_of[:-1]  # (K,) the first kept sample of each ray
+    # the running sum where each sample's ray starts, with no data-dependent shape (indexing by
+    # ``first`` would make the host wait for the device): the sum never decreases, so the
+    # latest ray start at or before each sample is a running maximum
+    start = torch.where(first, cs, torch.full_like(cs, -torch.inf)).cummax(0).values  # (K,)
+    trans = torch.exp(-(cs - start)).to(sigma.dtype)  # (K,) transmittance before each
+    weights = (1.0 - torch.exp(-tau)) * trans  # (K,)
+    per = torch.cat([weights[:, None], weights[:, None] * color, (weights * t)[:, None]], 1)
+    acc = sigma.new_zeros(n_rays, 5).index_add(0, ray_of, per)  # (K, 5) -> (R, 5)
+    return weights, acc[:, 0:1], acc[:, 1:4], acc[:, 4:5]  # opacity, rgb, depth
+
+
 def render_rays(
     field,
     o: torch.Tensor,
@@ -159,6 +238,7 @@ def render_rays(
     light: torch.Tensor | None = None,
     ambient: float = 0.3,
     rays_per_group: int | None = None,
+    packed: bool = False,
 ) -> dict:
     """Render rays ``o``, ``d`` ``[R, 3]`` (unit directions). Returns per-ray ``rgb`` ``[R, 3]``
     (over ``background``), ``opacity`` / ``depth`` ``[R, 1]``, ``background`` ``[R, 3]``,
@@ -169,6 +249,10 @@ def render_rays(
     ``shading``: "albedo" (none), "lambertian" (colour * (ambient + (1 - ambient) * max(0,
     n.l))) or "textureless" (the same with white albedo), with normals from the density
     gradient and ``light`` ``[R, 3]`` unit directions towards the light.
+    ``packed``: composite only the samples sent through the field (a flat list grouped by
+    ray: :func:`_composite_packed`) instead of scattering them back into a dense ``[R, S]``
+    grid first; the same result (no 1e-10 transmittance floor), far less work when the
+    occupancy grid skips most samples.
     """
     if shading not in SHADING_MODES:
         raise ValueError(f"shading must be one of {SHADING_MODES}, got {shading!r}")
@@ -191,9 +275,13 @@ def render_rays(
 
     keep = hit[:, None].expand(n_rays, s).reshape(-1)  # (R, S) -> (R*S,)
     flat = pts.reshape(-1, 3)  # (R, S, 3) -> (R*S, 3)
+    valid = None  # (K,) bool where selection is padded to a fixed budget (packed only)
     if occupancy is not None:
         keep = keep & occupancy.query(flat)
-    sel = keep.nonzero().squeeze(1)  # (K, 1) -> (K,)
+    if occupancy is not None and packed:
+        sel, valid = occupancy.select(keep)
+    else:
+        sel = keep.nonzero().squeeze(1)  # (K, 1) -> (K,)
     need_normals = return_normals or shading != "albedo"
     normal_k = None
     if need_normals:
@@ -211,6 +299,26 @@ def render_rays(
         shade = ambient + (1.0 - ambient) * lam  # (K, 1)
         albedo = torch.ones_like(color_k) if shading == "textureless" else color_k
         color_k = albedo * shade
+    if valid is not None:
+        sigma_k = torch.where(valid, sigma_k, 0.0)  # padding samples: no density, no weight
+    if packed:
+        ray_of = torch.div(sel, s, rounding_mode="floor")  # (K,) ray of each kept sample
+        weights_k, opacity, rgb, depth = _composite_packed(
+            sigma_k, color_k, t.reshape(-1)[sel], delta.reshape(-1)[sel], ray_of, n_rays
+        )  # (R, S) -> (R*S,) -> (K,) for t and delta
+        bg = _background_rays(background, d, rays_per_group or n_rays, rgb.dtype)
+        out = {
+            "rgb": rgb + (1.0 - opacity) * bg,
+            "opacity": opacity,
+            "depth": depth,
+            "background": bg,
+            "num_evaluated": int(sel.numel()),
+        }
+        if return_normals:
+            n = torch.zeros(n_rays, 3, device=dev, dtype=normal_k.dtype)
+            n = n.index_add(0, ray_of, weights_k[:, None] * normal_k)  # (K, 3) -> (R, 3)
+            out["normal"] = F.normalize(n, dim=-1, eps=1e-6)
+        return out
     sigma = torch.zeros(n_rays * s, device=dev, dtype=sigma_k.dtype).index_put((sel,), sigma_k)
     color = torch.zeros(n_rays * s, 3, device=dev, dtype=color_k.dtype).index_put((sel,), color_k)
     sigma = sigma.reshape(n_rays, s)  # (R*S,) -> (R, S)
@@ -252,6 +360,7 @@ def render(
     shading: str = "albedo",
     light: torch.Tensor | None = None,
     ambient: float = 0.3,
+    packed: bool = False,
 ) -> dict:
     """Render V views of ``field``.
 
@@ -262,7 +371,7 @@ def render(
     ``[V, 3, H, W]``, optionally ``normal`` ``[V, 3, H, W]`` (world frame, from the density
     gradient), and ``num_evaluated`` (points sent through the field). ``shading`` and
     ``light`` (``[V, 3]`` unit directions towards the light, see :func:`sample_light`) as in
-    :func:`render_rays`.
+    :func:`render_rays`, and ``packed`` too.
     """
     dev = _device(field, c2w)
     c2w = c2w.to(dev)
@@ -278,7 +387,7 @@ def render(
     out = render_rays(
         field, o, d, num_samples, background=background, stratified=stratified,
         generator=generator, occupancy=occupancy, return_normals=return_normals,
-        shading=shading, light=light, ambient=ambient, rays_per_group=h * w,
+        shading=shading, light=light, ambient=ambient, rays_per_group=h * w, packed=packed,
     )  # fmt: skip
 
     def image(x):  # (R, C) -> (V, C, H, W)

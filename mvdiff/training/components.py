@@ -6,7 +6,8 @@ tokenizer/ scheduler/``) of either
 
 * plain Stable Diffusion (2.1-base, 1.5): its UNet gets a zero-initialised camera MLP
   (:func:`mvdiff.models.add_camera_mlp`), so training starts from exactly the 2D model; or
-* a multi-view model (its ``unet/config.json`` has ``class_embed_type: projection``);
+* a multi-view model (its ``unet/config.json`` has ``class_embed_type: projection``), or one
+  in the community MVDream/ImageDream layout (``MultiViewUNetModel``, converted on load);
 
 or ``"tiny"`` for :func:`mvdiff.testing.tiny_components` (tests, quickstart, benchmarks), or an
 official checkpoint file (``.pt`` ...), converted once into the cache (as ``mvdiff sample``).
@@ -135,10 +136,14 @@ def _load_components(pretrained: str, vae_dtype) -> Components:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from mvdiff.models import MultiViewUNet2DConditionModel, add_camera_mlp
+    from mvdiff.pipelines import folders
 
     unet_dir = _require(folder, "unet")
     config = _load(pretrained, "unet", lambda: json.loads((unet_dir / "config.json").read_text()))
-    if isinstance(config, dict) and (
+    if isinstance(config, dict) and config.get("_class_name") == folders.COMMUNITY_UNET:
+        unet = folders.load_community_unet(folder)  # community MVDream layout: converted
+        source = "multiview"
+    elif isinstance(config, dict) and (
         config.get("class_embed_type") == "projection"
         or config.get("_class_name") == MultiViewUNet2DConditionModel.__name__  # camera: false
     ):

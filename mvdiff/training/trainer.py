@@ -173,8 +173,8 @@ def _train(cfg: TrainConfig, task: Task, stop: StopSignals) -> dict:
                             camera=cfg.model.camera, attention=cfg.model.attention)  # fmt: skip
     freeze(parts.vae).to(accelerator.device)
     freeze(parts.text_encoder).to(accelerator.device, dtype=frozen_dtype)
-    run = Run(cfg, accelerator, out, parts, noise_scheduler_from(parts.scheduler,
-                                                                 cfg.prediction_type))  # fmt: skip
+    noise_scheduler = noise_scheduler_from(parts.scheduler, cfg.prediction_type)  # DDPM
+    run = Run(cfg, accelerator, out, parts, noise_scheduler)
     task.setup(run)  # with the starting model: class images, LoRA ...
     # the model's sampling scheduler from now on (validation, export) predicts what we train
     was = parts.scheduler.config.get("prediction_type")
