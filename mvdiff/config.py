@@ -230,27 +230,30 @@ def load_config(
     *,
     base: T | None = None,
     validate: bool = True,
+    what: str = "config file",
 ) -> T:
     """Defaults of ``cls`` (or the preset ``base``) <- YAML file ``path`` (if given) <-
-    ``overrides``; then :func:`validate_config` (unless ``validate=False``)."""
+    ``overrides``; then :func:`validate_config` (unless ``validate=False``). Problems with
+    the file start with ``what`` and the path (the CLI passes ``--config``)."""
     cfg = cls() if base is None else base
     if path:
-        cfg = config_from_dict(cls, read_config_file(path), f"config file {path}", base=cfg)
+        where = f"{what} {path}"
+        cfg = config_from_dict(cls, read_config_file(path, what), where, base=cfg)
     cfg = apply_overrides(cfg, overrides)
     return validate_config(cfg) if validate else cfg
 
 
-def read_config_file(path: str | Path) -> dict:
+def read_config_file(path: str | Path, what: str = "config file") -> dict:
     """The top-level mapping of a YAML (or JSON) config file; problems name the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path}: no such file")
+        raise ConfigError(f"{what} {path}: no such file")
     try:
         data = _yaml(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-        raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{what} {path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        raise ConfigError(f"{what} {path}: expected a mapping at the top level")
     return data
 
 
@@ -327,7 +330,9 @@ def config_from_args(
     (``{"--flag": (config key, value)}``; a None value = the flag was not given). Flag values
     are quoted (:func:`quote_value`), so they are taken literally; a bad one is a
     :class:`ConfigError` naming the flag. Then :func:`validate_config`."""
-    cfg = load_config(cls, args.config, list(args.overrides), base=base, validate=False)
+    cfg = load_config(
+        cls, args.config, list(args.overrides), base=base, validate=False, what="--config"
+    )
     for flag, (key, value) in (flags or {}).items():
         if value is not None:
             cfg = apply_overrides(cfg, [f"{key}={quote_value(value)}"], where=flag)

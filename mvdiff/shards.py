@@ -49,6 +49,7 @@ __all__ = [
     "encode_png",
     "iter_tar_members",
     "iter_tar_samples",
+    "read_metadata",
     "read_tar",
     "view_member",
     "write_members",
@@ -486,6 +487,26 @@ def split_member_name(name: str) -> tuple[str, str]:
     folder, _, base = name.rpartition("/")
     key, _, suffix = base.partition(".")
     return (f"{folder}/{key}" if folder else key), suffix
+
+
+def read_metadata(path, uid: str | None = None, first: bool = False) -> dict[str, dict | None]:
+    """``{key: KEY.json as a dict}`` of a shard (None where it is not a JSON object), read
+    sequentially; with ``uid`` (or ``first``) it stops at that (the first) sample's JSON.
+    Truncation and unreadable tars are ``tarfile.TarError``."""
+    out: dict[str, dict | None] = {}
+    with open(path, "rb") as f:
+        for name, data in iter_tar_members(f, str(path)):
+            key, suffix = split_member_name(name)
+            if suffix != "json" or (uid is not None and key.rpartition("/")[2] != uid):
+                continue
+            try:
+                meta = json.loads(data)
+            except ValueError:
+                meta = None
+            out[key.rpartition("/")[2]] = meta if isinstance(meta, dict) else None
+            if uid is not None or first:
+                break
+    return out
 
 
 def iter_tar_samples(stream, url: str = "?") -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -537,7 +537,7 @@ def test_render_unusable_output_captions_config_or_uid_list_are_one_line(tmp_pat
     binary.write_bytes(b"\xff\xfe\x00garbage\n")
     assert main(["render", str(inputs), "-o", str(tmp_path / "o"), "--config", str(binary)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"config file {binary}: not valid YAML" in err[0], err
+    assert len(err) == 1 and f"--config {binary}: not valid YAML" in err[0], err
     uids = ["render", "-o", str(tmp_path / "o"), "--objaverse-uids", str(binary), "-q"]
     assert main(uids) == 2  # (or: the objaverse package is missing; one line either way)
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

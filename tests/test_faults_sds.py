@@ -267,4 +267,4 @@ def test_text_to_3d_config_file_that_is_not_text_is_one_line(tmp_path, shard, ca
     binary.write_bytes(b"\xff\xfe\x00garbage\n")
     assert main([*argv(shard, tmp_path / "out"), "--config", str(binary)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"config file {binary}: not valid YAML" in err[0], err
+    assert len(err) == 1 and f"--config {binary}: not valid YAML" in err[0], err

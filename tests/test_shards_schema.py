@@ -132,3 +132,15 @@ def test_contract_spelled_once(pattern, owner):
         if re.search(pattern, text) and "test" not in path.name
     )
     assert found == [owner], found
+
+
+def test_shards_are_opened_only_by_their_owners():
+    """Tars are read and written by mvdiff/shards.py; besides it only the renderer's durable
+    append-mode writer (render/shards.py: ShardWriter) and the quickstart's photo shard (which
+    writes its members with mvdiff.shards.write_members) open one."""
+    found = sorted(
+        str(path.relative_to(REPO))
+        for path, text in _python_sources()
+        if "tarfile.open(" in text and "test" not in path.name
+    )
+    assert found == ["mvdiff/quickstart.py", "mvdiff/render/shards.py", "mvdiff/shards.py"]

@@ -9,7 +9,7 @@ from mvdiff.errors import UserError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from mvdiff.config import add_config_arguments, add_flag, add_resume_argument
+    from mvdiff.config import add_config_arguments, add_quiet_argument, add_resume_argument
 
     p = sub.add_parser(
         "image-to-3d",
@@ -73,8 +73,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=int, default=None, help="checkpoint period in steps")
     add_resume_argument(p, "OUTPUT/checkpoint.pt", "OUTPUT/checkpoint.pt")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    add_flag(p, "--quiet", "-q", aliases=("--no-progress",), action="store_true",
-             help="no progress bars; log warnings and errors only")  # fmt: skip
+    add_quiet_argument(p)
+    p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)  # old: no bar
     p.set_defaults(run=run)
 
 
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = image_to_3d(
             pipe, config, args.photo, args.output, depth_path=args.depth,
-            resume=resume_flag(args), progress=not args.quiet, device=device,
+            resume=resume_flag(args), progress=not (args.quiet or args.no_progress), device=device,
         )  # fmt: skip
     except OSError as e:
         if e.errno not in NO_ROOM:

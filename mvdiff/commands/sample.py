@@ -185,7 +185,7 @@ def resolve_settings(args: argparse.Namespace) -> SampleSettings:
     explicit |= {field for field, value in flags.values() if value is not None}
     explicit |= {item.split("=", 1)[0].strip() for item in args.overrides}
     if args.config:
-        explicit |= set(read_config_file(args.config))
+        explicit |= set(read_config_file(args.config, "--config"))
     if s.image:
         for field, value in IMAGE_DEFAULTS.items():
             if field not in explicit:

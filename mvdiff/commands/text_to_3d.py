@@ -9,7 +9,7 @@ from mvdiff.errors import UserError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from mvdiff.config import add_config_arguments, add_flag, add_resume_argument
+    from mvdiff.config import add_config_arguments, add_quiet_argument, add_resume_argument
 
     p = sub.add_parser(
         "text-to-3d",
@@ -118,8 +118,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(p, "TextTo3DConfig (YAML or JSON)", "sds.guidance_scale=30")
     add_resume_argument(p, "OUTPUT/checkpoint.pt", "OUTPUT/checkpoint.pt")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    add_flag(p, "--quiet", "-q", aliases=("--no-progress",), action="store_true",
-             help="no progress bars; log warnings and errors only")  # fmt: skip
+    add_quiet_argument(p)
+    p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)  # old: no bar
     p.set_defaults(run=run)
 
 
@@ -151,7 +151,9 @@ def load_sds_config(cls, args: argparse.Namespace, positive: tuple, weights: tup
     from mvdiff.config import load_config
 
     preset = cls.fast() if args.fast else cls()
-    config = load_config(cls, args.config, args.overrides, base=preset, validate=False)
+    config = load_config(
+        cls, args.config, args.overrides, base=preset, validate=False, what="--config"
+    )
     if args.prompt is not None:
         config.prompt = args.prompt
     if args.negative_prompt is not None:
@@ -285,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
     pipe, device = load_prior(args, config)
     try:
         summary = text_to_3d(
-            pipe, config, args.output, resume=resume_flag(args), progress=not args.quiet,
+            pipe, config, args.output, resume=resume_flag(args), progress=not (args.quiet or args.no_progress),
             device=device,
         )  # fmt: skip
     except OSError as e:

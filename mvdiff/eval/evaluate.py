@@ -47,7 +47,9 @@ class EvalConfig:
     #: reference images for FID/KID (folders or tars); default: the ground-truth views
     fid_reference: list[str] = field(default_factory=list)
     feature_size: int = 299
-    feature_input: str = "auto"
+    #: value range the feature network takes: auto (uint8 for TorchScript, imagenet for
+    #: torchvision), uint8 [0, 255], unit [0, 1], imagenet, symmetric [-1, 1]
+    feature_input: Literal["auto", "uint8", "unit", "imagenet", "symmetric"] = "auto"
     kid_subset_size: int = 1000
     kid_subsets: int = 100
     allow_download: bool = False
@@ -277,6 +279,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
                 "fid": frechet_distance(f_gen, f_ref), "kid": kid, "kid_std": kid_std,
                 "generated_images": len(generated), "reference_images": len(reference),
                 "feature_dim": int(f_gen.shape[1]), "extractor": extractor.source,
+                "extractor_kind": extractor.kind, "feature_input": extractor.input_mode,
+                "kid_subset_size": min(cfg.kid_subset_size, len(generated), len(reference)),
                 "note": "FID is biased upwards for small sets; compare runs of equal size only",
             }  # fmt: skip
             summary.update(fid=distribution["fid"], kid=kid, kid_std=kid_std)

@@ -4,19 +4,25 @@ unless ``allow_download``):
 * :class:`ClipScorer` — CLIP score ``100 * max(cos(image, text), 0)`` with a
   ``transformers.CLIPModel`` from a local folder (``save_pretrained`` layout).
 * :func:`load_feature_extractor` — image features for FID/KID from a local file:
-  a TorchScript module (``torch.jit.save``; e.g. the Inception feature networks distributed
-  for FID) or a torchvision ``inception_v3`` state dict (safetensors, or ``torch.save`` of
-  tensors loaded with ``weights_only=True``; needs torchvision). Pickled modules are refused:
-  loading one runs arbitrary code — convert it with ``torch.jit.script`` / ``torch.jit.save``.
+  a TorchScript module (``torch.jit.save``; e.g. ``inception-2015-12-05.pt``, the Inception
+  feature network of StyleGAN / clean-fid, which is called with ``return_features=True`` for
+  its 2048-d pool features) or a torchvision ``inception_v3`` state dict (safetensors, or
+  ``torch.save`` of tensors loaded with ``weights_only=True``, loaded strictly; needs
+  torchvision). Pickled modules are refused: loading one runs arbitrary code — convert it
+  with ``torch.jit.script`` / ``torch.jit.save``. Nothing is downloaded unless asked.
 
-Images everywhere are float ``[N, 3, H, W]`` in [0, 1].
+Images everywhere are float ``[N, 3, H, W]`` in [0, 1]. FID/KID follow the usual conventions
+(clean-fid, torchmetrics / torch-fidelity): images are quantised to 8 bits first, the feature
+network sees values in [0, 255] (its own normalisation inside; ``input_mode`` says
+otherwise for other networks), resized bilinearly to ``size`` (299) as the Inception network
+does itself, and the features are the 2048-d pool features.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,17 +45,17 @@ def _per_channel(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).reshape(1, 3, 1, 1)  # (3,) -> (1, 3, 1, 1)
 
 
-def _normalise(images: torch.Tensor, mode: str) -> torch.Tensor:
-    """[0, 1] images -> what the network expects: unit [0, 1], imagenet (mean/std), uint8
-    [0, 255] or symmetric [-1, 1]."""
-    if mode == "unit":
-        return images
+def _normalise(values: torch.Tensor, mode: str) -> torch.Tensor:
+    """8-bit values in [0, 255] -> what the network expects: uint8 (as they are), unit
+    [0, 1], imagenet (mean/std) or symmetric [-1, 1]."""
     if mode == "uint8":
-        return images * 255.0
+        return values
+    if mode == "unit":
+        return values / 255.0
     if mode == "symmetric":
-        return images * 2.0 - 1.0
+        return values / 127.5 - 1.0
     mean, std = _per_channel(IMAGENET_MEAN), _per_channel(IMAGENET_STD)
-    return (images - mean.to(images.device)) / std.to(images.device)
+    return (values / 255.0 - mean.to(values.device)) / std.to(values.device)
 
 
 def _embeds(out) -> torch.Tensor:
@@ -136,27 +142,44 @@ class ClipScorer:
         return 100.0 * cos.clamp(min=0.0).cpu()
 
 
+def quantise(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images -> the 8-bit values ``round(255 x)`` (as float) every FID implementation
+    feeds its network: generated and reference images are compared as 8-bit images."""
+    return (images.clamp(0, 1) * 255.0).round()
+
+
+def _takes_return_features(module) -> bool:
+    """A TorchScript forward with a ``return_features`` argument (the FID Inception)."""
+    try:
+        args = module.forward.schema.arguments
+    except (AttributeError, RuntimeError):
+        return False
+    return any(a.name == "return_features" for a in args)
+
+
 @dataclass
 class FeatureExtractor:
     """A callable ``images [N, 3, H, W] in [0, 1] -> features [N, D]`` plus where it came from."""
 
     module: Callable
-    kind: str  # torchscript | torchvision-inception | module
+    kind: str  # torchscript | torchscript-fid-inception | torchvision-inception | module
     source: str
     size: int = 299
-    input_mode: str = "unit"
+    input_mode: str = "uint8"
     batch_size: int = 32
     device: str = "cpu"
+    #: keyword arguments of every call (``{"return_features": True}`` for the FID Inception)
+    call_kwargs: dict = field(default_factory=dict)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         outs = []
         for chunk in images.split(self.batch_size):
-            x = chunk.float().to(self.device)
-            if self.size and x.shape[-1] != self.size:
+            x = quantise(chunk.float().to(self.device))
+            if self.size and tuple(x.shape[-2:]) != (self.size, self.size):
                 x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
                                   align_corners=False)  # fmt: skip
-            y = self.module(_normalise(x, self.input_mode))
+            y = self.module(_normalise(x, self.input_mode), **self.call_kwargs)
             if isinstance(y, (tuple, list)):
                 y = y[0]
             elif isinstance(y, dict):
@@ -177,11 +200,13 @@ def _torchvision_inception(state_dict: dict, source: str, flag: str):
             f"{flag} {source}: a state dict needs torchvision to build inception_v3 "
             "(pip install torchvision), or give a TorchScript feature network instead"
         ) from None
-    net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    aux = any(k.startswith("AuxLogits.") for k in state_dict)
+    net = torchvision.models.inception_v3(weights=None, aux_logits=aux, init_weights=False)
     try:
-        net.load_state_dict(state_dict, strict=False)
+        net.load_state_dict(state_dict, strict=True)  # every weight, nothing left random
     except RuntimeError as e:
-        raise UserError(f"{flag} {source}: not an inception_v3 state dict ({e})") from None
+        text = " ".join(str(e).split())[:300]
+        raise UserError(f"{flag} {source}: not an inception_v3 state dict ({text})") from None
     net.fc = torch.nn.Identity()  # 2048-d pool features
     return net.eval()
 
@@ -198,25 +223,26 @@ def load_feature_extractor(
     """A feature network for FID/KID from a local file (see the module docstring).
 
     ``spec`` ``"torchvision"`` means torchvision's ImageNet ``inception_v3`` weights, which
-    are downloaded, so it needs ``allow_download``. ``input_mode`` is ``unit`` ([0, 1]),
-    ``imagenet``, ``uint8`` ([0, 255]) or ``symmetric`` ([-1, 1]); ``auto`` picks
-    ``imagenet`` for torchvision networks and ``unit`` otherwise. ``size``: images are
-    resized to ``size``² first (0 = as they are).
+    are downloaded, so it needs ``allow_download``. ``input_mode`` is ``uint8`` ([0, 255],
+    what the FID Inception networks take), ``unit`` ([0, 1]), ``imagenet`` or ``symmetric``
+    ([-1, 1]); ``auto`` picks ``imagenet`` for torchvision networks and ``uint8`` otherwise.
+    ``size``: the 8-bit images are resized (bilinear) to ``size``² first (0 = as they are).
     """
     if input_mode not in (*INPUT_MODES, "auto"):
         raise UserError(
             f"--feature-input must be one of {[*INPUT_MODES, 'auto']}, got {input_mode!r}"
         )
 
-    def make(module, kind, source):
+    def make(module, kind, source, call_kwargs=None):
         mode = (
             input_mode
             if input_mode != "auto"
-            else ("imagenet" if "torchvision" in kind else "unit")
+            else ("imagenet" if "torchvision" in kind else "uint8")
         )
         if isinstance(module, torch.nn.Module):
             module = module.eval().to(device)
-        return FeatureExtractor(module, kind, source, size, mode, device=str(device))
+        return FeatureExtractor(module, kind, source, size, mode, device=str(device),
+                                call_kwargs=call_kwargs or {})  # fmt: skip
 
     if spec == "torchvision":
         if not allow_download:
@@ -234,9 +260,13 @@ def load_feature_extractor(
         raise UserError(f"{flag} {spec}: no such file (a TorchScript feature network or an "
                         "inception_v3 state dict)")  # fmt: skip
     try:
-        return make(torch.jit.load(str(path), map_location="cpu"), "torchscript", str(path))
+        scripted = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError):
-        pass  # not TorchScript: a state dict
+        scripted = None  # not TorchScript: a state dict
+    if scripted is not None:
+        if _takes_return_features(scripted):  # the FID Inception: pool features, not logits
+            return make(scripted, "torchscript-fid-inception", str(path), {"return_features": True})
+        return make(scripted, "torchscript", str(path))
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mvdiff.errors import UserError
-from mvdiff.shards import CAPTION_SUFFIX
+from mvdiff.shards import CAPTION_SUFFIX, iter_tar_members, read_metadata
 
 __all__ = [
     "composite_white",
@@ -81,20 +81,11 @@ def load_sample(folder, fov_deg: float = 40.0, flag: str = "SAMPLE") -> dict:
 
 def _shard_captions(path: Path, flag: str) -> dict[str, str]:
     """uid -> caption of every sample of a multi-view shard (reads only the .json members)."""
-    out = {}
     try:
-        with tarfile.open(path) as tar:
-            for info in tar:
-                name = info.name.rpartition("/")[2]
-                key, _, ext = name.partition(".")
-                if info.isfile() and ext == "json":
-                    try:
-                        out[key] = str(json.loads(tar.extractfile(info).read()).get("caption", ""))
-                    except ValueError:
-                        out[key] = ""
-    except tarfile.TarError as e:
+        metas = read_metadata(path)
+    except (tarfile.TarError, OSError) as e:
         raise UserError(f"{flag} {path}: not a readable tar ({e})") from None
-    return out
+    return {key: str((meta or {}).get("caption", "")) for key, meta in metas.items()}
 
 
 def _norm_caption(text: str) -> str:
@@ -191,11 +182,11 @@ def load_image_set(path, size: int | None = None, flag: str = "--fid-reference")
         ]
     elif path.is_file():
         try:
-            with tarfile.open(path) as tar:
-                for info in tar:
-                    if info.isfile() and Path(info.name).suffix.lower() in IMAGE_SUFFIXES:
-                        blobs.append(tar.extractfile(info).read())
-        except tarfile.TarError as e:
+            with open(path, "rb") as f:
+                for name, data in iter_tar_members(f, str(path)):
+                    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                        blobs.append(data)
+        except (tarfile.TarError, OSError, UnicodeDecodeError) as e:
             raise UserError(f"{flag} {path}: not a folder or a readable tar ({e})") from None
     else:
         raise UserError(f"{flag} {path}: no such folder or file")

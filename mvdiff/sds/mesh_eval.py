@@ -12,9 +12,6 @@
 
 from __future__ import annotations
 
-import io
-import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -50,13 +47,10 @@ def shard_normalization(path, uid: str | None = None) -> dict | None:
     path = Path(path)
     if not path.is_file():
         return None
-    with tarfile.open(path) as tar:
-        for info in tar:
-            key, _, ext = info.name.rpartition("/")[2].partition(".")
-            if ext == "json" and (uid is None or key == uid):
-                meta = json.load(io.BytesIO(tar.extractfile(info).read()))
-                return meta.get("normalization")
-    return None
+    from mvdiff.shards import read_metadata
+
+    meta = next(iter(read_metadata(path, uid, first=True).values()), None)
+    return (meta or {}).get("normalization")
 
 
 def load_source_mesh(path, normalization: dict | None = None):

@@ -156,7 +156,8 @@ class OccupancyGrid:
         fraction = self.occupied.float().mean()
         if self._seen is None or not self._use_budget(self._seen):
             return float(fraction)
-        fraction, seen = torch.stack([fraction, self._seen.float()]).tolist()  # one host read
+        seen = self._seen.float()
+        fraction, seen = torch.stack([fraction, seen]).tolist()  # one host read for both
         self._resize_budget(int(seen))
         return fraction
 
