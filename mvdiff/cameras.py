@@ -188,9 +188,15 @@ def sample_sds_group(
     elevation_range=(0.0, 30.0),
     fov_range=(15.0, 60.0),
     distance_factor_range=(0.9, 1.1),
+    relative_distance_range=None,
 ) -> dict:
     """One SDS camera group (docs/design.md §6): ``num_views`` cameras 360/V degrees apart with a shared
     random azimuth offset, one elevation, one fov and a framing distance.
+
+    The distance is ``distance_factor_range`` times the framing distance
+    ``(sqrt(3)/2) / sin(fov/2)`` (MVDream's ranges), or, with ``relative_distance_range``,
+    threestudio's ``relative_radius`` distance ``r / tan(fov/2)`` (``r`` = half the frame's
+    height at the origin, in unit-box units; ImageDream's configs).
 
     Returns torch tensors: ``c2w`` ``[V, 4, 4]`` float32, ``camera`` ``[V, 16]`` (model
     vectors), ``fov_deg`` ``[V]``, ``elevation_deg`` ``[V]``, ``azimuth_deg`` ``[V]``.
@@ -203,7 +209,10 @@ def sample_sds_group(
     azimuths = (offset + np.arange(num_views) * (360.0 / num_views)) % 360.0
     elevation = uniform(*elevation_range)
     fov = uniform(*fov_range)
-    distance = framing_distance(fov) * uniform(*distance_factor_range)
+    if relative_distance_range is not None:
+        distance = uniform(*relative_distance_range) / math.tan(math.radians(fov) / 2)
+    else:
+        distance = framing_distance(fov) * uniform(*distance_factor_range)
     c2w = orbit_c2w(np.full(num_views, elevation), azimuths, distance)
     return {
         "c2w": torch.from_numpy(c2w).float(),

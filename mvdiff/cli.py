@@ -107,7 +107,10 @@ def _note(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mvdiff.commands.text_to_3d import image_alias
+
     parser = build_parser()
+    argv = image_alias(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     setup_logging(quiet=getattr(args, "quiet", False))
     previous = previous_int = None

@@ -423,3 +423,65 @@ def test_gaussians_representation(tmp_path, capsys):
     assert main([*argv[:3], str(tmp_path / "o2"), *argv[4:], "--depth", str(depth)]) == 2
     assert "needs representation field" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_novel_views_use_imagedreams_camera_ranges(tmp_path, monkeypatch):
+    """The SDS groups of image-to-3d are drawn from ImageDream's threestudio ranges
+    (elevation [0, 5], fov [45, 50], relative radius [0.6, 0.75]: distance r / tan(fov/2)),
+    text-to-3d keeps MVDream's."""
+    import math
+
+    from mvdiff.sds import text_to_3d as t3d
+    from mvdiff.sds.image_to_3d import ImageTo3DConfig, image_to_3d
+    from mvdiff.sds.text_to_3d import TextTo3DConfig
+
+    config = ImageTo3DConfig.fast(steps=6, samples=8, mesh_resolution=16, turntable_frames=4)
+    assert (config.sds_elevation_range, config.sds_fov_range) == ([0, 5], [45, 50])
+    assert (config.sds_distance_mode, config.sds_distance_range) == ("relative", [0.6, 0.75])
+    assert TextTo3DConfig().sds_fov_range == [15, 60]
+    groups = []
+    real = t3d.sample_sds_group
+
+    def spy(*args, **kwargs):
+        groups.append(real(*args, **kwargs))
+        return groups[-1]
+
+    monkeypatch.setattr(t3d, "sample_sds_group", spy)
+    torch.set_num_threads(1)
+    pipe = MVDreamPipeline(**tiny_image_components(0))
+    photo = tmp_path / "photo.png"
+    two_blocks().save(photo)
+    image_to_3d(pipe, config, photo, tmp_path / "run", progress=False, log=lambda m: 0)
+    assert len(groups) == 6
+    for g in groups:
+        elevation, fov = float(g["elevation_deg"][0]), float(g["fov_deg"][0])
+        assert 0 <= elevation <= 5 and 45 <= fov <= 50
+        r = g["c2w"][0, :3, 3].norm() * math.tan(math.radians(fov) / 2)
+        assert 0.6 - 1e-5 <= float(r) <= 0.75 + 1e-5
+    # a bad range is one line naming the key
+    with pytest.raises(ValueError, match="sds_fov_range"):
+        ImageTo3DConfig(sds_fov_range=[50, 45]).validate()
+
+
+def test_text_to_3d_image_is_image_to_3d(tmp_path, capsys):
+    """`mvdiff text-to-3d --image PHOTO ...` runs image-to-3d (its outputs, its flags)."""
+    from mvdiff.commands.text_to_3d import image_alias
+
+    assert image_alias(["text-to-3d", "--image", "p.png", "--fast"]) == [
+        "image-to-3d", "p.png", "--fast"]  # fmt: skip
+    assert image_alias(["text-to-3d", "--image=p.png"]) == ["image-to-3d", "p.png"]
+    assert image_alias(["sample", "--image", "p.png"]) == ["sample", "--image", "p.png"]
+    photo = tmp_path / "photo.png"
+    two_blocks().save(photo)
+    out = tmp_path / "run"
+    argv = ["text-to-3d", "--output", str(out), "--image", str(photo), "--sds-weight", "0",
+            "--fast", "--steps", "2", "--samples", "8", "--mesh-resolution", "16",
+            "--elevation", "7", "--set", "turntable_frames=4", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "reference view PSNR" in capsys.readouterr().out
+    assert (out / "input.png").is_file() and (out / "reference.png").is_file()
+    assert json.loads((out / "config.json").read_text())["ref_elevation_deg"] == 7
+    # a text-to-3d-only flag is refused by image-to-3d's parser
+    with pytest.raises(SystemExit):
+        main(["text-to-3d", "--image", str(photo), "--output", str(out), "--render-size", "32"])
+    assert "unrecognized arguments: --render-size" in capsys.readouterr().err

@@ -28,6 +28,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="diffusers folder, official checkpoint or hub id (not needed with --sds-weight 0)",
     )
     p.add_argument("--prompt", default=None, help="text prompt (not needed with --sds-weight 0)")
+    p.add_argument(
+        "--image",
+        default=None,
+        metavar="PHOTO",
+        help="from a photo: the same as `mvdiff image-to-3d PHOTO` with the other arguments "
+        "(its flags apply; see `mvdiff image-to-3d --help`)",
+    )
     p.add_argument("--negative-prompt", default=None, help="negative prompt (default: empty)")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument(
@@ -114,6 +121,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_quiet_argument(p)
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)  # old: no bar
     p.set_defaults(run=run)
+
+
+def image_alias(argv: list[str]) -> list[str]:
+    """``text-to-3d ... --image PHOTO ...`` -> ``image-to-3d PHOTO ...``: ``--image`` is an
+    alias of ``mvdiff image-to-3d`` (one code path; that command's flags and checks apply).
+    Any other ``argv`` is returned unchanged."""
+    i = next((k for k, a in enumerate(argv) if not a.startswith("-")), None)
+    if i is None or argv[i] != "text-to-3d":  # the first word is the command
+        return argv
+    rest = argv[i + 1 :]
+    for j, a in enumerate(rest):
+        if a == "--":
+            break
+        if a == "--image" and j + 1 < len(rest):
+            photo, rest = rest[j + 1], rest[:j] + rest[j + 2 :]
+        elif a.startswith("--image="):
+            photo, rest = a.split("=", 1)[1], rest[:j] + rest[j + 1 :]
+        else:
+            continue
+        return [*argv[:i], "image-to-3d", photo, *rest]
+    return argv
 
 
 def load_sds_config(cls, args: argparse.Namespace, positive: tuple, weights: tuple):

@@ -319,10 +319,12 @@ def build_loader(
     num_workers: int | None = None,
     drop_last: bool = True,
     pin_memory: bool | None = None,
+    extra_views: int = 0,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of batches of one kind from ``cfg`` (``epochs=None``: endless).
     ``pin_memory`` (default: when CUDA is available) puts batches in page-locked memory, so
-    the copy to the GPU is a fast DMA."""
+    the copy to the GPU is a fast DMA. ``extra_views``: multi-view samples get that many more
+    views after the ``num_views`` (:class:`MultiViewDecoder`)."""
     if kind == "mv":
         name = f"data.mv_shards={cfg.mv_shards}"
         urls = expand_urls(cfg.mv_shards, "data.mv_shards")
@@ -332,6 +334,7 @@ def build_loader(
             views=cfg.views,
             background=cfg.background,
             caption_suffix=cfg.caption_suffix,
+            extra_views=extra_views,
         )
         batch_size = cfg.batch_size
     elif kind == "2d":

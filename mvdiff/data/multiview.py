@@ -89,7 +89,9 @@ class MultiViewDecoder:
     ``views``: ``"ring"`` (evenly spread over the rendered azimuth ring, random start — the
     MVDream recipe) or ``"random"`` (distinct random views). ``background``: ``"white"``,
     ``"black"`` or ``"random_grey"`` (one random grey level per object). The random choices
-    come from ``rng`` so a stream is reproducible given its seed.
+    come from ``rng`` so a stream is reproducible given its seed. ``extra_views`` more views,
+    drawn at random from the renders that are not among the selected ones, are appended
+    (the image prompt of the image-conditioned mode, :mod:`mvdiff.training.image_prompt`).
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class MultiViewDecoder:
         background: str = "white",
         caption_suffix: str = CAPTION_SUFFIX,
         seed: int = 0,
+        extra_views: int = 0,
     ):
         if views not in ("ring", "random"):
             raise ValueError(f"views must be 'ring' or 'random', got {views!r}")
@@ -109,6 +112,7 @@ class MultiViewDecoder:
         self.views, self.background = views, background
         self.caption_suffix = caption_suffix
         self.seed = seed
+        self.extra_views = extra_views
         self.skipped = SkipCounter()
 
     # -- one sample ---------------------------------------------------------------------------
@@ -142,8 +146,9 @@ class MultiViewDecoder:
             sample = MultiViewSample.decode(raw.get("__key__", "?"), raw, strict=False)
         except SampleInvalid as e:
             raise SampleError(str(e)) from None
-        if sample.num_views < self.num_views:
-            raise SampleError(f"{sample.num_views} rendered views, {self.num_views} requested")
+        wanted = self.num_views + self.extra_views
+        if sample.num_views < wanted:
+            raise SampleError(f"{sample.num_views} rendered views, {wanted} requested")
         return sample
 
     def decode(self, raw: dict, rng: random.Random) -> dict:
@@ -151,8 +156,11 @@ class MultiViewDecoder:
         sample = self.check(raw)
         meta, c2w = sample.meta, sample.c2w
         indices = self.select(meta, sample.num_views, rng)
+        if self.extra_views:
+            rest = [i for i in range(sample.num_views) if i not in indices]
+            indices = [*indices, *rng.sample(rest, self.extra_views)]
         background = self.background_color(rng)
-        pixels = np.empty((self.num_views, 3, self.resolution, self.resolution), np.uint8)
+        pixels = np.empty((len(indices), 3, self.resolution, self.resolution), np.uint8)
         for i, v in enumerate(indices):
             try:
                 rgb = _composite(sample.image(v), background)

@@ -75,6 +75,15 @@ class TextTo3DConfig:
     #: the asset the reference shard was rendered from: Chamfer distance in summary.json
     ref_mesh: str | None = None
     sds_weight: float = 1.0
+    #: the SDS camera groups (:func:`mvdiff.cameras.sample_sds_group`): one elevation and one
+    #: fov per group drawn from these ranges (degrees; MVDream's training ranges) ...
+    sds_elevation_range: list[float] = dataclasses.field(default_factory=lambda: [0.0, 30.0])
+    sds_fov_range: list[float] = dataclasses.field(default_factory=lambda: [15.0, 60.0])
+    #: ... and a distance: "framing" draws a factor of the framing distance
+    #: (sqrt(3)/2) / sin(fov/2); "relative" draws threestudio's relative radius r, distance
+    #: r / tan(fov/2) (half the frame's height at the origin, unit-box units)
+    sds_distance_mode: Literal["framing", "relative"] = "framing"
+    sds_distance_range: list[float] = dataclasses.field(default_factory=lambda: [0.9, 1.1])
     save_every: int = 1000
     #: the 3D representation: a radiance field (:mod:`mvdiff.sds.field`) or 3D Gaussians
     #: (:mod:`mvdiff.sds.gaussians`, albedo shading only)
@@ -139,6 +148,11 @@ class TextTo3DConfig:
             raise ValueError(
                 f"shading_probs must be 3 non-negative weights, got {self.shading_probs}"
             )
+        for name, lo, hi in (("sds_elevation_range", -89.0, 89.0), ("sds_fov_range", 1.0, 179.0),
+                             ("sds_distance_range", 1e-3, 1e3)):  # fmt: skip
+            r = getattr(self, name)
+            if len(r) != 2 or not lo <= r[0] <= r[1] <= hi:
+                raise ValueError(f"{name} must be [low, high] within [{lo:g}, {hi:g}], got {r}")
         if self.representation == "gaussians" and self.shading != "albedo":
             raise ValueError(
                 f"shading {self.shading!r}: the gaussians representation is albedo only"

@@ -85,6 +85,15 @@ class ImageTo3DConfig(TextTo3DConfig):
     sds: SDSConfig = dataclasses.field(
         default_factory=lambda: SDSConfig(guidance_scale=IMAGEDREAM_GUIDANCE)
     )
+    # Novel-view cameras: ImageDream's own ranges, from its threestudio config
+    # bytedance/ImageDream configs/imagedream-sd21-shading.yaml (data: elevation_range [0, 5],
+    # fovy_range [45, 50], camera_distance_range [0.6, 0.75] with the multi-view datamodule's
+    # relative_radius=true, threestudio/data/random_multiview.py; azimuths: n_view=4 evenly
+    # spaced with a random offset over threestudio's default [-180, 180], as here).
+    sds_elevation_range: list[float] = dataclasses.field(default_factory=lambda: [0.0, 5.0])
+    sds_fov_range: list[float] = dataclasses.field(default_factory=lambda: [45.0, 50.0])
+    sds_distance_mode: Literal["framing", "relative"] = "relative"
+    sds_distance_range: list[float] = dataclasses.field(default_factory=lambda: [0.6, 0.75])
 
     @classmethod
     def fast(cls, **kw) -> ImageTo3DConfig:

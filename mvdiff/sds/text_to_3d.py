@@ -82,7 +82,13 @@ class SDSTerm:
     def __call__(self, fit: FitState, config: TextTo3DConfig, step: int, size: int):
         gen = fit.generator
         v = config.sds.num_views
-        g = sample_sds_group(gen, num_views=v)
+        relative = config.sds_distance_mode == "relative"
+        g = sample_sds_group(
+            gen, num_views=v, elevation_range=config.sds_elevation_range,
+            fov_range=config.sds_fov_range,
+            distance_factor_range=config.sds_distance_range,
+            relative_distance_range=config.sds_distance_range if relative else None,
+        )  # fmt: skip
         bg = fit.background.sample(v, gen, training=True)
         shading = choose_shading(config, step, gen)
         light = sample_light(g["c2w"], gen) if shading != "albedo" else None

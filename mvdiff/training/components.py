@@ -56,6 +56,10 @@ class Components:
     tokenizer: Any
     scheduler: Any  # the sampling scheduler shipped with the model (exported as is)
     source: str  # "sd" (camera MLP added), "multiview" or "tiny"
+    #: an ImageDream folder's vision tower (CLIPVisionModel) and its CLIPImageProcessor
+    #: (exported with the model), else None
+    image_encoder: Any = None
+    feature_extractor: Any = None
 
 
 def _require(folder: Path, sub: str) -> Path:
@@ -178,7 +182,17 @@ def _load_components(pretrained: str, vae_dtype) -> Components:
             steps_offset=1,
         )
     )
-    return Components(unet, vae, text_encoder, tokenizer, scheduler, source)
+    image_encoder = feature_extractor = None
+    if (folder / "image_encoder").is_dir() and (folder / "feature_extractor").is_dir():
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        image_encoder = _load(pretrained, "image_encoder", CLIPVisionModel.from_pretrained,
+                              folder / "image_encoder")  # fmt: skip
+        feature_extractor = _load(pretrained, "feature_extractor",
+                                  CLIPImageProcessor.from_pretrained,
+                                  folder / "feature_extractor")  # fmt: skip
+    return Components(unet, vae, text_encoder, tokenizer, scheduler, source, image_encoder,
+                      feature_extractor)  # fmt: skip
 
 
 def noise_scheduler_from(scheduler, prediction_type: str = "epsilon") -> Any:

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 from mvdiff.data.loader import DataConfig
 from mvdiff.shards import CAPTION_SUFFIX
+from mvdiff.training.image_prompt import ImagePromptConfig
 
 __all__ = [
     "CheckpointConfig",
@@ -127,6 +128,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    #: the image-conditioned (ImageDream) mode: mvdiff.training.image_prompt
+    image: ImagePromptConfig = field(default_factory=ImagePromptConfig)
 
     LIMITS: ClassVar[dict] = {"max_steps": ">=1", "gradient_accumulation_steps": ">=1",
                               "ema_decay": "[0,1]", "snr_gamma": ">=0", "noise_offset": ">=0",

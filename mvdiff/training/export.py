@@ -2,7 +2,7 @@
 carries the pipeline and UNet code, see :mod:`mvdiff.pipelines.folders`)::
 
 model/  model_index.json  pipeline_mvdream.py  unet/ (unet_mv.py)  vae/  text_encoder/  tokenizer/
-        scheduler/
+        scheduler/  [image_encoder/  feature_extractor/]   (image-prompt models: sample --image)
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ __all__ = ["export_pipeline_folder"]
 
 
 def export_pipeline_folder(
-    out_dir: str | Path, unet, vae, text_encoder, tokenizer, scheduler
+    out_dir: str | Path, unet, vae, text_encoder, tokenizer, scheduler, **optional
 ) -> Path:
     """Save the five components (safetensors), ``model_index.json`` and the shipped code;
-    atomic via rename.
+    atomic via rename. ``optional``: the pipeline's optional components (``image_encoder``,
+    ``feature_extractor`` of an ImageDream model); None ones are left out.
 
     A failed write (disk full) removes the partial ``.tmp`` folder and is a one-line
     :class:`~mvdiff.errors.UserError` (the final training checkpoint is already on disk)."""
@@ -29,7 +30,7 @@ def export_pipeline_folder(
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     try:
-        return _export(out_dir, tmp, unet, vae, text_encoder, tokenizer, scheduler)
+        return _export(out_dir, tmp, unet, vae, text_encoder, tokenizer, scheduler, optional)
     except (OSError, RuntimeError, SafetensorError) as e:  # disk full, quota, permissions
         shutil.rmtree(tmp, ignore_errors=True)
         text = str(e).strip().splitlines()
@@ -39,12 +40,14 @@ def export_pipeline_folder(
         ) from None
 
 
-def _export(out_dir: Path, tmp: Path, unet, vae, text_encoder, tokenizer, scheduler) -> Path:
+def _export(out_dir: Path, tmp: Path, unet, vae, text_encoder, tokenizer, scheduler,
+            optional: dict) -> Path:  # fmt: skip
     from mvdiff.pipelines.pipeline_mvdream import MVDreamPipeline
 
     shutil.rmtree(tmp, ignore_errors=True)
+    extra = {k: v for k, v in optional.items() if v is not None}
     pipe = MVDreamPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                           scheduler=scheduler)  # fmt: skip
+                           scheduler=scheduler, **extra)  # fmt: skip
     pipe.save_pretrained(tmp, safe_serialization=True)
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -86,6 +86,8 @@ def diffusion_loss(
     generator: torch.Generator,
     snr_gamma: float = 0.0,
     noise_offset: float = 0.0,
+    image_embeds: torch.Tensor | None = None,
+    reference_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MSE of ``unet`` on latents ``[B*V, C, h, w]`` with text ``[B, L, D]`` against the
     target of ``scheduler.config.prediction_type`` (:func:`loss_target`).
@@ -93,6 +95,11 @@ def diffusion_loss(
     ``camera`` is ``[B*V, 16]`` or None (2D mode). One timestep per object, shared by its
     ``num_views`` views, uniform over the training timesteps; noise (and offset noise)
     independent per view.
+
+    Image prompt (ImageDream UNets): ``image_embeds`` ``[B, N, E]`` go to the UNet as they
+    are; ``reference_latents`` ``[B, C, h, w]`` add a last, zero-camera frame to every object
+    (the UNet writes the clean reference latent there; same timestep and text) whose
+    prediction is left out of the loss.
     """
     n, c = latents.shape[:2]
     b = n // num_views
@@ -103,8 +110,26 @@ def diffusion_loss(
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
     t = t.to(device).repeat_interleave(num_views)  # (B,) -> (B*V,)
     noisy = scheduler.add_noise(latents, noise, t)
-    text = text.repeat_interleave(num_views, dim=0)  # (B, L, D) -> (B*V, L, D)
-    pred = unet(noisy, t, text, camera=camera, num_views=num_views).sample
+    frames = num_views
+    extra = {} if image_embeds is None else {"image_embeds": image_embeds}
+    t_in = t
+    if reference_latents is not None:
+        if camera is None:
+            raise ValueError("reference_latents need cameras (the reference frame's is zero)")
+        frames = num_views + 1
+        h, w = latents.shape[2:]
+        # (B*V, C, h, w) -> (B, V, C, h, w) + a zero frame -> (B, F, C, h, w) -> (B*F, C, h, w)
+        views = noisy.reshape(b, num_views, c, h, w)
+        noisy = torch.cat([views, views.new_zeros(b, 1, c, h, w)], 1).reshape(b * frames, c, h, w)
+        cams = camera.reshape(b, num_views, -1)  # (B*V, 16) -> (B, V, 16)
+        # (B, V, 16) + (B, 1, 16) -> (B, F, 16) -> (B*F, 16)
+        camera = torch.cat([cams, cams.new_zeros(b, 1, cams.shape[-1])], 1).reshape(b * frames, -1)
+        t_in = t[::num_views].repeat_interleave(frames)  # (B*V,) -> (B,) -> (B*F,)
+        extra["reference_latents"] = reference_latents
+    text = text.repeat_interleave(frames, dim=0)  # (B, L, D) -> (B*F, L, D)
+    pred = unet(noisy, t_in, text, camera=camera, num_views=frames, **extra).sample
+    if frames > num_views:  # (B*F, C, h, w) -> (B, F, C, h, w) -> (B, V, ...) -> (B*V, C, h, w)
+        pred = pred.reshape(b, frames, *pred.shape[1:])[:, :num_views].reshape(n, *pred.shape[1:])
     target = loss_target(scheduler, latents, noise, t)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma:

@@ -144,11 +144,13 @@ def denoising_loss(
     captions: list[str],
     camera: torch.Tensor | None,
     generator: torch.Generator,
+    **unet_inputs,
 ) -> torch.Tensor:
     """The diffusion loss (:func:`~mvdiff.training.loss.diffusion_loss`) of the trained UNet
     on uint8 ``pixels [B, V, 3, H, W]`` with ``captions`` (B) and cameras ``[B, V, 16]`` (None:
     2D mode; ignored when ``model.camera`` is false), with the run's prediction type, SNR
-    weighting and offset noise."""
+    weighting and offset noise. ``unet_inputs`` (``image_embeds``, ``reference_latents``: the
+    image-conditioned task) go to :func:`~mvdiff.training.loss.diffusion_loss`."""
     cfg = run.cfg
     b, v = pixels.shape[:2]
     latents = encode_images(run.parts.vae, pixels.to(run.device), generator)  # (B*V, C, h, w)
@@ -160,7 +162,7 @@ def denoising_loss(
     with run.accelerator.autocast():
         loss = diffusion_loss(
             run.unet, run.noise_scheduler, latents, text.float(), camera, v, generator,
-            snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset,
+            snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset, **unet_inputs,
         )  # fmt: skip
         mlp = run.model.class_embedding
         if camera is None and mlp is not None:

@@ -22,6 +22,10 @@ __all__ = ["JointTask"]
 class JointTask(Task):
     """``data.mv_shards`` (multi-view, with cameras) + ``data.shards_2d`` (2D, no camera)."""
 
+    #: views decoded per multi-view sample beyond ``data.num_views`` (the image task's
+    #: reference view)
+    extra_views: int = 0
+
     def check(self, cfg) -> list[str]:
         d = cfg.data
         if not d.mv_shards and not d.shards_2d:
@@ -44,7 +48,11 @@ class JointTask(Task):
         if start and cfg.checkpoint.resume_data == "reseed":
             data_seed = make_seed("reseed", cfg.seed, start)
         d = cfg.data
-        mv = build_loader(d, "mv", data_seed, run.rank, run.world) if d.mv_shards else None
+        mv = (
+            build_loader(d, "mv", data_seed, run.rank, run.world, extra_views=self.extra_views)
+            if d.mv_shards
+            else None
+        )
         d2 = build_loader(d, "2d", data_seed, run.rank, run.world) if d.shards_2d else None
         # "skip": replay the streams to the exact micro-batch; "reseed": new streams
         skip = start * cfg.gradient_accumulation_steps
@@ -62,6 +70,9 @@ class JointTask(Task):
         from mvdiff.training.export import export_pipeline_folder
 
         parts, folder = run.parts, run.out / "model"
+        tower = parts.image_encoder  # an ImageDream model's vision tower goes with it
         export_pipeline_folder(folder, run.model, parts.vae.float(), parts.text_encoder.float(),
-                               parts.tokenizer, parts.scheduler)  # fmt: skip
+                               parts.tokenizer, parts.scheduler,
+                               image_encoder=None if tower is None else tower.float(),
+                               feature_extractor=parts.feature_extractor)  # fmt: skip
         return {"model": str(folder)}
