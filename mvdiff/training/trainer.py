@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from mvdiff.accel import enable_tf32
+from mvdiff.accel import enable_tf32, frozen_dtype, mixed_precision_choice
 from mvdiff.config import save_config
 from mvdiff.data.loader import build_loader
 from mvdiff.data.mixer import BatchMixer
@@ -39,12 +39,17 @@ from mvdiff.training.components import freeze, load_components, noise_scheduler_
 from mvdiff.training.config import OptimConfig, TrainConfig
 from mvdiff.training.interrupt import StopSignals, TrainingInterrupted
 from mvdiff.training.loss import diffusion_loss, encode_images, encode_prompts
+from mvdiff.training.sharded import configure_deepspeed, is_sharded, weights_checksum
 from mvdiff.training.stepping import (
     accelerator_kwargs_handlers,
+    backward,
     build_ema,
+    discard_step,
     optimizer_step,
     place_ema,
 )
+from mvdiff.training.trackers import tracker_config, tracker_names
+from mvdiff.training.validation import run_validation
 
 log = logging.getLogger("mvdiff.train")
 
@@ -77,14 +82,6 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     if o.schedule == "cosine":
         return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return lr + (floor - lr) * progress
-
-
-def _checksum(model: torch.nn.Module) -> float:
-    """A float fingerprint of the weights (to compare ranks)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for i, p in enumerate(model.parameters()):
-        total += (p.detach().double().cpu() * (1.0 + 1e-3 * (i % 97))).sum()
-    return float(total)
 
 
 def build_optimizer(params, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
@@ -146,11 +143,11 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
             if getattr(cfg.data, key):
                 expand_urls(getattr(cfg.data, key), f"data.{key}")  # names a missing file now
     out = Path(cfg.output_dir)
-    tb = _tensorboard_available()
+    trackers = tracker_names(cfg.report_to)
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=mixed_precision_choice(cfg.mixed_precision),
         kwargs_handlers=accelerator_kwargs_handlers(),
-        log_with="tensorboard" if tb else None,
+        log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -169,14 +166,12 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
         log.warning("data.p_2d=%s but data.shards_2d is empty: training on 3D only", cfg.data.p_2d)
 
     # ---- model: trainable multi-view UNet, frozen VAE + text encoder ------------------------
-    frozen_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        cfg.mixed_precision
-    ]
-    parts = load_components(cfg.model.pretrained, vae_dtype=frozen_dtype)  # VAE: no .to(dtype)
+    frozen = frozen_dtype(accelerator.mixed_precision)  # the config's or the launcher's
+    parts = load_components(cfg.model.pretrained, vae_dtype=frozen)  # VAE: no .to(dtype)
     unet, vae, text_encoder, tokenizer = parts.unet, parts.vae, parts.text_encoder, parts.tokenizer
     noise_scheduler = noise_scheduler_from(parts.scheduler)
     freeze(vae).to(accelerator.device)
-    freeze(text_encoder).to(accelerator.device, dtype=frozen_dtype)
+    freeze(text_encoder).to(accelerator.device, dtype=frozen)
     class_images, lora_config, class_generated = None, None, 0
     if db is not None and db.prior.enabled:
         # class objects from the *starting* model, generated once (main process) and cached
@@ -193,6 +188,8 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
     # ---- optimizer (lr is set every step from learning_rate(step)) -------------------------
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim, base_lr(cfg))
+    configure_deepspeed(accelerator, cfg.data.batch_size, cfg.gradient_accumulation_steps,
+                        cfg.optim.max_grad_norm)  # fmt: skip
     unet, optimizer = accelerator.prepare(unet, optimizer)
     trainable = [p for p in accelerator.unwrap_model(unet).parameters() if p.requires_grad]
     # theta_0 for the parameter-preservation term: the starting weights (taken before a resume)
@@ -256,9 +253,10 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
     )  # fmt: skip
     stop.on_exit.append(bar.close)  # also on errors: the message gets a line of its own
     tracker_started = False
-    if tb:
-        accelerator.init_trackers("mvdiff", config={"output_dir": str(out)})
+    if trackers:
+        accelerator.init_trackers("mvdiff", config=tracker_config(cfg))
         tracker_started = True
+    val_copy = None  # FSDP / ZeRO-3: the main process's unsharded UNet for validation
     while step < cfg.max_steps:
         if (signum := stop.requested(accelerator)) is not None:  # SIGTERM / Ctrl-C
             if step > saved_step:
@@ -304,7 +302,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
                     # 2D batch: the camera MLP is skipped; a zero term keeps DDP's set of used
                     # parameters the same on every rank and step
                     mlp = accelerator.unwrap_model(unet).class_embedding
-                    if mlp is not None:
+                    if mlp is not None and not is_sharded(accelerator):  # FSDP: not needed
                         loss = loss + 0.0 * sum(p.sum() for p in mlp.parameters())
                 if db is not None:
                     terms = {"instance_loss": loss.detach()}
@@ -333,7 +331,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
                 # No host sync between forward and backward: every rank runs backward on
                 # every micro-step (so DDP never waits for a rank that skipped one), and a
                 # non-finite loss on any rank drops the whole step once it is read, below.
-                accelerator.backward(loss / accum)
+                backward(accelerator, loss, accum, last=micro == accum - 1)
             micro_losses.append(loss.detach().float().reshape(1))
             if db is not None:
                 micro_terms.append(
@@ -367,7 +365,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
         if overflow:
             overflow_skips += 1
         elif bad:
-            optimizer.zero_grad(set_to_none=True)
+            discard_step(accelerator, optimizer)
             what = f"non-finite loss or gradient at step {step}"
             if cfg.nan_policy == "stop":
                 last = find_checkpoint("latest", out)
@@ -439,22 +437,22 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
 
         # ---- validation samples ---------------------------------------------------------------
         if cfg.validation.every and (step % cfg.validation.every == 0 or step == cfg.max_steps):
-            if accelerator.is_main_process:
-                _validate(accelerator, unet, ema, trainable, parts, vae, text_encoder, cfg,
-                          val_prompts, step, out)  # fmt: skip
-            accelerator.wait_for_everyone()
+            _, val_copy = run_validation(accelerator, unet, parts, cfg, val_prompts, step, out,
+                                         vae=vae, text_encoder=text_encoder, ema=ema,
+                                         trainable=trainable, cache=val_copy)  # fmt: skip
     bar.close()
 
     # ---- the end: ranks in sync?, export a diffusers folder -------------------------------------
     base = accelerator.unwrap_model(unet)
-    checksums = accelerator.gather(
-        torch.tensor([_checksum(base)], dtype=torch.float64, device=accelerator.device)
+    checksums = accelerator.gather(  # of this rank's shard under FSDP
+        torch.tensor([weights_checksum(base)], dtype=torch.float64, device=accelerator.device)
     ).tolist()
     summary = {
         "steps": step,
         "final_loss": last_loss,
         "rank_checksums": checksums,
-        "ranks_in_sync": len(set(checksums)) == 1,
+        # sharded engines hold a different shard on each rank: not comparable (null)
+        "ranks_in_sync": None if is_sharded(accelerator) else len(set(checksums)) == 1,
         "nan_skips": nan_skips_total,
         "skipped_samples": skipped_total,
         "overflow_skips": overflow_skips,
@@ -463,24 +461,21 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
         summary["class_images_generated"] = class_generated
         if class_images is not None:
             summary["class_images"] = str(class_images.folder)
+    if cfg.export and lora_config is None:  # every rank: gathering is a collective (FSDP)
+        from mvdiff.training.export import export_trained
+
+        export_trained(accelerator, unet, vae, text_encoder, tokenizer, parts.scheduler,
+                       out / "model", ema=ema, trainable=trainable)  # fmt: skip
+        summary["model"] = str(out / "model")
     if accelerator.is_main_process:
-        if cfg.export:
-            from mvdiff.training.export import export_pipeline_folder
+        if cfg.export and lora_config is not None:  # only the adapter; it records its base
+            from mvdiff.pipelines.loading import save_lora_adapter
 
             if ema is not None:
                 ema.store(trainable)
                 ema.copy_to(trainable)
-            if lora_config is not None:  # only the adapter; it records its base model
-                from mvdiff.pipelines.loading import save_lora_adapter
-
-                save_lora_adapter(base, lora_config, out / "adapter", dbm.adapter_meta(cfg))
-                summary["adapter"] = str(out / "adapter")
-            else:
-                export_pipeline_folder(
-                    out / "model", base, vae.float(), text_encoder.float(), tokenizer,
-                    parts.scheduler,
-                )  # fmt: skip
-                summary["model"] = str(out / "model")
+            save_lora_adapter(base, lora_config, out / "adapter", dbm.adapter_meta(cfg))
+            summary["adapter"] = str(out / "adapter")
             if ema is not None:
                 ema.restore(trainable)
         summary = _json_safe(summary)  # valid JSON: a loss that never came is null, not NaN
@@ -492,37 +487,6 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
     return summary
 
 
-def _validate(accelerator, unet, ema, trainable, parts, vae, text_encoder, cfg, prompts, step,
-              out):  # fmt: skip
-    from PIL import Image
-
-    from mvdiff.training.validation import validation_grid
-
-    base = accelerator.unwrap_model(unet)
-    if ema is not None:
-        ema.store(trainable)
-        ema.copy_to(trainable)
-    base.eval()
-    try:
-        with accelerator.autocast():
-            grid = validation_grid(
-                base, vae, text_encoder, parts.tokenizer, parts.scheduler,
-                prompts, cfg.data.resolution, cfg.validation,
-            )  # fmt: skip
-    finally:
-        base.train()
-        if ema is not None:
-            ema.restore(trainable)
-    path = out / "samples" / f"step-{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
-    try:
-        tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-        tracker.add_image("validation", grid, step, dataformats="HWC")
-    except Exception:  # noqa: BLE001 - no tensorboard tracker: the PNG is enough
-        pass
-
-
 def _json_safe(value):
     """``value`` with every non-finite float replaced by None (JSON has no NaN / Infinity)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -532,12 +496,3 @@ def _json_safe(value):
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
-
-
-def _tensorboard_available() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-        from torch.utils import tensorboard as _  # noqa: F401
-    except ImportError:
-        return False
-    return True
