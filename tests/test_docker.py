@@ -59,7 +59,8 @@ def _pins() -> dict:
 
 def test_training_image_pins_one_consistent_set():
     pins = _pins()
-    for name in ("torch", "xformers", "diffusers", "transformers", "accelerate", "peft"):
+    for name in ("torch", "xformers", "diffusers", "transformers", "accelerate", "peft",
+                 "tensorboard"):  # fmt: skip
         assert pins.get(name), f"constraints-train.txt: {name} is not pinned with =="
     text = (DOCKER / "Dockerfile.train").read_text()
     base = re.search(r"^FROM pytorch/pytorch:(\d+\.\d+\.\d+)-", text, flags=re.M)
@@ -74,6 +75,8 @@ def test_training_image_pins_one_consistent_set():
     as_tuple = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
     assert as_tuple(lo) <= torch_version < as_tuple(hi)
     assert re.search(r"pip install .*-c docker/constraints-train\.txt", text)
+    # the train extra: TensorBoard, which the trainer logs to by default (report_to)
+    assert re.search(r'pip install .*-e "\.\[train,', text)
     assert "COPY docker/constraints-train.txt" in text
 
 

@@ -4,7 +4,8 @@ A checkpoint holds only tensors and JSON, so that resuming never runs code from 
 
 * ``model.safetensors``     the trainable UNet (LoRA included), unwrapped
 * ``optimizer.pt``          ``optimizer.state_dict()``, read back with ``torch.load(weights_only=True)``
-* ``ema.safetensors``       the EMA shadow weights (+ its counters as JSON metadata), if EMA is on
+* ``ema.safetensors``       the EMA shadow weights (+ its counters as JSON metadata), if EMA is on;
+  under FSDP / ZeRO-3 ``ema_rank<r>.safetensors``, each rank's EMA of its own shard
 * ``rng_state_<rank>.json`` Python / numpy / torch random states of each process
 * ``trainer_state.json``    step, run bookkeeping, the fp16 loss-scaler state and the size of
   every file above (a truncated file is detected before anything is loaded); written last
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from mvdiff.errors import UserError
+from mvdiff.training.sharded import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +143,14 @@ def _write_own(accelerator, folder: Path, model, optimizer, ema) -> None:
     elif accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), str(folder / MODEL_FILE))
         torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
-    if ema is not None and accelerator.is_main_process:
+    if ema is not None and (accelerator.is_main_process or is_sharded(accelerator)):
         ema_state = ema.state_dict()
         shadow = ema_state.pop("shadow_params")
-        # one tensor per trainable parameter, in parameter order
-        tensors = {f"shadow.{i:05d}": p.detach().contiguous().cpu() for i, p in enumerate(shadow)}
-        save_file(tensors, str(folder / EMA_FILE), metadata={"ema": json.dumps(ema_state)})
+        # one tensor per trainable parameter, in parameter order (this rank's shard: FSDP2)
+        tensors = {f"shadow.{i:05d}": _local(p).detach().contiguous().cpu()
+                   for i, p in enumerate(shadow)}  # fmt: skip
+        save_file(tensors, str(folder / _ema_file(accelerator)),
+                  metadata={"ema": json.dumps(ema_state)})  # fmt: skip
     rank = accelerator.process_index
     (folder / f"rng_state_{rank}.json").write_text(json.dumps(_rng_state()))
 
@@ -238,6 +242,29 @@ def _all_ok(accelerator, ok: bool) -> bool:
     return accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes
 
 
+def _ema_file(accelerator) -> str:
+    """Sharded engines: every rank keeps the EMA of its own shard."""
+    if is_sharded(accelerator):
+        return f"ema_rank{accelerator.process_index}.safetensors"
+    return EMA_FILE
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of an FSDP2 ``DTensor``; a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _like(loaded: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """``loaded`` (this rank's part) placed like ``current`` (device, dtype, sharding)."""
+    local = loaded.to(device=_local(current).device, dtype=current.dtype)
+    if not hasattr(current, "to_local"):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, current.device_mesh, current.placements, run_check=False,
+                              shape=current.shape, stride=current.stride())  # fmt: skip
+
+
 # ---- load -------------------------------------------------------------------------------------
 
 
@@ -293,7 +320,7 @@ def load_checkpoint(accelerator, path: str | Path, model, optimizer, ema=None) -
         if legacy:
             ema_state = _read(path / "custom_checkpoint_0.pkl", "EMA state")
         else:
-            tensors, meta = _read(path / EMA_FILE, "EMA weights")
+            tensors, meta = _read(path / _ema_file(accelerator), "EMA weights")
             try:
                 ema_state = json.loads(meta.get("ema", ""))
             except ValueError:
@@ -301,12 +328,12 @@ def load_checkpoint(accelerator, path: str | Path, model, optimizer, ema=None) -
             ema_state["shadow_params"] = [tensors[k] for k in sorted(tensors)]
         shadow = ema_state.get("shadow_params") if isinstance(ema_state, dict) else None
         if not isinstance(shadow, list) or [tuple(t.shape) for t in shadow] != [
-            tuple(t.shape) for t in ema.shadow_params
+            tuple(_local(t).shape) for t in ema.shadow_params
         ]:
             raise CheckpointError(f"{path}: the EMA state does not match this model")
-        # on the device and in the dtype of the live EMA weights
+        # on the device and in the dtype (and sharding) of the live EMA weights
         ema_state["shadow_params"] = [
-            t.to(device=cur.device, dtype=cur.dtype) for t, cur in zip(shadow, ema.shadow_params)
+            _like(t, cur) for t, cur in zip(shadow, ema.shadow_params, strict=True)
         ]
     rng = None
     rng_file = path / f"rng_state_{accelerator.process_index}.json"

@@ -100,7 +100,12 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 10000
     gradient_accumulation_steps: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    #: "auto": the launcher's choice (``accelerate launch --mixed_precision``, the accelerate
+    #: config file; "no" without a launcher); an explicit value overrides the launcher
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    #: experiment tracker(s) through accelerate: "tensorboard" (output_dir/logs), "wandb",
+    #: "all", or "none"; loss, lr, throughput and the validation grids are logged there
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"
     #: exponential moving average of the UNet weights (exported instead of the raw weights)
     ema: bool = False
     ema_decay: float = 0.9999
@@ -229,7 +234,7 @@ class DreamBoothTrainConfig(TrainConfig):
 
     output_dir: str = "runs/dreambooth"
     max_steps: int = 600
-    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "bf16"
     caption_dropout: float = 0.0
     log_every: int = 10
     model: ModelConfig = field(default_factory=lambda: ModelConfig(gradient_checkpointing=True))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mvdiff.errors import UserError
 
-__all__ = ["export_pipeline_folder"]
+__all__ = ["export_pipeline_folder", "export_trained"]
 
 
 def export_pipeline_folder(
@@ -53,3 +53,23 @@ def _export(out_dir: Path, tmp: Path, unet, vae, text_encoder, tokenizer, schedu
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def export_trained(accelerator, unet, vae, text_encoder, tokenizer, scheduler, out_dir,
+                   ema=None, trainable=None, **optional) -> Path | None:  # fmt: skip
+    """The end of training: call on **every** rank. Gathers the whole UNet (EMA weights when
+    ``ema``; a collective under FSDP / ZeRO-3), and the main process writes the model folder
+    from an ordinary copy of the UNet's own class — the same folder whatever the engine (DDP,
+    FSDP, DeepSpeed) for the same weights. Returns the folder on the main process, else None."""
+    from mvdiff.training.sharded import full_state_dict, plain_copy
+
+    state = full_state_dict(accelerator, unet, ema, trainable)
+    path = None
+    if accelerator.is_main_process:
+        plain = plain_copy(accelerator, unet, state, device="cpu")
+        del state
+        path = export_pipeline_folder(
+            out_dir, plain, vae.float(), text_encoder.float(), tokenizer, scheduler, **optional
+        )  # optional: image_encoder / feature_extractor (see export_pipeline_folder)
+    accelerator.wait_for_everyone()
+    return path

@@ -27,7 +27,9 @@ log = logging.getLogger("mvdiff.train")
 __all__ = [
     "StepOutcome",
     "accelerator_kwargs_handlers",
+    "backward",
     "build_ema",
+    "discard_step",
     "optimizer_step",
     "place_ema",
 ]
@@ -53,8 +55,57 @@ def _scaler(accelerator):
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
+def _deepspeed_engine(accelerator):
+    """The DeepSpeed engine of a DeepSpeed run, else None."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    return None if wrapped is None else wrapped.engine
+
+
+def backward(accelerator, loss, accumulation: int, last: bool) -> None:
+    """Backward of one micro-step of ``accumulation``; ``last``: the one before the update.
+
+    Under DeepSpeed the engine is driven directly: it divides the loss by its own
+    ``gradient_accumulation_steps`` (set equal to ``accumulation`` by
+    :func:`~mvdiff.training.sharded.configure_deepspeed`), reduces gradients only on ``last``,
+    and its step waits for :func:`optimizer_step` (after the loop has checked the loss on every
+    rank), where ``accelerator.backward`` would step inside every backward."""
+    engine = _deepspeed_engine(accelerator)
+    if engine is None:
+        accelerator.backward(loss / accumulation)
+        return
+    engine.set_gradient_accumulation_boundary(is_boundary=last)
+    engine.backward(loss)
+
+
+def discard_step(accelerator, optimizer) -> None:
+    """Drop the gradients of a step that will not be applied (non-finite loss)."""
+    engine = _deepspeed_engine(accelerator)
+    if engine is not None:  # the wrapped optimizer's zero_grad is a no-op under DeepSpeed
+        engine.optimizer.zero_grad(set_to_none=True)
+        engine.zero_grad()
+        return
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _deepspeed_step(engine, max_grad_norm: float) -> StepOutcome:
+    """DeepSpeed clips (``gradient_clipping``), steps and zeroes in ``engine.step()``; with
+    fp16 it skips an overflowing update itself (``optimizer.overflow``)."""
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    grad_norm = float("nan") if norm is None else float(norm)
+    if bool(getattr(engine.optimizer, "overflow", False)):
+        log.info("fp16 loss-scale overflow: DeepSpeed skipped the update")
+        return StepOutcome(False, grad_norm, overflow=True)
+    if max_grad_norm > 0 and not math.isfinite(grad_norm):
+        return StepOutcome(False, grad_norm)  # nan_policy decides; the loss was finite
+    return StepOutcome(True, grad_norm)
+
+
 def optimizer_step(accelerator, optimizer, parameters, max_grad_norm: float) -> StepOutcome:
     """Clip (when ``max_grad_norm > 0``), step and zero the gradients; see module docstring."""
+    engine = _deepspeed_engine(accelerator)
+    if engine is not None:
+        return _deepspeed_step(engine, max_grad_norm)
     scaler = _scaler(accelerator)
     grad_norm = float("nan")
     if max_grad_norm > 0:
@@ -99,13 +150,24 @@ def accelerator_kwargs_handlers() -> list:
 
 def build_ema(parameters, decay: float):
     """diffusers' ``EMAModel`` over ``parameters``, with its ``foreach`` update (one fused
-    kernel per step instead of one small update per tensor) where this diffusers has it."""
+    kernel per step instead of one small update per tensor) where this diffusers has it and
+    the parameters are plain tensors (FSDP2's sharded ``DTensor`` has no ``_foreach_copy_``,
+    which ``copy_to`` / ``restore`` use)."""
     from diffusers.training_utils import EMAModel
 
+    parameters = list(parameters)
     kwargs = {}
     if "foreach" in inspect.signature(EMAModel.__init__).parameters:
-        kwargs["foreach"] = True
+        kwargs["foreach"] = not any(_is_dtensor(p) for p in parameters)
     return EMAModel(parameters, decay=decay, **kwargs)
+
+
+def _is_dtensor(tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def place_ema(ema, parameters) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvdiff.accel import enable_tf32
+from mvdiff.accel import enable_tf32, frozen_dtype, mixed_precision_choice
 from mvdiff.config import save_config
 from mvdiff.data.shards import make_seed
 from mvdiff.errors import UserError
@@ -41,13 +41,18 @@ from mvdiff.training.components import (
 )
 from mvdiff.training.config import OptimConfig, TrainConfig
 from mvdiff.training.interrupt import StopSignals, TrainingInterrupted
+from mvdiff.training.sharded import configure_deepspeed, is_sharded, weights_checksum
 from mvdiff.training.stepping import (
     accelerator_kwargs_handlers,
+    backward,
     build_ema,
+    discard_step,
     optimizer_step,
     place_ema,
 )
 from mvdiff.training.tasks import Run, Task, task_for
+from mvdiff.training.trackers import tracker_config, tracker_names
+from mvdiff.training.validation import run_validation
 
 log = logging.getLogger("mvdiff.train")
 
@@ -78,14 +83,6 @@ def learning_rate(step: int, cfg: TrainConfig, lr: float | None = None) -> float
     if o.schedule == "cosine":
         return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return lr + (floor - lr) * progress
-
-
-def _checksum(model: torch.nn.Module) -> float:
-    """A float fingerprint of the weights (to compare ranks)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for i, p in enumerate(model.parameters()):
-        total += (p.detach().double().cpu() * (1.0 + 1e-3 * (i % 97))).sum()
-    return float(total)
 
 
 def build_optimizer(params, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
@@ -164,11 +161,11 @@ def _train(cfg: TrainConfig, task: Task, stop: StopSignals) -> dict:
     # ---- setup: check the data first (cheap), accelerator, output folder, resolved config ----
     warnings = task.check(cfg)
     out = Path(cfg.output_dir)
-    tb = _tensorboard_available()
+    trackers = tracker_names(cfg.report_to)
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=mixed_precision_choice(cfg.mixed_precision),
         kwargs_handlers=accelerator_kwargs_handlers(),
-        log_with="tensorboard" if tb else None,
+        log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     world = accelerator.num_processes
@@ -183,13 +180,11 @@ def _train(cfg: TrainConfig, task: Task, stop: StopSignals) -> dict:
         log.warning("%s", warning)
 
     # ---- model: trainable multi-view UNet, frozen VAE + text encoder ------------------------
-    frozen_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        cfg.mixed_precision
-    ]
-    parts = load_components(cfg.model.pretrained, vae_dtype=frozen_dtype,  # VAE: no .to(dtype)
+    frozen = frozen_dtype(accelerator.mixed_precision)  # the config's or the launcher's
+    parts = load_components(cfg.model.pretrained, vae_dtype=frozen,  # VAE: no .to(dtype)
                             camera=cfg.model.camera, attention=cfg.model.attention)  # fmt: skip
     freeze(parts.vae).to(accelerator.device)
-    freeze(parts.text_encoder).to(accelerator.device, dtype=frozen_dtype)
+    freeze(parts.text_encoder).to(accelerator.device, dtype=frozen)
     noise_scheduler = noise_scheduler_from(parts.scheduler, cfg.prediction_type)  # DDPM
     run = Run(cfg, accelerator, out, parts, noise_scheduler)
     task.setup(run)  # with the starting model: class images, LoRA ...
@@ -210,6 +205,8 @@ def _train(cfg: TrainConfig, task: Task, stop: StopSignals) -> dict:
     peak_lr = task.base_lr(cfg)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim, peak_lr)
+    configure_deepspeed(accelerator, cfg.data.batch_size, cfg.gradient_accumulation_steps,
+                        cfg.optim.max_grad_norm)  # fmt: skip
     unet, optimizer = accelerator.prepare(unet, optimizer)
     run.unet = unet
     run.trainable = trainable = [p for p in run.model.parameters() if p.requires_grad]
@@ -251,9 +248,10 @@ def _train(cfg: TrainConfig, task: Task, stop: StopSignals) -> dict:
     )  # fmt: skip
     stop.on_exit.append(bar.close)  # also on errors: the message gets a line of its own
     tracker_started = False
-    if tb:
-        accelerator.init_trackers("mvdiff", config={"output_dir": str(out)})
+    if trackers:
+        accelerator.init_trackers("mvdiff", config=tracker_config(cfg))
         tracker_started = True
+    val_copy = None  # FSDP / ZeRO-3: the main process's unsharded UNet for validation
     while step < cfg.max_steps:
         if (signum := stop.requested(accelerator)) is not None:  # SIGTERM / Ctrl-C
             if step > saved_step:
@@ -285,7 +283,7 @@ def _train(cfg: TrainConfig, task: Task, stop: StopSignals) -> dict:
                 # No host sync between forward and backward: every rank runs backward on
                 # every micro-step (so DDP never waits for a rank that skipped one), and a
                 # non-finite loss on any rank drops the whole step once it is read, below.
-                accelerator.backward(loss / accum)
+                backward(accelerator, loss, accum, last=micro == accum - 1)
             micro_losses.append(loss.detach().float().reshape(1))
             if terms:  # (len(terms),), 0 for a term this micro-batch has not
                 zero = loss.new_zeros(()).float()
@@ -313,7 +311,7 @@ def _train(cfg: TrainConfig, task: Task, stop: StopSignals) -> dict:
         if overflow:
             overflow_skips += 1
         elif bad:
-            optimizer.zero_grad(set_to_none=True)
+            discard_step(accelerator, optimizer)
             what = f"non-finite loss or gradient at step {step}"
             if cfg.nan_policy == "stop":
                 last = find_checkpoint("latest", out)
@@ -373,34 +371,37 @@ def _train(cfg: TrainConfig, task: Task, stop: StopSignals) -> dict:
 
         # ---- validation samples ---------------------------------------------------------------
         if cfg.validation.every and (step % cfg.validation.every == 0 or step == cfg.max_steps):
-            if accelerator.is_main_process:
-                _validate(accelerator, unet, ema, trainable, parts, parts.vae, parts.text_encoder,
-                          cfg, val_prompts, step, out)  # fmt: skip
-            accelerator.wait_for_everyone()
+            # every rank: gathering the weights is a collective under FSDP / ZeRO-3
+            _, val_copy = run_validation(accelerator, unet, parts, cfg, val_prompts, step, out,
+                                         vae=parts.vae, text_encoder=parts.text_encoder, ema=ema,
+                                         trainable=trainable, cache=val_copy)  # fmt: skip
     bar.close()
 
     # ---- the end: ranks in sync?, export (the task's result) -----------------------------------
-    checksums = accelerator.gather(
-        torch.tensor([_checksum(run.model)], dtype=torch.float64, device=accelerator.device)
+    checksums = accelerator.gather(  # of this rank's shard under FSDP
+        torch.tensor([weights_checksum(run.model)], dtype=torch.float64, device=accelerator.device)
     ).tolist()
     summary = {
         "steps": step,
         "final_loss": last_loss,
         "rank_checksums": checksums,
-        "ranks_in_sync": len(set(checksums)) == 1,
+        # sharded engines hold a different shard on each rank: not comparable (null)
+        "ranks_in_sync": None if is_sharded(accelerator) else len(set(checksums)) == 1,
         "nan_skips": nan_skips_total,
         "skipped_samples": skipped_total,
         "overflow_skips": overflow_skips,
         **task.summary(run),
     }
-    if accelerator.is_main_process:
-        if cfg.export:
-            if ema is not None:
-                ema.store(trainable)
-                ema.copy_to(trainable)
+    if cfg.export:  # every rank (gathering is a collective under FSDP), the EMA weights in
+        if ema is not None:
+            ema.store(trainable)
+            ema.copy_to(trainable)
+        try:
             summary.update(task.export(run))
+        finally:
             if ema is not None:
                 ema.restore(trainable)
+    if accelerator.is_main_process:
         summary = _json_safe(summary)  # valid JSON: a loss that never came is null, not NaN
         (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
         log.info("done: %s", json.dumps(summary))
@@ -408,37 +409,6 @@ def _train(cfg: TrainConfig, task: Task, stop: StopSignals) -> dict:
     if tracker_started:
         accelerator.end_training()  # also tears down the process group: nothing collective after
     return summary
-
-
-def _validate(accelerator, unet, ema, trainable, parts, vae, text_encoder, cfg, prompts, step,
-              out):  # fmt: skip
-    from PIL import Image
-
-    from mvdiff.training.validation import validation_grid
-
-    base = accelerator.unwrap_model(unet)
-    if ema is not None:
-        ema.store(trainable)
-        ema.copy_to(trainable)
-    base.eval()
-    try:
-        with accelerator.autocast():
-            grid = validation_grid(
-                base, vae, text_encoder, parts.tokenizer, parts.scheduler,
-                prompts, cfg.data.resolution, cfg.validation,
-            )  # fmt: skip
-    finally:
-        base.train()
-        if ema is not None:
-            ema.restore(trainable)
-    path = out / "samples" / f"step-{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
-    try:
-        tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-        tracker.add_image("validation", grid, step, dataformats="HWC")
-    except Exception:  # noqa: BLE001 - no tensorboard tracker: the PNG is enough
-        pass
 
 
 def _json_safe(value):
@@ -450,12 +420,3 @@ def _json_safe(value):
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
-
-
-def _tensorboard_available() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-        from torch.utils import tensorboard as _  # noqa: F401
-    except ImportError:
-        return False
-    return True

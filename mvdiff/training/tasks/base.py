@@ -36,6 +36,7 @@ import torch
 
 from mvdiff.data.shards import make_seed
 from mvdiff.training.loss import diffusion_loss, encode_images, encode_prompts
+from mvdiff.training.sharded import is_sharded
 
 __all__ = ["Run", "Task", "denoising_loss", "drop_captions"]
 
@@ -124,7 +125,9 @@ class Task:
         return {}
 
     def export(self, run: Run) -> dict[str, str]:
-        """Write the result (main process); returns summary entries, e.g. ``{"model": path}``."""
+        """Write the result; returns summary entries, e.g. ``{"model": path}``. Called on
+        **every** rank with the EMA weights swapped in (gathering sharded weights is a
+        collective under FSDP / ZeRO-3); only the main process writes files."""
         return {}
 
 
@@ -165,7 +168,7 @@ def denoising_loss(
             snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset, **unet_inputs,
         )  # fmt: skip
         mlp = run.model.class_embedding
-        if camera is None and mlp is not None:
+        if camera is None and mlp is not None and not is_sharded(run.accelerator):  # FSDP: no
             # the camera MLP is skipped: a zero term keeps DDP's set of used parameters the
             # same on every rank and step
             loss = loss + 0.0 * sum(p.sum() for p in mlp.parameters())

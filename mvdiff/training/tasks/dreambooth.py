@@ -111,7 +111,9 @@ class DreamBoothTask(JointTask):
             return super().export(run)
         from mvdiff.pipelines.loading import save_lora_adapter
 
-        # only the adapter; it records its base model
+        # only the adapter; it records its base model (LoRA trains under DDP, not FSDP)
         folder = run.out / "adapter"
-        save_lora_adapter(run.model, self.lora_config, folder, dbm.adapter_meta(run.cfg))
+        if run.accelerator.is_main_process:
+            save_lora_adapter(run.model, self.lora_config, folder, dbm.adapter_meta(run.cfg))
+        run.accelerator.wait_for_everyone()
         return {"adapter": str(folder)}

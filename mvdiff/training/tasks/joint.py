@@ -67,12 +67,13 @@ class JointTask(Task):
         return denoising_loss(run, batch["pixels"], captions, batch["camera"], generator), {}
 
     def export(self, run: Run) -> dict[str, str]:
-        from mvdiff.training.export import export_pipeline_folder
+        from mvdiff.training.export import export_trained
 
+        # every rank: the whole UNet is gathered (FSDP / ZeRO-3), the main process writes
         parts, folder = run.parts, run.out / "model"
         tower = parts.image_encoder  # an ImageDream model's vision tower goes with it
-        export_pipeline_folder(folder, run.model, parts.vae.float(), parts.text_encoder.float(),
-                               parts.tokenizer, parts.scheduler,
-                               image_encoder=None if tower is None else tower.float(),
-                               feature_extractor=parts.feature_extractor)  # fmt: skip
+        export_trained(run.accelerator, run.unet, parts.vae, parts.text_encoder, parts.tokenizer,
+                       parts.scheduler, folder,
+                       image_encoder=None if tower is None else tower.float(),
+                       feature_extractor=parts.feature_extractor)  # fmt: skip
         return {"model": str(folder)}
