@@ -126,6 +126,40 @@ def tiny_image_components(seed: int = 0) -> dict:
     return parts
 
 
+def tiny_pixel_components(
+    seed: int = 0,
+    patch: int = 2,
+    model_channels: int = 32,
+    attention_resolutions=(1, 2),
+    camera: bool = True,
+    white_zero: bool = True,
+) -> dict:
+    """A tiny pixel-space model: :func:`tiny_components` with the exact
+    :class:`~mvdiff.models.pixel_vae.PixelUnshuffleAutoencoder` as its VAE and a UNet of 2
+    levels (``model_channels`` and twice that, one res block each, attention at the levels in
+    ``attention_resolutions`` and in the middle) on its ``3 patch²``-channel latents. Saved
+    with :func:`mvdiff.training.export.export_pipeline_folder`, it is a folder that
+    ``mvdiff train`` trains (``model.pretrained=FOLDER``) and ``MVDreamPipeline`` samples;
+    the model of ``benchmarks/learning_check.py``."""
+    from mvdiff.models.pixel_vae import PixelUnshuffleAutoencoder
+
+    ch = 3 * patch**2
+    if model_channels < ch:
+        raise ValueError(f"model_channels must be >= 3 patch² = {ch} (the latent channels)")
+    unet = tiny_unet(
+        seed, camera=camera, in_channels=ch, out_channels=ch, channel_mult=[1, 2],
+        attention_resolutions=list(attention_resolutions), num_res_blocks=1,
+        model_channels=model_channels, num_head_channels=16,
+    )  # fmt: skip
+    return {
+        "unet": unet.eval(),
+        "vae": PixelUnshuffleAutoencoder(patch=patch, white_zero=white_zero).eval(),
+        "text_encoder": tiny_text_encoder(seed + 2).eval(),
+        "tokenizer": clip_tokenizer(),
+        "scheduler": ddim_scheduler(),
+    }
+
+
 def tiny_components(seed: int = 0) -> dict:
     """unet, vae, text_encoder, tokenizer, scheduler — tiny, random, deterministic in ``seed``."""
     return {

@@ -9,6 +9,7 @@ from mvdiff.models.unet_mv import (
     MultiViewUNet2DConditionModel,
     add_camera_mlp,
     multiview_unet_config,
+    remove_camera_mlp,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "MultiViewUNet2DConditionModel",
     "add_camera_mlp",
     "multiview_unet_config",
+    "remove_camera_mlp",
 ]

@@ -2,7 +2,9 @@
 
 Exactly two changes to the stock diffusers ``UNet2DConditionModel`` (docs/design.md §5):
 
-1. every self-attention joins all views of an object (:class:`MultiViewAttnProcessor`);
+1. every self-attention joins all views of an object (:class:`MultiViewAttnProcessor`;
+   ``view_attention="per_view"`` in the config turns that off: the ablation of
+   ``model.attention: per_view`` in training);
 2. a camera MLP (16 -> time-embedding width, SiLU, -> same) whose output is added to the
    timestep embedding of each view. This is diffusers' ``class_embed_type="projection"``
    with ``projection_class_embeddings_input_dim=16``; with ``camera=None`` it is skipped
@@ -59,6 +61,11 @@ IMAGE_PROJ_FF_MULT = 4
 IMAGE_EMBED_DIM = 1280
 
 _IMAGE_PROMPT_CONFIG = {"num_image_tokens": 0, "image_embed_dim": IMAGE_EMBED_DIM}
+#: config entries of this class beyond ``UNet2DConditionModel``'s (keyword-only arguments)
+_EXTRA_CONFIG = {**_IMAGE_PROMPT_CONFIG, "view_attention": "joint"}
+#: ``view_attention``: "joint" (MVDream: self-attention spans all views of an object) or
+#: "per_view" (the ablation: the same layers attend within each view only)
+VIEW_ATTENTION = ("joint", "per_view")
 
 
 class MultiViewUNet2DConditionModel(UNet2DConditionModel):
@@ -74,11 +81,20 @@ class MultiViewUNet2DConditionModel(UNet2DConditionModel):
         *args,
         num_image_tokens: int = 0,
         image_embed_dim: int = IMAGE_EMBED_DIM,
+        view_attention: str = "joint",
         **kwargs,
     ):
+        if view_attention not in VIEW_ATTENTION:
+            raise ValueError(
+                f"view_attention must be one of {VIEW_ATTENTION}, got {view_attention!r}"
+            )
         super().__init__(*args, **kwargs)
         # the parent's @register_to_config records only its own arguments
-        self.register_to_config(num_image_tokens=num_image_tokens, image_embed_dim=image_embed_dim)
+        self.register_to_config(
+            num_image_tokens=num_image_tokens,
+            image_embed_dim=image_embed_dim,
+            view_attention=view_attention,
+        )
         for module in self.modules():
             if type(module) is Attention:
                 # same layer, a processor setter that keeps the views joined (attention.py)
@@ -110,13 +126,13 @@ class MultiViewUNet2DConditionModel(UNet2DConditionModel):
             self.set_attn_processor(MultiViewAttnProcessor())
 
     # ConfigMixin builds and loads configs from the __init__ signature: the parent's
-    # arguments plus the image-prompt ones.
+    # arguments plus the image-prompt ones and view_attention.
     __init__.__signature__ = inspect.signature(UNet2DConditionModel.__init__).replace(
         parameters=[
             *inspect.signature(UNet2DConditionModel.__init__).parameters.values(),
             *(
                 inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
-                for k, v in _IMAGE_PROMPT_CONFIG.items()
+                for k, v in _EXTRA_CONFIG.items()
             ),
         ]
     )
@@ -182,7 +198,9 @@ class MultiViewUNet2DConditionModel(UNet2DConditionModel):
             camera = camera.to(
                 device=sample.device, dtype=self.class_embedding.linear_1.weight.dtype
             )
-        cross_attention_kwargs = {**(cross_attention_kwargs or {}), "num_views": num_views}
+        # per_view (an ablation): every self-attention sees one view, whatever num_views is
+        joined = num_views if self.config.view_attention == "joint" else 1
+        cross_attention_kwargs = {**(cross_attention_kwargs or {}), "num_views": joined}
         objects = sample.shape[0] // num_views
         if reference_latents is not None:
             sample = self._write_reference(sample, reference_latents, num_views)
@@ -354,4 +372,17 @@ def add_camera_mlp(unet: UNet2DConditionModel) -> MultiViewUNet2DConditionModel:
     torch.nn.init.zeros_(model.class_embedding.linear_2.bias)
     model = model.to(device=unet.device)
     # cast only when needed: diffusers logs a warning on any .to(dtype), even a no-op one
+    return model if model.dtype == unet.dtype else model.to(dtype=unet.dtype)
+
+
+def remove_camera_mlp(unet: MultiViewUNet2DConditionModel) -> MultiViewUNet2DConditionModel:
+    """The same multi-view UNet without its camera MLP (the ``model.camera: false`` ablation):
+    every other weight kept; it then runs with ``camera=None`` only."""
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    config["class_embed_type"] = None
+    config["projection_class_embeddings_input_dim"] = None
+    model = MultiViewUNet2DConditionModel.from_config(config)
+    state = {k: v for k, v in unet.state_dict().items() if not k.startswith("class_embedding.")}
+    model.load_state_dict(state, strict=True)
+    model = model.to(device=unet.device)
     return model if model.dtype == unet.dtype else model.to(dtype=unet.dtype)

@@ -10,10 +10,18 @@ tokenizer/ scheduler/``) of either
 
 or ``"tiny"`` for :func:`mvdiff.testing.tiny_components` (tests, quickstart, benchmarks), or an
 official checkpoint file (``.pt`` ...), converted once into the cache (as ``mvdiff sample``).
+``vae/`` is an ``AutoencoderKL`` or, when its ``config.json`` names it, the pixel-space
+:class:`~mvdiff.models.pixel_vae.PixelUnshuffleAutoencoder`.
+
 Weights are read from safetensors (or ``torch.load(weights_only=True)`` for ``.bin``, by
 diffusers / transformers): a ``.bin`` holding anything but tensors, a truncated or foreign
 weights file or a broken ``config.json`` is a one-line :class:`~mvdiff.errors.UserError`
 naming the folder, never unpickled.
+
+The ablation switches of ``model`` (:func:`configure_unet`) are applied to the loaded UNet:
+``camera: false`` removes the camera MLP (or does not add one), ``attention: per_view`` sets
+the UNet's ``view_attention`` so its self-attention stays within each view; both are part of
+the UNet's config, so the exported folder samples with the same model.
 """
 
 from __future__ import annotations
@@ -27,7 +35,13 @@ import torch
 
 from mvdiff.errors import UserError
 
-__all__ = ["Components", "load_components", "noise_scheduler_from"]
+__all__ = [
+    "Components",
+    "configure_unet",
+    "load_components",
+    "noise_scheduler_from",
+    "sampling_scheduler",
+]
 
 
 @dataclass
@@ -62,10 +76,34 @@ def _load(pretrained: str, sub: str, load, *args):
         ) from None
 
 
-def load_components(pretrained: str, vae_dtype=None) -> Components:
+def load_components(
+    pretrained: str, vae_dtype=None, camera: bool = True, attention: str = "joint"
+) -> Components:
     """Components from a diffusers folder or ``"tiny"`` (see module docstring); the VAE in
     ``vae_dtype`` (default float32), set at load time: diffusers logs a warning on any
-    ``vae.to(dtype)``, even one with nothing to keep in float32."""
+    ``vae.to(dtype)``, even one with nothing to keep in float32. ``camera`` / ``attention``:
+    :func:`configure_unet`."""
+    parts = _load_components(pretrained, vae_dtype)
+    parts.unet = configure_unet(parts.unet, camera=camera, attention=attention)
+    return parts
+
+
+def configure_unet(unet, camera: bool = True, attention: str = "joint"):
+    """``unet`` with a camera MLP or none (``camera``; an added one starts at zero, a removed
+    one takes its weights with it) and ``view_attention = attention`` ("joint" or
+    "per_view"); the other weights unchanged."""
+    from mvdiff.models import add_camera_mlp, remove_camera_mlp
+
+    if camera and unet.class_embedding is None:
+        unet = add_camera_mlp(unet)
+    elif not camera and unet.class_embedding is not None:
+        unet = remove_camera_mlp(unet)
+    if unet.config.view_attention != attention:
+        unet.register_to_config(view_attention=attention)
+    return unet
+
+
+def _load_components(pretrained: str, vae_dtype) -> Components:
     if pretrained == "tiny":
         from mvdiff.testing import tiny_components
 
@@ -93,7 +131,10 @@ def load_components(pretrained: str, vae_dtype=None) -> Components:
 
     unet_dir = _require(folder, "unet")
     config = _load(pretrained, "unet", lambda: json.loads((unet_dir / "config.json").read_text()))
-    if isinstance(config, dict) and config.get("class_embed_type") == "projection":
+    if isinstance(config, dict) and (
+        config.get("class_embed_type") == "projection"
+        or config.get("_class_name") == MultiViewUNet2DConditionModel.__name__  # camera: false
+    ):
         unet = _load(pretrained, "unet", MultiViewUNet2DConditionModel.from_pretrained, unet_dir)
         source = "multiview"
     else:
@@ -103,7 +144,14 @@ def load_components(pretrained: str, vae_dtype=None) -> Components:
     from mvdiff.pipelines.loading import dtype_kwargs
 
     vae_dir = _require(folder, "vae")
-    vae = _load(pretrained, "vae", lambda: AutoencoderKL.from_pretrained(
+    vae_class = AutoencoderKL
+    vae_config = _load(pretrained, "vae", lambda: json.loads((vae_dir / "config.json").read_text()))
+    if (
+        isinstance(vae_config, dict)
+        and vae_config.get("_class_name") == "PixelUnshuffleAutoencoder"
+    ):
+        from mvdiff.models.pixel_vae import PixelUnshuffleAutoencoder as vae_class
+    vae = _load(pretrained, "vae", lambda: vae_class.from_pretrained(
         vae_dir, **dtype_kwargs(vae_dtype or torch.float32)))  # fmt: skip
     text_encoder = _load(pretrained, "text_encoder", CLIPTextModel.from_pretrained,
                          _require(folder, "text_encoder"))  # fmt: skip
@@ -125,8 +173,10 @@ def load_components(pretrained: str, vae_dtype=None) -> Components:
     return Components(unet, vae, text_encoder, tokenizer, scheduler, source)
 
 
-def noise_scheduler_from(scheduler) -> Any:
-    """The training noise schedule (DDPM) with the same betas as the model's scheduler."""
+def noise_scheduler_from(scheduler, prediction_type: str = "epsilon") -> Any:
+    """The training noise schedule (DDPM) with the same betas as the model's scheduler, and
+    the model's output ``prediction_type`` ("epsilon", "v_prediction" or "sample", as
+    diffusers' schedulers name it)."""
     from diffusers import DDPMScheduler
 
     config = {
@@ -134,7 +184,15 @@ def noise_scheduler_from(scheduler) -> Any:
         for k, v in dict(scheduler.config).items()
         if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
     }
-    return DDPMScheduler(**config, prediction_type="epsilon")
+    return DDPMScheduler(**config, prediction_type=prediction_type)
+
+
+def sampling_scheduler(scheduler, prediction_type: str) -> Any:
+    """The model's sampling scheduler set to ``prediction_type`` (what training taught the
+    UNet to output): exported with the model, so that the pipeline samples correctly."""
+    if scheduler.config.get("prediction_type") == prediction_type:
+        return scheduler
+    return type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:

@@ -27,6 +27,13 @@ class ModelConfig:
     pretrained: str = ""
     #: train the UNet with gradient checkpointing (less memory, ~30% slower)
     gradient_checkpointing: bool = False
+    #: self-attention across views: "joint" (MVDream: all views of an object attend to each
+    #: other) or "per_view" (the ablation: the same UNet, attention within each view); saved
+    #: in the exported unet/config.json (view_attention), so sampling uses the same model
+    attention: Literal["joint", "per_view"] = "joint"
+    #: the camera MLP: true (added zero-initialised to a plain SD UNet, kept on a multi-view
+    #: one) or false (the ablation: no camera MLP, camera=None in training and sampling)
+    camera: bool = True
 
 
 @dataclass
@@ -95,7 +102,11 @@ class TrainConfig:
     #: exponential moving average of the UNet weights (exported instead of the raw weights)
     ema: bool = False
     ema_decay: float = 0.9999
-    #: min-SNR-gamma loss weighting (e.g. 5.0); 0 = plain eps-MSE
+    #: what the UNet learns to output, as diffusers' schedulers name it: "epsilon" (the
+    #: noise), "v_prediction" or "sample" (the clean latents x0); the loss target, and the
+    #: prediction_type of the exported scheduler (so the pipeline samples with it)
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    #: min-SNR-gamma loss weighting (e.g. 5.0), for any prediction_type; 0 = plain MSE
     snr_gamma: float = 0.0
     #: offset noise strength (e.g. 0.05); 0 = off
     noise_offset: float = 0.0

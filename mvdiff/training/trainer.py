@@ -35,7 +35,12 @@ from mvdiff.data.mixer import BatchMixer
 from mvdiff.data.shards import expand_urls, make_seed
 from mvdiff.errors import UserError
 from mvdiff.training.checkpoint import find_checkpoint, resume_checkpoint, save_checkpoint
-from mvdiff.training.components import freeze, load_components, noise_scheduler_from
+from mvdiff.training.components import (
+    freeze,
+    load_components,
+    noise_scheduler_from,
+    sampling_scheduler,
+)
 from mvdiff.training.config import OptimConfig, TrainConfig
 from mvdiff.training.interrupt import StopSignals, TrainingInterrupted
 from mvdiff.training.loss import diffusion_loss, encode_images, encode_prompts
@@ -172,9 +177,10 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
     frozen_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         cfg.mixed_precision
     ]
-    parts = load_components(cfg.model.pretrained, vae_dtype=frozen_dtype)  # VAE: no .to(dtype)
+    parts = load_components(cfg.model.pretrained, vae_dtype=frozen_dtype,  # VAE: no .to(dtype)
+                            camera=cfg.model.camera, attention=cfg.model.attention)  # fmt: skip
     unet, vae, text_encoder, tokenizer = parts.unet, parts.vae, parts.text_encoder, parts.tokenizer
-    noise_scheduler = noise_scheduler_from(parts.scheduler)
+    noise_scheduler = noise_scheduler_from(parts.scheduler, cfg.prediction_type)
     freeze(vae).to(accelerator.device)
     freeze(text_encoder).to(accelerator.device, dtype=frozen_dtype)
     class_images, lora_config, class_generated = None, None, 0
@@ -182,6 +188,12 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
         # class objects from the *starting* model, generated once (main process) and cached
         unet.to(accelerator.device)
         class_images, class_generated = dbm.class_images_for(cfg, parts, accelerator, out)
+    # the model's sampling scheduler from now on (validation, export) predicts what we train
+    was = parts.scheduler.config.get("prediction_type")
+    if was != cfg.prediction_type:
+        log.warning("model.pretrained's scheduler has prediction_type=%s; training (and "
+                    "exporting) prediction_type=%s", was, cfg.prediction_type)  # fmt: skip
+    parts.scheduler = sampling_scheduler(parts.scheduler, cfg.prediction_type)
     if db is not None and db.lora.enabled:
         lora_config = dbm.add_lora(unet, db.lora)
     unet.train()
@@ -291,7 +303,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
             ]  # fmt: skip
             latents = encode_images(vae, batch["pixels"].to(accelerator.device), gen)
             text = encode_prompts(tokenizer, text_encoder, captions)
-            camera = batch["camera"]
+            camera = batch["camera"] if cfg.model.camera else None  # camera: false ablation
             if camera is not None:
                 camera = camera.reshape(b * v, -1).to(accelerator.device)  # (B, V, 16) -> (B*V, 16)
             sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(unet)
@@ -316,7 +328,11 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
                         )
                         prior_text = encode_prompts(tokenizer, text_encoder, prior["caption"])
                         # (Bp, V, 16) -> (Bp*V, 16)
-                        prior_camera = prior["camera"].reshape(bp * vp, -1).to(accelerator.device)
+                        prior_camera = None
+                        if cfg.model.camera:
+                            prior_camera = (
+                                prior["camera"].reshape(bp * vp, -1).to(accelerator.device)
+                            )
                         prior_loss = diffusion_loss(
                             unet, noise_scheduler, prior_latents, prior_text.float(),
                             prior_camera, vp, gen, snr_gamma=cfg.snr_gamma,
@@ -346,7 +362,7 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
                 )
             window["images"] += b * v
             window["skipped"] += int(batch.get("skipped", 0))
-            window["n2d"] += int(camera is None)
+            window["n2d"] += int(batch["camera"] is None)
             window["nb"] += 1
         step_loss, step_terms = float("nan"), dict.fromkeys(TERMS, 0.0)
         if micro_losses:  # one host read per step: is the loss finite on every rank, its value
