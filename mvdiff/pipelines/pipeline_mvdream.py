@@ -527,10 +527,12 @@ def _register_with_diffusers() -> None:
     diffusers resolves the ``_class_name`` of ``model_index.json`` with
     ``getattr(diffusers, name)``; publishing the class there (once mvdiff's pipeline module is
     imported) is all it needs; the UNet's module is imported too, because diffusers loads
-    components only from libraries already imported. Nothing of diffusers' own is replaced.
+    components only from libraries already imported (and so is the pixel-space VAE's,
+    :mod:`mvdiff.models.pixel_vae`). Nothing of diffusers' own is replaced.
     """
     import diffusers
 
+    import mvdiff.models.pixel_vae  # noqa: F401  (the pixel-space vae/ of small models)
     import mvdiff.models.unet_mv  # noqa: F401  (the library model_index.json names)
 
     if "MVDreamPipeline" not in vars(diffusers):
