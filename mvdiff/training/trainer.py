@@ -149,7 +149,12 @@ def _train(cfg: TrainConfig, stop: StopSignals) -> dict:
             raise UserError("no training data: set data.mv_shards and/or data.shards_2d")
         for key in ("mv_shards", "shards_2d"):
             if getattr(cfg.data, key):
-                expand_urls(getattr(cfg.data, key), f"data.{key}")  # names a missing file now
+                try:
+                    expand_urls(getattr(cfg.data, key), f"data.{key}")  # names a missing file now
+                except UserError as e:
+                    if not cfg.data.missing_hint:
+                        raise
+                    raise UserError(f"{e}; {cfg.data.missing_hint}") from None
     out = Path(cfg.output_dir)
     tb = _tensorboard_available()
     accelerator = Accelerator(
