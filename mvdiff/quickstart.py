@@ -225,6 +225,9 @@ class QuickstartConfig:
         if r.resolution < t.resolution:
             raise UserError(f"render.resolution ({r.resolution}) must be >= train.resolution "
                             f"({t.resolution})")  # fmt: skip
+        if not 0 <= self.photos.views_per_object <= r.views:
+            raise UserError(f"photos.views_per_object must be in [0, render.views={r.views}], "
+                            f"got {self.photos.views_per_object}")  # fmt: skip
         if not self.sample.prompts or not all(p.strip() for p in self.sample.prompts):
             raise UserError("sample.prompts must be a non-empty list of non-empty prompts")
         if self.text3d.enabled and self.text3d.steps < 1:
@@ -852,7 +855,9 @@ pixel-unshuffle “VAE”):</p>
 <table><tr><th>output</th><th>path (relative to this page)</th><th>what</th></tr>
 {table}
 </table>
-<p>Time: {esc(times)}. Config: <a href="quickstart_config.yaml">quickstart_config.yaml</a> ·
+<p>Time: {esc(times)} (CPU load average {os.getloadavg()[0]:.1f} on
+{os.cpu_count()} cores when the page was written: other work on the machine slows every
+stage). Config: <a href="quickstart_config.yaml">quickstart_config.yaml</a> ·
 summary: <a href="summary.json">summary.json</a></p>
 </body></html>
 """
@@ -917,6 +922,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             "index": str(out / "index.html"),
             "seconds": round(total, 1),
             "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "cpu_count": os.cpu_count(),
             **records,
         }
         write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")

@@ -69,7 +69,7 @@ def quickstart_run(tmp_path_factory):
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "mvdiff.cli", "quickstart", "--output", "outputs/quickstart"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     seconds = time.monotonic() - t0
     return SimpleNamespace(cwd=cwd, out=cwd / "outputs" / "quickstart", proc=proc,

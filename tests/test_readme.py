@@ -291,7 +291,7 @@ def test_readme_block_runs(index, commands, quickstart_run, tmp_path):
             continue  # run by the quickstart_run fixture, exactly as written
         line = command + (f" {spec['tiny']}" if spec.get("tiny") else "")
         proc = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
+                              text=True, timeout=600)  # fmt: skip
         assert proc.returncode == 0, f"README block {index}: {line}\n{proc.stderr[-3000:]}"
 
 
