@@ -121,7 +121,9 @@ class PhotoStage:
 
 @dataclass
 class TrainStage:
-    max_steps: int = 600
+    #: 1000 steps: every sample of the default prompts in its named colour and shape (600:
+    #: "a red cone" drawn orange-yellow, spheres and cylinders read as cubes)
+    max_steps: int = 1000
     #: objects per multi-view batch (each num_views views); 2D batches hold as many images
     batch_size: int = 4
     #: training (and sampling) resolution: the model works on pixels, so keep it small
@@ -143,7 +145,7 @@ class TrainStage:
     model_channels: int = 32
     caption_dropout: float = 0.1
     log_every: int = 25
-    checkpoint_every: int = 200
+    checkpoint_every: int = 250
     #: extra ``key=value`` overrides of the TrainConfig (e.g. ["optim.warmup_steps=10"])
     overrides: list[str] = field(default_factory=list)
 

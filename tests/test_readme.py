@@ -110,7 +110,7 @@ RUN = {
     "mvdiff sample --model tryout/db-tiny/adapter --prompt 'a photo of sks cat' --output "
     "tryout/db-tiny/sample --height 32 --width 32": {},
     "mvdiff text-to-3d --ref-views data/mv/mv-000000.tar --sds-weight 0 --config "
-    "infer/configs/reconstruct_cpu.yaml --output out/recon": {"tiny": "--set steps=30"},
+    "infer/configs/reconstruct_cpu.yaml --output out/recon": {"tiny": "--set steps=10"},
     'mvdiff text-to-3d --model outputs/quickstart/train/model --prompt "a red cube" --fast '
     "--output out/quick": {"tiny": "--set steps=10", "proposed": True},
 }
