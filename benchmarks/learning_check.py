@@ -75,17 +75,9 @@ sys.path.insert(0, str(REPO))
 
 from mvdiff.config import apply_overrides, dump_config  # noqa: E402
 from mvdiff.errors import UserError  # noqa: E402
+from mvdiff.render.procedural import COLOURS, SHAPES, write_object  # noqa: E402
 
 VARIANTS = ("full", "no_3d_attention", "no_camera")
-SHAPES = ("cube", "sphere", "cylinder", "cone")
-COLOURS = {
-    "red": (215, 35, 35),
-    "green": (40, 180, 60),
-    "blue": (40, 70, 220),
-    "yellow": (235, 215, 40),
-    "purple": (140, 50, 190),
-    "black": (30, 30, 30),
-}
 # the marked side of an object: which view shows it depends on the azimuth
 PATTERNS = {
     "front": "front",  # -y: seen from azimuth 0
@@ -211,94 +203,7 @@ def say(msg: str) -> None:
     print(f"[learning_check] {msg}", file=sys.stderr, flush=True)
 
 
-# ---- 1. procedural objects ------------------------------------------------------------------
-def _grid_quads(n: int):
-    """Unit-square grid ``[n*n, 4, 2]`` of quads (counter-clockwise) on [-0.5, 0.5]^2."""
-    t = np.linspace(-0.5, 0.5, n + 1)
-    quads = []
-    for i in range(n):
-        for j in range(n):
-            quads.append([(t[i], t[j]), (t[i + 1], t[j]), (t[i + 1], t[j + 1]), (t[i], t[j + 1])])
-    return np.asarray(quads)
-
-
-def _triangulate(quads: np.ndarray) -> np.ndarray:
-    """``[Q, 4, 3]`` quads -> ``[2Q, 3, 3]`` triangles."""
-    return np.concatenate([quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]])
-
-
-def mesh_triangles(shape: str) -> np.ndarray:
-    """Triangles ``[T, 3, 3]`` of a primitive around the origin (z up), finely divided so that
-    per-face colours can draw patterns."""
-    if shape == "cube":
-        g = _grid_quads(8)
-        u, v = g[..., 0], g[..., 1]
-        h = np.full_like(u, 0.5)
-        faces = [np.stack(x, -1) for x in ((u, v, h), (v, u, -h), (h, u, v), (-h, v, u),
-                                           (v, h, u), (u, -h, v))]  # fmt: skip
-        return _triangulate(np.concatenate(faces))
-    lon = np.linspace(0, 2 * np.pi, 33)
-    if shape == "sphere":
-        lat = np.linspace(-np.pi / 2, np.pi / 2, 17)
-
-        def p(a, b):
-            return (0.5 * np.cos(b) * np.cos(a), 0.5 * np.cos(b) * np.sin(a), 0.5 * np.sin(b))
-
-        quads = [[p(lon[i], lat[j]), p(lon[i + 1], lat[j]), p(lon[i + 1], lat[j + 1]),
-                  p(lon[i], lat[j + 1])] for i in range(32) for j in range(16)]  # fmt: skip
-        return _triangulate(np.asarray(quads))
-    # cylinder / cone: side bands + caps
-    zs = np.linspace(-0.5, 0.5, 11)
-    top_r = 0.4 if shape == "cylinder" else 0.0
-
-    def r(z):
-        return 0.4 + (top_r - 0.4) * (z + 0.5)
-
-    def q(a, z):
-        return (r(z) * np.cos(a), r(z) * np.sin(a), z)
-
-    quads = [[q(lon[i], zs[k]), q(lon[i + 1], zs[k]), q(lon[i + 1], zs[k + 1]), q(lon[i], zs[k + 1])]
-             for i in range(32) for k in range(10)]  # fmt: skip
-    tris = list(_triangulate(np.asarray(quads)))
-    for z, rad in ((-0.5, 0.4), (0.5, top_r)):
-        if rad > 0:
-            for i in range(32):
-                tris.append([(0, 0, z), q(lon[i + 1], z), q(lon[i], z)])
-    return np.asarray(tris, dtype=np.float64)
-
-
-def accent_mask(centroids: np.ndarray, pattern: str) -> np.ndarray:
-    x, y = centroids[:, 0], centroids[:, 1]
-    if pattern == "front":  # the -y side: what azimuth 0 sees
-        return y < -0.12
-    if pattern == "right":  # +x: what azimuth 90 sees
-        return x > 0.12
-    if pattern == "back":
-        return y > 0.12
-    return x < -0.12  # left
-
-
-def write_ply(path: Path, tris: np.ndarray, colours: np.ndarray) -> None:
-    """Binary PLY with 3 unshared vertices per triangle (flat per-face colours)."""
-    n = len(tris)
-    vert = np.zeros(n * 3, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
-                                  ("red", "u1"), ("green", "u1"), ("blue", "u1")])  # fmt: skip
-    flat = tris.reshape(-1, 3)  # (T, 3, 3) -> (3T, 3)
-    vert["x"], vert["y"], vert["z"] = flat[:, 0], flat[:, 1], flat[:, 2]
-    rgb = np.repeat(colours, 3, axis=0)  # (T, 3) -> (3T, 3)
-    vert["red"], vert["green"], vert["blue"] = rgb[:, 0], rgb[:, 1], rgb[:, 2]
-    faces = np.zeros(n, dtype=[("n", "u1"), ("i", "<i4", (3,))])
-    faces["n"] = 3
-    faces["i"] = np.arange(n * 3).reshape(n, 3)  # (3T,) -> (T, 3)
-    header = (
-        "ply\nformat binary_little_endian 1.0\n"
-        f"element vertex {n * 3}\nproperty float x\nproperty float y\nproperty float z\n"
-        "property uchar red\nproperty uchar green\nproperty uchar blue\n"
-        f"element face {n}\nproperty list uchar int vertex_indices\nend_header\n"
-    )
-    path.write_bytes(header.encode() + vert.tobytes() + faces.tobytes())
-
-
+# ---- 1. procedural objects (mvdiff.render.procedural) ---------------------------------------
 def caption_of(cfg: LearningCheckConfig, shape: str, main: str, accent: str, pattern: str) -> str:
     """The caption names the marked side and what ``cfg.hidden`` does not leave open."""
     side = PATTERNS[pattern]
@@ -326,11 +231,7 @@ def make_objects(cfg: LearningCheckConfig, folder: Path) -> dict[str, str]:
               if r < len(g)][: cfg.objects]  # fmt: skip
     for i, (shape, main, accent, pattern) in enumerate(chosen):
         uid = f"obj{i:03d}"
-        tris = mesh_triangles(shape)
-        mask = accent_mask(tris.mean(axis=1), pattern)
-        tris = tris * np.array([cfg.stretch, 1.0, 1.0])  # elongate along x
-        colours = np.where(mask[:, None], COLOURS[accent], COLOURS[main]).astype(np.uint8)
-        write_ply(folder / f"{uid}.ply", tris, colours)
+        write_object(folder / f"{uid}.ply", shape, main, accent, pattern, cfg.stretch)
         captions[uid] = caption_of(cfg, shape, main, accent, pattern)
     return captions
 

@@ -50,3 +50,27 @@ def objaverse_mirror(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with module.serve_objaverse_mirror(tmp_path) as (url, cache):
         yield url, cache
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """README's first command, ``mvdiff quickstart --output outputs/quickstart``, as written
+    (default settings), run once per session in a fresh folder and shared by
+    tests/test_quickstart.py and tests/test_readme.py: (cwd, out, proc, seconds)."""
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    pytest.importorskip("bpy")
+    cwd = tmp_path_factory.mktemp("quickstart")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "mvdiff.cli", "quickstart", "--output", "outputs/quickstart"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    seconds = time.monotonic() - t0
+    return SimpleNamespace(cwd=cwd, out=cwd / "outputs" / "quickstart", proc=proc,
+                           seconds=seconds)  # fmt: skip

@@ -292,6 +292,37 @@ def test_guidance_rejects_bad_input(tiny):
         sds(torch.rand(3, 3, 8, 8), torch.zeros(1, 7, 32), torch.zeros(1, 7, 32), None)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_guidance_reads_x0_and_v_models_as_the_noise_they_imply(tiny, prediction_type):
+    """A prior that predicts x0 (``sample``) or v gives SDS the same noise, guided x0 and
+    loss as the eps prior it is equivalent to (the quickstart's model predicts x0)."""
+    ac = tiny["scheduler"].alphas_cumprod
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(4, 4, 8, 8, generator=gen)
+    noise = torch.randn(4, 4, 8, 8, generator=gen)
+    t = 400
+    a = ac[t]
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = {"epsilon": noise, "sample": x0,
+              "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}[prediction_type]  # fmt: skip
+
+    class Oracle(torch.nn.Module):  # knows the clean latents: outputs its target type
+        def forward(self, x, ts, encoder_hidden_states=None, camera=None, num_views=4):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(sample=target.repeat(x.shape[0] // 4, 1, 1, 1))
+
+    sds = MultiViewSDS(Oracle(), None, ac, SDSConfig(rescale=0.0),
+                       prediction_type=prediction_type)  # fmt: skip
+    text = torch.zeros(1, 7, 32)
+    eps_c, eps_u = sds.predict_noise(noisy, t, text, text, None, 4)
+    assert torch.allclose(eps_c, noise, atol=1e-4) and torch.allclose(eps_u, noise, atol=1e-4)
+    guided, _ = sds.guided_x0(noisy, t, eps_c, eps_u, 4)
+    assert torch.allclose(guided, x0, atol=1e-4)
+    with pytest.raises(ValueError, match="prediction_type"):
+        MultiViewSDS(Oracle(), None, ac, prediction_type="x0")
+
+
 # --- mesh export ---------------------------------------------------------------------------
 
 

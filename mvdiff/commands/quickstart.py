@@ -1,4 +1,4 @@
-"""``mvdiff quickstart``: render -> 2D shard -> train -> sample -> index.html, on CPU.
+"""``mvdiff quickstart``: render -> 2D shard -> train -> sample + score -> text-to-3D -> index.html.
 
 The story itself is :mod:`mvdiff.quickstart`; this module only parses the typed config
 (:class:`mvdiff.quickstart.QuickstartConfig`: defaults <- ``--config YAML`` <- ``--set``).
@@ -6,7 +6,7 @@ The story itself is :mod:`mvdiff.quickstart`; this module only parses the typed 
 
 from __future__ import annotations
 
-HELP = "the whole pipeline on bundled real data in a few CPU minutes, with an HTML report"
+HELP = "train a small multi-view model from scratch on CPU in minutes and see what it learned"
 
 
 def add_parser(subparsers) -> None:
@@ -15,12 +15,14 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "quickstart",
         help=HELP,
-        description=HELP + ": renders the bundled 3D assets with Blender, writes multi-view "
-        "shards and a 2D image-text shard of bundled photos, trains a tiny multi-view model "
-        "jointly on both, samples 4 views for a prompt, runs a short text-to-3D (SDS) "
-        "with it and writes OUTPUT/index.html. "
-        "Re-running with the same settings resumes (finished stages are skipped); a folder "
-        'holding a run with other settings is refused. Needs bpy: pip install -e ".[render]".',
+        description=HELP + ": writes procedural objects ('a {red, green, blue, yellow} "
+        "{cube, sphere, cylinder, cone}') and renders them with the bundled real 3D assets "
+        "(Blender), writes a 2D image-text shard, trains a multi-view model from scratch "
+        "jointly on both, samples 4 views for several prompts and scores them against the "
+        "renders (colour, silhouette), runs text-to-3D (SDS) with the model as the prior "
+        "and writes OUTPUT/index.html. Re-running with the same settings resumes (finished "
+        "stages are skipped); a folder holding a run with other settings is refused. Needs "
+        'bpy: pip install -e ".[render]".',
     )
     parser.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder")
     add_config_arguments(

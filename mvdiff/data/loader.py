@@ -190,6 +190,9 @@ class DataConfig:
     resample: bool = False
     num_workers: int = 2
     prefetch_factor: int = 2
+    #: how to get the data, appended to the error when mv_shards / shards_2d name nothing
+    #: there (e.g. the command that writes it: train/configs/tiny_cpu.yaml)
+    missing_hint: str = ""
 
     LIMITS: ClassVar[dict] = {"p_2d": "[0,1]", "num_views": ">=1", "resolution": "%8",
                               "min_size_2d": ">=0", "batch_size": ">=1", "batch_size_2d": ">=0",

@@ -153,7 +153,12 @@ def use_mvdiff_classes(config: dict) -> dict:
     the pipeline is the calling class (not the shipped copy) and the UNet mvdiff's."""
     import importlib
 
-    importlib.import_module(OWN_UNET[0])  # diffusers finds a library only once it is imported
+    # diffusers finds a component's library only once it is imported: the UNet's, and any
+    # other mvdiff component a folder names (the pixel-space vae/ of small models)
+    importlib.import_module(OWN_UNET[0])
+    for entry in config.values():
+        if isinstance(entry, (list, tuple)) and str(entry[0]).startswith("mvdiff."):
+            importlib.import_module(entry[0])
     config.pop("requires_safety_checker", None)  # in community folders; no safety checker here
     if isinstance(config.get("_class_name"), (list, tuple)):
         config["_class_name"] = config["_class_name"][1]

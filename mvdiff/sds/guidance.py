@@ -66,6 +66,7 @@ def timestep_bounds(step: int, config: SDSConfig, num_train_timesteps: int = 100
     return lo_i, hi_i
 
 
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -75,15 +76,23 @@ class MultiViewSDS:
     ``unet`` is called as ``unet(sample, timestep, encoder_hidden_states, camera=...,
     num_views=V).sample``; anything with that call (e.g. a test oracle) works. ``vae`` is a
     diffusers ``AutoencoderKL`` or ``None`` (pixel space). ``alphas_cumprod`` ``[T]`` comes
-    from the scheduler (``scheduler.alphas_cumprod``). Parameters of unet and vae are not
-    trained; gradients flow only to the renders.
+    from the scheduler (``scheduler.alphas_cumprod``). ``prediction_type`` is what the UNet
+    predicts (the scheduler's ``prediction_type``: ``epsilon``, ``sample`` = x0 or
+    ``v_prediction``); other targets are turned into the noise they imply. Parameters of unet
+    and vae are not trained; gradients flow only to the renders.
     """
 
-    def __init__(self, unet, vae, alphas_cumprod: torch.Tensor, config: SDSConfig | None = None):
+    def __init__(self, unet, vae, alphas_cumprod: torch.Tensor, config: SDSConfig | None = None,
+                 prediction_type: str = "epsilon"):  # fmt: skip
         self.unet, self.vae = unet, vae
         self.config = config or SDSConfig()
         if self.config.form not in ("x0", "eps"):
             raise ValueError(f"SDS form must be 'x0' or 'eps', got {self.config.form!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
+            )
+        self.prediction_type = prediction_type
         if self.config.autocast not in AUTOCAST:
             raise ValueError(f"sds.autocast must be no, fp16 or bf16, got {self.config.autocast!r}")
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float32)
@@ -139,8 +148,17 @@ class MultiViewSDS:
         ts = torch.full((2 * n,), t, dtype=torch.long, device=noisy.device)
         with self._autocast(noisy.device):
             eps = self.unet(x, ts, encoder_hidden_states=emb, camera=cam, num_views=num_views)
-        eps = eps.sample.float()
+        eps = self.to_noise(eps.sample.float(), x, t)
         return eps[:n], eps[n:]
+
+    def to_noise(self, pred: torch.Tensor, noisy: torch.Tensor, t: int) -> torch.Tensor:
+        """The noise a UNet output implies at timestep ``t`` (``noisy`` = x_t)."""
+        if self.prediction_type == "epsilon":
+            return pred
+        a = self.alphas_cumprod[t].to(noisy.device)
+        if self.prediction_type == "sample":  # x0: eps = (x_t - sqrt(a) x0) / sqrt(1 - a)
+            return (noisy.float() - a.sqrt() * pred) / (1 - a).sqrt()
+        return a.sqrt() * pred + (1 - a).sqrt() * noisy.float()  # v = sqrt(a) eps - sqrt(1-a) x0
 
     def guided_x0(self, noisy, t: int, eps_c, eps_u, num_views: int):
         """CFG (+ rescale) on the predicted x0 of each group: (x0, eps consistent with it)."""

@@ -74,7 +74,9 @@ class SDSTerm:
 
     @classmethod
     def from_pipeline(cls, pipe, config: TextTo3DConfig) -> SDSTerm:
-        guidance = MultiViewSDS(pipe.unet, pipe.vae, pipe.scheduler.alphas_cumprod, config.sds)
+        prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+        guidance = MultiViewSDS(pipe.unet, pipe.vae, pipe.scheduler.alphas_cumprod, config.sds,
+                                prediction_type=prediction)  # fmt: skip
         cond = pipe.encode_prompt([config.prompt + config.prompt_suffix]).float()  # (1, L, D)
         uncond = pipe.encode_prompt([config.negative_prompt]).float()  # (1, L, D)
         return cls(guidance, cond, uncond, bool(getattr(pipe, "has_camera_mlp", True)))

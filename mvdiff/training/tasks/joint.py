@@ -32,7 +32,12 @@ class JointTask(Task):
             raise UserError("no training data: set data.mv_shards and/or data.shards_2d")
         for key in ("mv_shards", "shards_2d"):
             if getattr(d, key):
-                expand_urls(getattr(d, key), f"data.{key}")  # names a missing file now
+                try:
+                    expand_urls(getattr(d, key), f"data.{key}")  # names a missing file now
+                except UserError as e:
+                    if not d.missing_hint:
+                        raise
+                    raise UserError(f"{e}; {d.missing_hint}") from None  # how to make it
         if d.p_2d > 0 and not d.shards_2d and d.mv_shards:
             return [f"data.p_2d={d.p_2d} but data.shards_2d is empty: training on 3D only"]
         return []
