@@ -63,6 +63,11 @@ SKIP = {
     "mvdiff convert sd-v2.1-base-4view-ipmv.pt models/imagedream": "needs the official "
     "ImageDream checkpoint",
     "mvdiff sample --model models/imagedream --image photo.png --output out/photo": "needs the ImageDream checkpoint",
+    "mvdiff train --config train/configs/imagedream_sd21.yaml --set "
+    "model.pretrained=models/mvdream-sd21 --set image.encoder=models/imagedream --set "
+    "data.mv_shards='data/mv/mv-{000000..000999}.tar'": "needs converted official MVDream and "
+    "ImageDream models and a GPU; tests/test_image_train.py trains the mode with tiny parts",
+    "mvdiff text-to-3d --image photo.png --model models/imagedream --output out/photo-3d": "needs the ImageDream checkpoint; tests/test_image_train.py runs the alias",
     'mvdiff dreambooth --model models/mvdream-sd21 --images photos/my_dog --prompt "a sks '
     'dog" --output runs/sks-dog --lora --prior': "needs the SD-2.1-size model and a GPU; the "
     "tiny try-out below runs",
