@@ -10,6 +10,7 @@ from mvdiff.sds.background import BackgroundConfig
 from mvdiff.sds.field import FieldConfig
 from mvdiff.sds.gaussians import GaussianConfig
 from mvdiff.sds.guidance import SDSConfig
+from mvdiff.sds.mesh_fit import RefineConfig
 
 __all__ = ["TextTo3DConfig"]
 
@@ -78,6 +79,8 @@ class TextTo3DConfig:
     gaussians: GaussianConfig = dataclasses.field(default_factory=GaussianConfig)
     sds: SDSConfig = dataclasses.field(default_factory=SDSConfig)
     background: BackgroundConfig = dataclasses.field(default_factory=BackgroundConfig)
+    #: the coarse-to-fine mesh stage (``--refine`` / ``--refine-from``, :mod:`mvdiff.sds.mesh_fit`)
+    refine: RefineConfig = dataclasses.field(default_factory=RefineConfig)
 
     @classmethod
     def fast(cls, **kw) -> TextTo3DConfig:
@@ -114,6 +117,7 @@ class TextTo3DConfig:
         d["gaussians"] = GaussianConfig(**d.get("gaussians", {}))
         d["sds"] = SDSConfig(**d.get("sds", {}))
         d["background"] = BackgroundConfig(**d.get("background", {}))
+        d["refine"] = RefineConfig(**d.get("refine", {}))
         return cls(**d)
 
     def check(self) -> None:
@@ -148,6 +152,7 @@ class TextTo3DConfig:
             raise ValueError(f"mesh_faces must be >= 0, got {self.mesh_faces}")
         if self.texture_size < 16:
             raise ValueError(f"texture_size must be >= 16, got {self.texture_size}")
+        self.refine.check()
         if self.background.mode not in ("solid", "env"):
             raise ValueError(f"background.mode must be solid or env, got {self.background.mode!r}")
         if self.sds.form not in ("x0", "eps"):

@@ -283,6 +283,9 @@ def train_step(fit: FitState, config: TextTo3DConfig, step: int, sds=None, rays=
         loss = loss + config.ref_weight * fit.ref_loss(rays, config)
     if not loss.requires_grad:
         raise ValueError("nothing to optimise: no SDS term and no reference views")
+    regularizer = getattr(fit, "regularizer", None)  # e.g. the mesh stage's smoothness terms
+    if regularizer is not None:
+        loss = loss + regularizer()
     fit.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     fit.optimizer.step()
