@@ -4,8 +4,9 @@ with the same losses as the field (multi-view SDS and/or the reference views).
 :class:`MeshFitState` is a representation for the shared loop of :mod:`mvdiff.sds.loop`
 (render, prepare_ref, ref_loss, regularizer, state_dict, ...): a base mesh (the extracted
 mesh of the field stage, or any mesh, :func:`load_base_mesh`) with a learnable offset per
-vertex and a learnable albedo texture in its UV atlas (the baked texture plus residuals at
-1/16, 1/8 and 1/4 of its size, so one render's gradient reaches whole patches of texels),
+vertex and a learnable albedo: its UV texture plus a residual colour field (dense 3D grids
+at 32³ and 64³ over the field's cube, so one pixel's gradient reaches the surface around it
+whatever the atlas's charts; baked into the texture at export),
 rendered by the differentiable rasteriser of :mod:`mvdiff.sds.mesh_raster` at a higher
 resolution than the field stage (the reference views' own). A uniform Laplacian and a
 normal-consistency term keep the surface clean.
@@ -137,7 +138,8 @@ def load_base_mesh(path, texture_size: int = 1024, faces: int = 20000) -> dict:
         return {"verts": geom, "faces": gf, "vmap": vmap, "uv_faces": f,
                 "uv": np.asarray(uv, np.float32), "texture": tex}  # fmt: skip
     try:
-        colors = np.asarray(visual.to_color().vertex_colors, np.float32)[:, :3] / 255.0
+        colored = visual if getattr(visual, "kind", None) == "vertex" else visual.to_color()
+        colors = np.asarray(colored.vertex_colors, np.float32)[:, :3] / 255.0
     except Exception:  # no usable colour: mid grey
         colors = np.full((len(v), 3), 0.5, np.float32)
     if len(colors) != len(v):
@@ -164,8 +166,10 @@ def _vertex_colors_of(geom, gcol, tv):
 
 #: the arrays of a base mesh (:func:`load_base_mesh`), kept in the checkpoint
 BASE_KEYS = ("verts", "faces", "vmap", "uv_faces", "uv", "texture")
-#: residual texture levels, as fractions of the texture's size
-TEXTURE_LEVELS = (16, 8, 4)
+#: resolutions of the residual colour grids
+COLOR_GRIDS = (32, 64)
+#: half-extent of the cube the colour grids cover (the field's)
+COLOR_BOUND = 0.6
 
 
 class MeshFitState:
@@ -193,13 +197,10 @@ class MeshFitState:
         self.uv = t["uv"].float().to(self.device)  # (N', 2)
         tex = t["texture"].float().clamp(0, 1).to(self.device)  # (T, T, 3)
         self.base_texture = tex.permute(2, 0, 1)[None].contiguous()  # (T, T, 3) -> (1, 3, T, T)
-        size = self.base_texture.shape[-1]
         self.offsets = torch.nn.Parameter(torch.zeros_like(self.verts))
         self.levels = torch.nn.ParameterList(
-            torch.nn.Parameter(torch.zeros(1, 3, max(size // k, 4), max(size // k, 4),
-                                           device=self.device))
-            for k in TEXTURE_LEVELS
-        )  # fmt: skip
+            torch.nn.Parameter(torch.zeros(1, 3, r, r, r, device=self.device)) for r in COLOR_GRIDS
+        )
         self.background = Background(config.background).to(self.device)
         groups = [
             {"params": [self.offsets], "lr": rc.lr_geometry},
@@ -223,13 +224,32 @@ class MeshFitState:
         """Welded vertex positions ``[N, 3]``."""
         return self.verts + self.offsets
 
+    def residual(self, points: torch.Tensor) -> torch.Tensor:
+        """The learnt colour correction ``[P, 3]`` at surface points ``[P, 3]``."""
+        g = (points / COLOR_BOUND).reshape(1, 1, 1, -1, 3)  # (P, 3) -> (1, 1, 1, P, 3)
+        out = 0.0
+        for lv in self.levels:  # (1, 3, R, R, R): x -> W, y -> H, z -> D
+            out = out + F.grid_sample(lv, g, mode="bilinear", padding_mode="border",
+                                      align_corners=True)  # fmt: skip  # (1, 3, 1, 1, P)
+        return out.reshape(3, -1).T if torch.is_tensor(out) else torch.zeros_like(points)
+
+    @torch.no_grad()
     def texture(self) -> torch.Tensor:
-        """The albedo ``[1, 3, T, T]``: the base texture plus the upsampled residuals."""
-        size = self.base_texture.shape[-2:]
-        tex = self.base_texture
-        for lv in self.levels:
-            tex = tex + F.interpolate(lv, size=size, mode="bilinear", align_corners=False)
-        return tex
+        """The albedo baked into the atlas ``[1, 3, T, T]``: the base texture plus the residual
+        colour at each covered texel's surface point."""
+        from mvdiff.sds.raster import rasterize
+
+        size = self.base_texture.shape[-1]
+        uv = self.uv.cpu().double()
+        pix = torch.stack([uv[:, 0] * size, (1.0 - uv[:, 1]) * size], -1)  # (N', 2) y down
+        tri_id, bary = rasterize(pix, self.uv_faces.cpu(), size, size)
+        tri_id, bary = tri_id.reshape(-1), bary.reshape(-1, 3)  # (T, T) -> (T*T,), (T*T, 3)
+        hit = (tri_id >= 0).nonzero().squeeze(1)
+        corners = self.positions()[self.vmap][self.uv_faces].cpu()  # (M, 3, 3)
+        pts = (bary[hit, :, None] * corners[tri_id[hit]]).sum(1)  # (K, 3, 3) -> (K, 3)
+        tex = self.base_texture[0].reshape(3, -1).clone()  # (1, 3, T, T) -> (3, T*T)
+        tex[:, hit.to(tex.device)] += self.residual(pts.to(self.device)).T
+        return tex.reshape(1, 3, size, size)  # (3, T*T) -> (1, 3, T, T)
 
     def render(self, c2w, fov_deg, size, *, background=None, generator=None, training=False,
                shading="albedo", light=None, ambient=0.3) -> dict:  # fmt: skip
@@ -241,8 +261,8 @@ class MeshFitState:
             self._ctx = dr.RasterizeCudaContext(device=self.device)
         pos = self.positions()[self.vmap]  # (N, 3) -> (N', 3) atlas vertices
         return render_mesh(
-            pos, self.uv_faces, self.uv, self.texture(), c2w.to(self.device), fov_deg, size,
-            background=background, sigma=self.config.refine.sigma, backend=self.backend,
+            pos, self.uv_faces, self.uv, self.base_texture, c2w.to(self.device), fov_deg, size,
+            background=background, color_fn=self.residual, sigma=self.config.refine.sigma, backend=self.backend,
             shading=shading, light=light, ambient=ambient, ctx=self._ctx, topo=self.topo,
         )  # fmt: skip
 
@@ -354,9 +374,11 @@ class MeshFitState:
                 self.faces.cpu().numpy())  # fmt: skip
 
     @torch.no_grad()
-    def evaluate(self, config, ref: dict | None, res: int) -> dict:
-        """PSNR (train / held out) and silhouette IoU (the hard mesh silhouettes, as the field
-        stage's mesh) against the reference views at ``res``; Chamfer with ``ref_mesh``."""
+    def evaluate(self, config, ref: dict | None, res: int, supersample: int = 2) -> dict:
+        """PSNR (train / held out; renders at ``supersample`` times ``res`` averaged down, an
+        antialiased image as the references are) and silhouette IoU (the hard mesh
+        silhouettes, as the field stage's mesh) against the reference views at ``res``;
+        Chamfer with ``ref_mesh``."""
         from mvdiff.sds.asset import _r
         from mvdiff.sds.mesh_eval import (
             chamfer_distance,
@@ -375,8 +397,10 @@ class MeshFitState:
                 bg = torch.as_tensor(ref["background"], dtype=torch.float32)
             c2w = ref["c2w"].float()
             fov = torch.as_tensor(ref["fov_deg"], dtype=torch.float32).reshape(-1).expand(len(c2w))
+            ss = max(int(supersample), 1)
             renders = torch.cat([
-                self.render(c2w[i : i + 1], fov[i : i + 1], res, background=bg)["rgb"].cpu()
+                F.avg_pool2d(self.render(c2w[i : i + 1], fov[i : i + 1], res * ss,
+                                         background=bg)["rgb"].cpu(), ss)
                 for i in range(len(c2w))
             ])  # fmt: skip  # V x (1, 3, R, R) -> (V, 3, R, R)
             rgba = F.interpolate(ref["rgba"].float(), size=(res, res), mode="area")

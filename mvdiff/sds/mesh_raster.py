@@ -73,15 +73,22 @@ def _edges(tri: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor):
     return w, area
 
 
-def _pairs(xy: torch.Tensor, faces: torch.Tensor, res: int, margin: float, chunk: int = 1 << 20):
+def _pairs(xy: torch.Tensor, faces: torch.Tensor, res: int, margin: float, row0=None,
+           chunk: int = 1 << 20):  # fmt: skip
     """(triangle ids ``[K]``, pixel ids ``[K]``) of the pixel centres inside each triangle's
-    bounding box grown by ``margin`` pixels (no gradient)."""
+    bounding box grown by ``margin`` pixels (no gradient). Views are stacked vertically (view
+    k's rows are ``k res .. (k + 1) res - 1``); ``row0`` ``[F]``: the first row of each
+    triangle's view (default 0)."""
     tri = xy[faces]  # (F, 3, 2)
-    lo = torch.ceil(tri.amin(1) - margin - 0.5).long().clamp(0, res - 1)  # (F, 2)
-    hi = torch.floor(tri.amax(1) + margin - 0.5).long().clamp(-1, res - 1)  # (F, 2)
-    inside_frame = (tri.amax(1) + margin > 0).all(1) & (tri.amin(1) - margin < res).all(1)
+    row0 = torch.zeros(len(faces), dtype=torch.long, device=xy.device) if row0 is None else row0
+    lo = torch.ceil(tri.amin(1) - margin - 0.5).long()  # (F, 2)
+    hi = torch.floor(tri.amax(1) + margin - 0.5).long()  # (F, 2)
+    lo[:, 0].clamp_(0, res - 1)
+    hi[:, 0].clamp_(-1, res - 1)
+    lo[:, 1] = torch.maximum(torch.minimum(lo[:, 1], row0 + res - 1), row0)
+    hi[:, 1] = torch.minimum(torch.maximum(hi[:, 1], row0 - 1), row0 + res - 1)
     span = (hi - lo + 1).clamp(min=0)  # (F, 2)
-    valid = ((span.amin(1) > 0) & inside_frame).nonzero().squeeze(1)
+    valid = (span.amin(1) > 0).nonzero().squeeze(1)
     size = span[valid].amax(1)
     bucket = torch.ceil(torch.log2(size.double().clamp(min=1))).long()
     tris, pixs = [], []
@@ -104,11 +111,12 @@ def _pairs(xy: torch.Tensor, faces: torch.Tensor, res: int, margin: float, chunk
 
 
 @torch.no_grad()
-def _visibility_torch(xy: torch.Tensor, z: torch.Tensor, faces: torch.Tensor, res: int):
-    """Nearest covering triangle per pixel ``[H*W]`` (-1: none) by a z-buffer over the pixel
-    centres each triangle covers."""
-    tri_id = torch.full((res * res,), -1, dtype=torch.long, device=xy.device)
-    t, p = _pairs(xy, faces, res, 0.0)
+def _visibility_torch(xy: torch.Tensor, z: torch.Tensor, faces: torch.Tensor, res: int,
+                      views: int = 1, row0=None):  # fmt: skip
+    """Nearest covering triangle per pixel ``[V*H*W]`` (-1: none) by a z-buffer over the pixel
+    centres each triangle covers (views stacked vertically, :func:`_pairs`)."""
+    tri_id = torch.full((views * res * res,), -1, dtype=torch.long, device=xy.device)
+    t, p = _pairs(xy, faces, res, 0.0, row0)
     if t.numel() == 0:
         return tri_id
     cx = (p % res).to(xy.dtype) + 0.5
@@ -120,7 +128,7 @@ def _visibility_torch(xy: torch.Tensor, z: torch.Tensor, faces: torch.Tensor, re
     lam = w / area[:, None]  # (K, 3) screen-space barycentric weights
     zc = z[faces[t]]  # (K, 3)
     depth = 1.0 / (lam / zc).sum(1)  # perspective-correct depth at the pixel centre
-    zbuf = torch.full((res * res,), float("inf"), dtype=depth.dtype, device=xy.device)
+    zbuf = torch.full((views * res * res,), float("inf"), dtype=depth.dtype, device=xy.device)
     zbuf.scatter_reduce_(0, p, depth, reduce="amin")
     win = depth <= zbuf[p]
     tri_id[p[win]] = t[win]
@@ -209,10 +217,12 @@ def _segment_distance(seg: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> 
 
 
 def rasterize_views(verts, faces, c2w, fov_deg, res: int, *, sigma: float = 0.5,
-                    backend: str = "torch", ctx=None, topo: dict | None = None) -> list[dict]:  # fmt: skip
-    """Per view: ``tri`` ``[H*W]`` (the triangle whose attributes the pixel shows, -1: none),
-    ``bary`` ``[H*W, 3]`` (differentiable, perspective-correct), ``alpha`` ``[H*W]`` (soft
-    silhouette, differentiable in ``verts``) and ``hard`` ``[H*W]`` (z-buffer coverage).
+                    backend: str = "torch", ctx=None, topo: dict | None = None) -> dict:  # fmt: skip
+    """All views at once, stacked vertically (pixel ``p`` of view ``k`` is ``k H W + p``):
+    ``tri`` ``[V*H*W]`` (the triangle whose attributes the pixel shows, as an index into
+    ``faces``; -1: none), ``bary`` ``[V*H*W, 3]`` (differentiable, perspective-correct),
+    ``alpha`` ``[V*H*W]`` (soft silhouette, differentiable in ``verts``) and ``hard``
+    ``[V*H*W]`` (z-buffer coverage).
 
     The soft silhouette: in a band of ``2 sigma`` pixels around the hard silhouette, a
     pixel's opacity is ``sigmoid(+-d / sigma)``, ``d`` its distance to the nearest contour
@@ -221,69 +231,91 @@ def rasterize_views(verts, faces, c2w, fov_deg, res: int, *, sigma: float = 0.5,
     gradient moves the contour's vertices."""
     faces = faces.long()
     topo = edge_topology(faces) if topo is None else topo
-    v = c2w.shape[0]
+    v, n, m = c2w.shape[0], verts.shape[0], faces.shape[0]
     fov = torch.as_tensor(fov_deg, dtype=torch.float32).reshape(-1).expand(v)  # (V,)
     margin = 2.0 * sigma
     r = max(int(math.ceil(margin)), 1)
-    out = []
+    dev = verts.device
+    xys, zs = [], []
     for k in range(v):
         xy, z = project(verts, c2w[k], float(fov[k]), res)
-        xyd, zd = xy.detach(), z.detach()
-        infront = (zd[faces] > 1e-4).all(1)
-        if backend == "nvdiffrast":
-            tri = _visibility_nvdiffrast(xyd, zd, faces, res, ctx)
-            tri = torch.where((tri >= 0) & infront[tri.clamp(min=0)], tri, -1)
-        else:
-            ids = infront.nonzero().squeeze(1)
-            tri = _visibility_torch(xyd, zd, faces[ids], res)
-            tri = torch.where(tri >= 0, ids[tri.clamp(min=0)], tri)  # (H*W,) ids into faces
-        hard = tri >= 0
-        alpha = hard.to(xy.dtype)
-        img = hard.reshape(1, 1, res, res).float()  # (H*W,) -> (1, 1, H, W)
-        grown = F.max_pool2d(img, 2 * r + 1, 1, r)
-        shrunk = -F.max_pool2d(-img, 2 * r + 1, 1, r)
-        band = (grown != shrunk).reshape(-1)  # (1, 1, H, W) -> (H*W,)
-        with torch.no_grad():
-            seg = _contour_edges(xyd, zd, faces, topo)  # (C, 2)
-            s, p = _pairs(xyd, seg, res, margin + 0.5)
-            keep = band[p]
-            s, p = s[keep], p[keep]
-            cx = (p % res).to(xy.dtype) + 0.5
-            cy = torch.div(p, res, rounding_mode="floor").to(xy.dtype) + 0.5
-            d = _segment_distance(xyd[seg[s]], cx, cy)
-            best = torch.full((res * res,), float("inf"), dtype=xy.dtype, device=xy.device)
-            best.scatter_reduce_(0, p, d, reduce="amin")
-            win = d <= best[p]
-            s, p, cx, cy = s[win], p[win], cx[win], cy[win]
-            pick = torch.full((res * res,), -1, dtype=torch.long, device=xy.device)
-            pick[p] = torch.arange(p.numel(), device=xy.device)  # one winner per pixel
-            sel = pick[pick >= 0]
-            s, p, cx, cy = s[sel], p[sel], cx[sel], cy[sel]
-        if p.numel():
-            d = _segment_distance(xy[seg[s]], cx, cy)  # (K,) differentiable
-            sign = torch.where(hard[p], 1.0, -1.0).to(d)
-            alpha = alpha.index_put((p,), torch.sigmoid(sign * d / sigma))
-        shown_tri = _grow_ids(tri, res, r)  # band pixels outside: a neighbour's triangle
-        shown = (shown_tri >= 0).nonzero().squeeze(1)
-        bary = torch.zeros(res * res, 3, dtype=xy.dtype, device=xy.device)
-        if shown.numel():
-            fi = faces[shown_tri[shown]]  # (S, 3)
-            cx = (shown % res).to(xy.dtype) + 0.5
-            cy = torch.div(shown, res, rounding_mode="floor").to(xy.dtype) + 0.5
-            bary = bary.index_put((shown,), _bary(xy[fi], z[fi], cx, cy, clamp=True))
-        out.append({"tri": shown_tri, "bary": bary, "alpha": alpha, "hard": hard})
-    return out
+        xys.append(xy + torch.tensor([0.0, k * res], device=dev, dtype=xy.dtype))
+        zs.append(z)
+    xy, z = torch.cat(xys), torch.cat(zs)  # V x (N, 2) -> (V*N, 2); (V*N,)
+    shift = torch.arange(v, device=dev)
+    fa = (faces[None] + (shift * n)[:, None, None]).reshape(-1, 3)  # (V, M, 3) -> (V*M, 3)
+    row0 = (shift * res).repeat_interleave(m)  # (V*M,) first row of each face's view
+    xyd, zd = xy.detach(), z.detach()
+    infront = (zd[fa] > 1e-4).all(1)
+    total = v * res * res
+    if backend == "nvdiffrast":
+        tri = torch.cat([
+            _visibility_nvdiffrast(xyd[k * n : (k + 1) * n] - torch.tensor([0.0, k * res],
+                                   device=dev), zd[k * n : (k + 1) * n], faces, res, ctx)
+            for k in range(v)
+        ])  # fmt: skip  # V x (H*W,) -> (V*H*W,) ids into faces
+        view_of = torch.arange(total, device=dev) // (res * res)
+        tri = torch.where(tri >= 0, tri + view_of * m, tri)
+        tri = torch.where((tri >= 0) & infront[tri.clamp(min=0)], tri, -1)
+    else:
+        ids = infront.nonzero().squeeze(1)
+        tri = _visibility_torch(xyd, zd, fa[ids], res, v, row0[ids])
+        tri = torch.where(tri >= 0, ids[tri.clamp(min=0)], tri)  # (V*H*W,) ids into fa
+    hard = tri >= 0
+    alpha = hard.to(xy.dtype)
+    img = hard.reshape(v, 1, res, res).float()  # (V*H*W,) -> (V, 1, H, W)
+    grown = F.max_pool2d(img, 2 * r + 1, 1, r)
+    shrunk = -F.max_pool2d(-img, 2 * r + 1, 1, r)
+    band = (grown != shrunk).reshape(-1)  # (V, 1, H, W) -> (V*H*W,)
+    with torch.no_grad():
+        e = topo["edges"].shape[0]
+        topo_all = {
+            "edges": (topo["edges"][None] + (shift * n)[:, None, None]).reshape(-1, 2),
+            "face_edges": (topo["face_edges"][None] + (shift * e)[:, None, None]).reshape(-1, 3),
+            "border": _border(topo).repeat(v),
+        }  # fmt: skip  # (V*E, 2), (V*M, 3), (V*E,)
+        seg = _contour_edges(xyd, zd, fa, topo_all)  # (C, 2)
+        s, p = _pairs(
+            xyd, seg, res, margin + 0.5, torch.div(seg[:, 0], n, rounding_mode="floor") * res
+        )
+        keep = band[p]
+        s, p = s[keep], p[keep]
+        cx = (p % res).to(xy.dtype) + 0.5
+        cy = torch.div(p, res, rounding_mode="floor").to(xy.dtype) + 0.5
+        d = _segment_distance(xyd[seg[s]], cx, cy)
+        best = torch.full((total,), float("inf"), dtype=xy.dtype, device=dev)
+        best.scatter_reduce_(0, p, d, reduce="amin")
+        win = d <= best[p]
+        s, p, cx, cy = s[win], p[win], cx[win], cy[win]
+        pick = torch.full((total,), -1, dtype=torch.long, device=dev)
+        pick[p] = torch.arange(p.numel(), device=dev)  # one winner per pixel
+        sel = pick[pick >= 0]
+        s, p, cx, cy = s[sel], p[sel], cx[sel], cy[sel]
+    if p.numel():
+        d = _segment_distance(xy[seg[s]], cx, cy)  # (K,) differentiable
+        sign = torch.where(hard[p], 1.0, -1.0).to(d)
+        alpha = alpha.index_put((p,), torch.sigmoid(sign * d / sigma))
+    shown_tri = _grow_ids(tri, v, res, r)  # band pixels outside: a neighbour's triangle
+    shown = (shown_tri >= 0).nonzero().squeeze(1)
+    bary = torch.zeros(total, 3, dtype=xy.dtype, device=dev)
+    if shown.numel():
+        fi = fa[shown_tri[shown]]  # (S, 3)
+        cx = (shown % res).to(xy.dtype) + 0.5
+        cy = torch.div(shown, res, rounding_mode="floor").to(xy.dtype) + 0.5
+        bary = bary.index_put((shown,), _bary(xy[fi], z[fi], cx, cy, clamp=True))
+    tri_local = torch.where(shown_tri >= 0, shown_tri % max(m, 1), shown_tri)
+    return {"tri": tri_local, "bary": bary, "alpha": alpha, "hard": hard}
 
 
 @torch.no_grad()
-def _grow_ids(tri: torch.Tensor, res: int, rings: int) -> torch.Tensor:
-    """Triangle ids ``[H*W]`` with empty pixels within ``rings`` of a covered one taking a
-    covered neighbour's id."""
-    img = tri.reshape(res, res)  # (H*W,) -> (H, W)
+def _grow_ids(tri: torch.Tensor, views: int, res: int, rings: int) -> torch.Tensor:
+    """Triangle ids ``[V*H*W]`` with empty pixels within ``rings`` of a covered one taking a
+    covered neighbour's id (within the same view)."""
+    img = tri.reshape(views, res, res)  # (V*H*W,) -> (V, H, W)
     for _ in range(rings):
-        pad = F.pad(img[None, None].float(), (1, 1, 1, 1), value=-1.0)[0, 0].long()
+        pad = F.pad(img[:, None].float(), (1, 1, 1, 1), value=-1.0)[:, 0].long()  # (V, H+2, W+2)
         for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-            nb = pad[dy : dy + res, dx : dx + res]
+            nb = pad[:, dy : dy + res, dx : dx + res]
             img = torch.where((img < 0) & (nb >= 0), nb, img)
     return img.reshape(-1)
 
@@ -297,7 +329,8 @@ def _shade(normal, light, shading: str, ambient: float, albedo):
 
 def render_mesh(verts, faces, uv, texture, c2w, fov_deg, res: int, *, background=None,
                 sigma: float = 0.5, backend: str = "torch", shading: str = "albedo",
-                light=None, ambient: float = 0.3, ctx=None, topo=None) -> dict:  # fmt: skip
+                light=None, ambient: float = 0.3, ctx=None, topo=None,
+                color_fn=None) -> dict:  # fmt: skip
     """Render a UV-textured mesh: ``verts`` ``[N, 3]`` (world, z up), ``faces`` ``[M, 3]``,
     ``uv`` ``[N, 2]`` (origin bottom-left), ``texture`` ``[1, 3, T, T]`` (row 0 at the top),
     cameras ``c2w`` ``[V, 4, 4]`` and ``fov_deg`` (float or ``[V]``).
@@ -306,6 +339,8 @@ def render_mesh(verts, faces, uv, texture, c2w, fov_deg, res: int, *, background
     callable ray directions -> colours; default white) and ``opacity`` ``[V, 1, H, W]``; both
     differentiable in ``verts`` and ``texture``. ``shading`` "lambertian" / "textureless"
     use the face normals and ``light`` ``[V, 3]`` (unit directions towards the light).
+    ``color_fn`` (optional): surface points ``[P, 3]`` -> colours ``[P, 3]`` added to the
+    texture's.
     """
     from mvdiff.sds.render import _background_rays, camera_rays
 
@@ -322,28 +357,28 @@ def render_mesh(verts, faces, uv, texture, c2w, fov_deg, res: int, *, background
     _, d = camera_rays(c2w, fov_deg, res)  # (V, H, W, 3)
     bg = _background_rays(background, d.reshape(-1, 3), res * res, verts.dtype)  # (V*H*W, 3)
     bg = bg.reshape(v, res * res, 3)  # (V*H*W, 3) -> (V, H*W, 3)
-    rgbs, alphas = [], []
-    for k, r in enumerate(views):
-        shown = (r["tri"] >= 0).nonzero().squeeze(1)
-        color = torch.zeros(res * res, 3, dtype=verts.dtype, device=dev)
-        if shown.numel():
-            fi = faces[r["tri"][shown]].long()  # (S, 3)
-            lam = r["bary"][shown]  # (S, 3)
-            uvp = (lam[..., None] * uv[fi]).sum(1)  # (S, 3, 2) -> (S, 2)
-            grid = torch.stack([uvp[:, 0] * 2 - 1, 1 - uvp[:, 1] * 2], -1)  # v up -> rows down
-            grid = grid.reshape(1, 1, -1, 2)  # (S, 2) -> (1, 1, S, 2)
-            col = F.grid_sample(texture, grid, mode="bilinear", padding_mode="border",
-                                align_corners=False)  # fmt: skip  # (1, 3, 1, S)
-            col = col[0, :, 0].T.clamp(0.0, 1.0)  # (1, 3, 1, S) -> (S, 3)
-            if fn is not None:
-                lt = light[k].to(dev).reshape(1, 3)  # (3,) -> (1, 3)
-                col = _shade(fn[r["tri"][shown]], lt, shading, ambient, col)
-            color = color.index_put((shown,), col)
-        a = r["alpha"][:, None]  # (H*W,) -> (H*W, 1)
-        rgbs.append(color * a + bg[k] * (1.0 - a))
-        alphas.append(a)
-    rgb = (
-        torch.stack(rgbs).reshape(v, res, res, 3).permute(0, 3, 1, 2)
-    )  # (V, H*W, 3) -> (V, 3, H, W)
-    opacity = torch.stack(alphas).reshape(v, 1, res, res)  # (V, H*W, 1) -> (V, 1, H, W)
+    r = views
+    shown = (r["tri"] >= 0).nonzero().squeeze(1)
+    color = torch.zeros(v * res * res, 3, dtype=verts.dtype, device=dev)
+    if shown.numel():
+        fi = faces[r["tri"][shown]].long()  # (S, 3)
+        lam = r["bary"][shown]  # (S, 3)
+        uvp = (lam[..., None] * uv[fi]).sum(1)  # (S, 3, 2) -> (S, 2)
+        grid = torch.stack([uvp[:, 0] * 2 - 1, 1 - uvp[:, 1] * 2], -1)  # v up -> rows down
+        grid = grid.reshape(1, 1, -1, 2)  # (S, 2) -> (1, 1, S, 2)
+        col = F.grid_sample(texture, grid, mode="bilinear", padding_mode="border",
+                            align_corners=False)  # fmt: skip  # (1, 3, 1, S)
+        col = col[0, :, 0].T  # (1, 3, 1, S) -> (S, 3)
+        if color_fn is not None:
+            col = col + color_fn((lam[..., None] * verts[fi]).sum(1))  # (S, 3, 3) -> (S, 3)
+        col = col.clamp(0.0, 1.0)
+        if fn is not None:
+            view_of = torch.div(shown, res * res, rounding_mode="floor")
+            lt = light.to(dev).reshape(-1, 3).expand(v, 3)[view_of]  # (S, 3)
+            col = _shade(fn[r["tri"][shown]], lt, shading, ambient, col)
+        color = color.index_put((shown,), col)
+    a = r["alpha"][:, None]  # (V*H*W,) -> (V*H*W, 1)
+    out = color * a + bg.reshape(-1, 3) * (1.0 - a)  # (V*H*W, 3)
+    rgb = out.reshape(v, res, res, 3).permute(0, 3, 1, 2)  # (V*H*W, 3) -> (V, 3, H, W)
+    opacity = a.reshape(v, 1, res, res)  # (V*H*W, 1) -> (V, 1, H, W)
     return {"rgb": rgb, "opacity": opacity}

@@ -13,7 +13,12 @@ Writes into the output folder:
 * ``gaussians.ply`` with ``representation: gaussians`` (the 3DGS layout, :mod:`mvdiff.sds.ply`;
   the mesh then comes from the Gaussians' density on a grid, vertex colours);
 * ``config.json`` and ``summary.json`` (with ``mesh``, ``metrics``: PSNR, silhouette IoU,
-  Chamfer with ``ref_mesh``, and ``seconds`` per stage).
+  Chamfer with ``ref_mesh``, and ``seconds`` per stage);
+* with ``config.refine.enabled`` (``--refine``) the coarse-to-fine mesh stage follows on
+  ``mesh.glb`` (:mod:`mvdiff.sds.mesh_fit`): ``refined.glb``, ``refined.obj`` + ``.mtl`` +
+  ``refined_albedo.png``, ``refined.ply``, ``refined_views.png``, ``refine_checkpoint.pt``
+  and ``summary.json``'s ``refine`` (metrics of the extracted and of the refined mesh);
+  ``config.refine.from_mesh`` (``--refine-from``) runs that stage alone on a given mesh.
 
 Every file is written under a temporary name and renamed.
 """
