@@ -167,9 +167,9 @@ def test_refine_improves_on_the_field_stage(monkey_shard, tmp_path):
 
     run = tmp_path / "run"
     argv = ["text-to-3d", "--ref-views", str(monkey_shard), "--sds-weight", "0", "--config",
-            str(CONFIG), "--steps", "150", "--output", str(run), "--no-progress",
+            str(CONFIG), "--steps", "100", "--output", str(run), "--no-progress",
             "--ref-holdout", "3,11", "--ref-mesh", str(ASSETS / "monkey.glb"), "--refine",
-            "--refine-steps", "40", "--set", "texture_size=256", "--set", "turntable_frames=2"]  # fmt: skip
+            "--refine-steps", "30", "--set", "texture_size=256", "--set", "turntable_frames=2"]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads((run / "summary.json").read_text())
     field, stage = summary["metrics"], summary["refine"]
@@ -215,3 +215,38 @@ def test_nvdiffrast_visibility_matches_torch():
     b = render_mesh(v, f, uv, tex, c2w, 40.0, res, backend="nvdiffrast", ctx=ctx)
     assert (a["opacity"] - b["opacity"]).abs().max() < 1e-4
     assert ((a["rgb"] - b["rgb"]).abs() > 1e-3).float().mean() < 0.002  # ties may differ
+
+
+@pytest.mark.slow
+def test_refine_from_a_mesh_with_the_sds_prior_writes_and_resumes(tmp_path, capsys):
+    """``--refine-from`` with the multi-view SDS prior (a tiny pipeline): the mesh stage alone,
+    refined.glb UV-textured, its checkpoint resumed by ``--resume`` with more steps."""
+    import trimesh
+
+    from mvdiff.pipelines import MVDreamPipeline
+    from mvdiff.testing import tiny_components
+
+    model = tmp_path / "model"
+    MVDreamPipeline(**tiny_components(0)).save_pretrained(model)
+    from mvdiff.sds.mesh import export_mesh, to_trimesh
+
+    v, f = sphere(0.35, 2)
+    export_mesh(to_trimesh(v.numpy(), f.numpy(), (v.numpy() + 0.5).clip(0, 1)), tmp_path / "b.glb")
+    out = tmp_path / "run"
+    argv = ["text-to-3d", "--model", str(model), "--prompt", "a ball", "--output", str(out),
+            "--fast", "--refine-from", str(tmp_path / "b.glb"), "--refine-steps", "2",
+            "--shading", "random", "--no-progress", "--set", "refine.render_size=32",
+            "--set", "texture_size=64"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["refine"]["steps"] == 2 and "fit" not in summary["stage_seconds"]
+    assert not (out / "checkpoint.pt").exists() and not (out / "mesh.glb").exists()
+    (mesh,) = trimesh.load(out / "refined.glb").geometry.values()
+    assert mesh.visual.kind == "texture" and len(mesh.faces) == 320
+    state = torch.load(out / "refine_checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and state["mesh"]["offsets"].abs().max() > 0
+    argv[argv.index("--refine-steps") + 1] = "3"
+    assert main([*argv, "--resume"]) == 0
+    assert "resumed the mesh stage" in capsys.readouterr().out
+    assert torch.load(out / "refine_checkpoint.pt", weights_only=True)["step"] == 3
+    assert not list(out.glob("*.tmp"))
