@@ -141,6 +141,12 @@ def main(argv=None) -> int:
         help="add the mesh stage (--refine) with this many steps and compare stages",
     )
     p.add_argument("--figure", default=None, help="PNG of input / field / mesh / refined rows")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="assets reconstructed at once (seconds are then per-run upper bounds)",
+    )
     args = p.parse_args(argv)
     if args.figure and args.refine_steps <= 0:
         p.error("--figure needs --refine-steps")
@@ -156,18 +162,28 @@ def main(argv=None) -> int:
            str(args.views), "--resolution", str(args.resolution), "--samples", "16", "--quiet"]  # fmt: skip
     subprocess.run(cmd, check=True)
     (shard,) = sorted(shard_dir.glob("*.tar"))[:1]
-    table, rows = [], []
+    table, rows, cmds = [], [], {}
     for asset in assets:
         uid = asset.stem
-        run = work / uid
         cmd = ["mvdiff", "text-to-3d", "--ref-views", str(shard), "--ref-uid", uid,
-               "--sds-weight", "0", "--steps", str(args.steps), "--output", str(run),
+               "--sds-weight", "0", "--steps", str(args.steps), "--output", str(work / uid),
                "--no-progress", "--ref-mesh", str(asset), "--ref-holdout", args.holdout]  # fmt: skip
         if args.preset == "reconstruct_cpu":
             cmd += ["--config", str(ROOT / "infer" / "configs" / "reconstruct_cpu.yaml")]
         if args.refine_steps > 0:
             cmd += ["--refine", "--refine-steps", str(args.refine_steps)]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        cmds[uid] = cmd
+    running, pending = [], list(cmds.values())
+    while pending or running:  # at most --jobs runs at a time
+        while pending and len(running) < max(args.jobs, 1):
+            running.append(subprocess.Popen(pending.pop(0), stdout=subprocess.DEVNULL))
+        running[0].wait()
+        if running[0].returncode:
+            raise SystemExit(f"{' '.join(running[0].args)}: exit {running[0].returncode}")
+        running.pop(0)
+    for asset in assets:
+        uid = asset.stem
+        run = work / uid
         summary = json.loads((run / "summary.json").read_text())
         ref = load_shard_sample(shard, uid)
         config = json.loads((run / "config.json").read_text())

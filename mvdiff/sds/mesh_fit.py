@@ -57,6 +57,10 @@ class RefineConfig:
     normal_weight: float = 0.05
     #: soft silhouette width in pixels (:mod:`mvdiff.sds.mesh_raster`)
     sigma: float = 0.5
+    #: the camera's pixel filter: a Gaussian of this standard deviation in pixels of the
+    #: reference views (as rendered: Blender's default filter is 1.5 px wide) blurs every
+    #: render, at any size (0: none)
+    pixel_filter: float = 1.0
     #: a mesh without a UV atlas is decimated to about this many faces first
     faces: int = 20000
     #: "auto" (nvdiffrast's visibility pass on CUDA when installed), "torch", "nvdiffrast"
@@ -69,6 +73,8 @@ class RefineConfig:
             raise ValueError("refine.render_size must be >= 0 and refine.views >= 1")
         if min(self.lr_geometry, self.lr_texture, self.laplacian_weight, self.normal_weight) < 0:
             raise ValueError("refine learning rates and weights must be >= 0")
+        if self.pixel_filter < 0:
+            raise ValueError(f"refine.pixel_filter must be >= 0, got {self.pixel_filter}")
         if self.sigma <= 0:
             raise ValueError(f"refine.sigma must be > 0, got {self.sigma}")
         if self.backend not in ("auto", "torch", "nvdiffrast"):
@@ -217,6 +223,8 @@ class MeshFitState:
         if backend == "nvdiffrast" and not nvdiffrast_available(self.device):
             raise UserError("refine.backend nvdiffrast: needs CUDA and the nvdiffrast package")
         self.backend, self._ctx = backend, None
+        #: the size the pixel filter is given in (the reference views'; set by :func:`refine`)
+        self.filter_size = None
         self._regular = _regular_terms(self.verts, self.faces)
 
     # geometry and texture of the current state
@@ -260,11 +268,15 @@ class MeshFitState:
 
             self._ctx = dr.RasterizeCudaContext(device=self.device)
         pos = self.positions()[self.vmap]  # (N, 3) -> (N', 3) atlas vertices
-        return render_mesh(
+        out = render_mesh(
             pos, self.uv_faces, self.uv, self.base_texture, c2w.to(self.device), fov_deg, size,
             background=background, color_fn=self.residual, sigma=self.config.refine.sigma, backend=self.backend,
             shading=shading, light=light, ambient=ambient, ctx=self._ctx, topo=self.topo,
         )  # fmt: skip
+        std = self.config.refine.pixel_filter * size / (self.filter_size or size)
+        if std > 0:
+            out = {k: _gaussian_blur(x, std) for k, x in out.items()}
+        return out
 
     def prepare_ref(self, views: dict, resolution: int, indices=None) -> dict:
         idx = list(range(views["rgba"].shape[0])) if indices is None else list(indices)
@@ -434,6 +446,18 @@ class MeshFitState:
                 "texture_size": int(tex.shape[0]), "welded_vertices": int(len(verts))}  # fmt: skip
 
 
+def _gaussian_blur(x: torch.Tensor, std: float) -> torch.Tensor:
+    """Images ``[V, C, H, W]`` blurred by a separable Gaussian (edges replicated)."""
+    r = max(int(np.ceil(3 * std)), 1)
+    k = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    g = torch.exp(-(k**2) / (2 * std * std))
+    g = g / g.sum()
+    c = x.shape[1]
+    x = F.pad(x, (r, r, r, r), mode="replicate")
+    x = F.conv2d(x, g.reshape(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)  # along W
+    return F.conv2d(x, g.reshape(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)  # along H
+
+
 def _regular_terms(verts: torch.Tensor, faces: torch.Tensor) -> dict:
     """Neighbour lists (both directions of every edge), degrees, the squared mean edge length
     and adjacent face pairs (faces sharing an edge, two per edge) of a welded mesh."""
@@ -493,6 +517,8 @@ def refine(config, output, *, mesh_path=None, ref: dict | None = None, res: int 
         res = int(res or native)
     else:
         size = rc.render_size or config.render_size_late
+    if ref is not None:
+        fit.filter_size = native
     metrics_mesh = fit.evaluate(config, ref, res)  # the mesh as it came (offsets 0)
     start = 0
     if state is not None:
