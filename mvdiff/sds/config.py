@@ -10,6 +10,7 @@ from mvdiff.sds.background import BackgroundConfig
 from mvdiff.sds.field import FieldConfig
 from mvdiff.sds.gaussians import GaussianConfig
 from mvdiff.sds.guidance import SDSConfig
+from mvdiff.sds.mesh_fit import RefineConfig
 from mvdiff.shards import CAPTION_SUFFIX
 
 __all__ = ["TextTo3DConfig"]
@@ -92,6 +93,8 @@ class TextTo3DConfig:
     gaussians: GaussianConfig = dataclasses.field(default_factory=GaussianConfig)
     sds: SDSConfig = dataclasses.field(default_factory=SDSConfig)
     background: BackgroundConfig = dataclasses.field(default_factory=BackgroundConfig)
+    #: the coarse-to-fine mesh stage (``--refine`` / ``--refine-from``, :mod:`mvdiff.sds.mesh_fit`)
+    refine: RefineConfig = dataclasses.field(default_factory=RefineConfig)
 
     @classmethod
     def fast(cls, **kw) -> TextTo3DConfig:
@@ -135,6 +138,7 @@ class TextTo3DConfig:
         d["gaussians"] = GaussianConfig(**d.get("gaussians", {}))
         d["sds"] = SDSConfig(**d.get("sds", {}))
         d["background"] = BackgroundConfig(**d.get("background", {}))
+        d["refine"] = RefineConfig(**d.get("refine", {}))
         return cls(**d)
 
     def validate(self) -> None:

@@ -286,6 +286,9 @@ def train_step(fit: FitState, config: TextTo3DConfig, step: int, sds=None, rays=
         loss = loss + config.ref_weight * fit.ref_loss(rays, config)
     if not loss.requires_grad:
         raise ValueError("nothing to optimise: no SDS term and no reference views")
+    regularizer = getattr(fit, "regularizer", None)  # e.g. the mesh stage's smoothness terms
+    if regularizer is not None:
+        loss = loss + regularizer()
     fit.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     fit.optimizer.step()
@@ -355,8 +358,9 @@ def fit_with_checkpoints(fit, config, path, start: int, saved_step: int | None, 
 
     def on_step(done, metrics):
         if config.save_every and done % config.save_every == 0 and done < config.steps:
-            save_checkpoint(fit, config, path, done)
-            saved[0] = done
+            with interrupts_deferred():  # the interrupt's note names what is on disk
+                save_checkpoint(fit, config, path, done)
+                saved[0] = done
 
     try:
         metrics = run_steps(

@@ -341,9 +341,10 @@ def bake_texture(field, verts, faces, uv, size: int = 1024, fill_iters: int = 8,
     return (arr * 255 + 0.5).astype(np.uint8)
 
 
-def textured_trimesh(verts, faces, uv, texture: np.ndarray, y_up: bool = True):
-    """A ``trimesh.Trimesh`` with a UV texture (a PBR material whose base colour is the image)
-    from world-frame arrays."""
+def textured_trimesh(verts, faces, uv, texture: np.ndarray, y_up: bool = True,
+                     name: str = "mesh_albedo"):  # fmt: skip
+    """A ``trimesh.Trimesh`` with a UV texture (a PBR material ``name`` whose base colour is
+    the image; an OBJ's texture file is ``NAME.png``) from world-frame arrays."""
     import trimesh
     from PIL import Image
 
@@ -352,7 +353,7 @@ def textured_trimesh(verts, faces, uv, texture: np.ndarray, y_up: bool = True):
         v = v @ Z_UP_TO_Y_UP.T  # (N, 3) -> (N, 3)
     image = Image.fromarray(np.asarray(texture, np.uint8))
     material = trimesh.visual.material.PBRMaterial(
-        name="mesh_albedo", baseColorTexture=image, baseColorFactor=[255, 255, 255, 255],
+        name=name, baseColorTexture=image, baseColorFactor=[255, 255, 255, 255],
         metallicFactor=0.0, roughnessFactor=1.0,
     )  # fmt: skip
     visual = trimesh.visual.TextureVisuals(uv=np.asarray(uv, np.float64), material=material)

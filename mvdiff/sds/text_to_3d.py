@@ -13,7 +13,12 @@ Writes into the output folder:
 * ``gaussians.ply`` with ``representation: gaussians`` (the 3DGS layout, :mod:`mvdiff.sds.ply`;
   the mesh then comes from the Gaussians' density on a grid, vertex colours);
 * ``config.json`` and ``summary.json`` (with ``mesh``, ``metrics``: PSNR, silhouette IoU,
-  Chamfer with ``ref_mesh``, and ``seconds`` per stage).
+  Chamfer with ``ref_mesh``, and ``seconds`` per stage);
+* with ``config.refine.enabled`` (``--refine``) the coarse-to-fine mesh stage follows on
+  ``mesh.glb`` (:mod:`mvdiff.sds.mesh_fit`): ``refined.glb``, ``refined.obj`` + ``.mtl`` +
+  ``refined_albedo.png``, ``refined.ply``, ``refined_views.png``, ``refine_checkpoint.pt``
+  and ``summary.json``'s ``refine`` (metrics of the extracted and of the refined mesh);
+  ``config.refine.from_mesh`` (``--refine-from``) runs that stage alone on a given mesh.
 
 Every file is written under a temporary name and renamed.
 """
@@ -169,9 +174,10 @@ def text_to_3d(
     if device is None:
         device = pipe.unet.device if pipe is not None else torch.device("cpu")
     enable_tf32(device)
-    fit = make_fit_state(config, device)
+    from_mesh = config.refine.from_mesh
+    fit = None if from_mesh else make_fit_state(config, device)
     start = 0
-    if resume and ckpt_path.exists():
+    if fit is not None and resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, device)  # tensors and plain data only; else one line
         now = config.to_dict()
         for key in ("representation", *fit.config_keys):
@@ -204,7 +210,8 @@ def text_to_3d(
                 "and leave a view to fit"
             )
         train = [i for i in range(n_views) if i not in config.ref_holdout]
-        rays = fit.prepare_ref(ref, res, train)
+        if fit is not None:
+            rays = fit.prepare_ref(ref, res, train)
         if config.ref_mask == "auto" and not ref["has_alpha"]:
             log("reference views have no alpha: mask estimated from the background colour")
         log(f"reference views: {ref['uid']} ({ref['rgba'].shape[0]} views, fitted at {res}²)")
@@ -215,18 +222,34 @@ def text_to_3d(
         load_source_mesh(config.ref_mesh)
 
     t0 = time.time()
-    metrics = fit_with_checkpoints(
-        fit, config, ckpt_path, start, start if resume and ckpt_path.exists() else None,
-        sds=sds, rays=rays, progress=progress,
-    )  # fmt: skip
-    fit_seconds = round(time.time() - t0, 2)
-    asset = export_outputs(fit, config, output, ref, res)
-    summary = {
-        "steps": config.steps, "resumed_from": start, "loss": metrics["loss"], "t": metrics["t"],
-        "vertices": asset["mesh"]["vertices"], "faces": asset["mesh"]["faces"],
-        "render_size": render_size(config, max(config.steps - 1, 0)),
-        "seconds": round(time.time() - t0, 2), "mesh": asset["mesh"], "metrics": asset["metrics"],
-        "stage_seconds": {"fit": fit_seconds, **asset["seconds"]},
-    }  # fmt: skip
+    summary = {"stage_seconds": {}}
+    if fit is not None:
+        metrics = fit_with_checkpoints(
+            fit, config, ckpt_path, start, start if resume and ckpt_path.exists() else None,
+            sds=sds, rays=rays, progress=progress,
+        )  # fmt: skip
+        fit_seconds = round(time.time() - t0, 2)
+        asset = export_outputs(fit, config, output, ref, res)
+        summary = {
+            "steps": config.steps, "resumed_from": start, "loss": metrics["loss"],
+            "t": metrics["t"], "vertices": asset["mesh"]["vertices"],
+            "faces": asset["mesh"]["faces"],
+            "render_size": render_size(config, max(config.steps - 1, 0)),
+            "seconds": round(time.time() - t0, 2), "mesh": asset["mesh"],
+            "metrics": asset["metrics"], "stage_seconds": {"fit": fit_seconds, **asset["seconds"]},
+        }  # fmt: skip
+    if from_mesh or config.refine.enabled:
+        from mvdiff.sds.mesh_fit import refine
+
+        stage = refine(
+            config, output, mesh_path=from_mesh or output / "mesh.glb", ref=ref, res=res,
+            sds=sds, resume=resume, progress=progress, device=device, log=log,
+        )  # fmt: skip
+        summary["refine"] = stage
+        summary["stage_seconds"].update(stage["seconds"])
+        summary["seconds"] = round(time.time() - t0, 2)
+        if from_mesh:
+            summary.update(steps=0, vertices=stage["mesh"]["vertices"],
+                           faces=stage["mesh"]["faces"])  # fmt: skip
     write_json(output / "summary.json", summary)
     return summary
