@@ -495,7 +495,7 @@ def _base_from_checkpoint(state: dict, path) -> dict:
 
 
 def refine(config, output, *, mesh_path=None, ref: dict | None = None, res: int | None = None,
-           sds=None, resume: bool = False, progress: bool = True, device="cpu", log=print) -> dict:  # fmt: skip
+           sds=None, resume: bool = False, progress: bool = True, device="cpu", log=log.info) -> dict:  # fmt: skip
     """Run the mesh stage (module docstring) on ``mesh_path`` (or the base mesh kept in
     ``OUTPUT/refine_checkpoint.pt`` when resuming), with the SDS term ``sds``
     (:class:`mvdiff.sds.text_to_3d.SDSTerm`) and/or the reference views ``ref``; metrics at
