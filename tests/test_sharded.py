@@ -6,10 +6,16 @@ The worker (tests/fixtures/sharded/worker.py) drives the trainer's own functions
 a UNet that accelerate wrapped with FSDP2 (``fully_shard``) or DDP. A rank that skipped a
 collective would leave the other waiting: the subprocess timeout turns that into a failure.
 
-Open: the first optimizer step agrees to 1.4e-7 between DDP and FSDP2 (gloo, CPU), but from
-the second step on the FSDP2 run's gradients differ by ~2% (second-step gradient norm 10.05
-vs 9.80; the sharded checkpoint round trip is exact, so it is in the training step itself:
-not understood yet, not seen on GPUs). The equality run therefore trains one step.
+Both runs train 3 SGD steps with clipping on (every step clips: the norms are above 1) and EMA,
+and export the same weights to float rounding (seen: 6e-8), with the same gradient norms: the
+norm is of the whole model, not of a rank's shard. The worker feeds 8x8 latents. At 4x4 (the
+32-px renders of ``tiny_cpu.yaml``) the tiny UNet's lowest level is 1x1 and its GroupNorms
+normalise 2 values each, which turns float rounding into visible differences: the first step
+agrees to 1.4e-7 (the forward is bit-equal; the backward sums the gradients of the skip
+connections and of the time embedding in another order under FSDP2), the second step's
+gradients then differ by 2%, and after 3 steps the exports by 1.4e-3. It is that amplification,
+not the engine: a DDP run given the FSDP2 run's weights after the first step reproduces the
+FSDP2 run's second-step loss bit for bit and its gradients to 1e-5.
 """
 
 import json
@@ -26,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "fixtures" / "sharded" / "worker.py"
 
 
-def _run(mode: str, out: Path) -> list[dict]:
+def _run(mode: str, out: Path, *args: str) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--standalone", str(WORKER), mode, str(out)]  # fmt: skip
+           "--standalone", str(WORKER), mode, str(out), *args]  # fmt: skip
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     except subprocess.TimeoutExpired:
@@ -48,9 +54,14 @@ def _unet(folder: Path) -> dict:
 def test_fsdp_validation_ema_export_on_every_rank_equal_to_ddp(tmp_path):
     from safetensors.torch import load_file
 
-    ddp = _run("ddp", tmp_path / "ddp")
-    fsdp = _run("fsdp", tmp_path / "fsdp")
+    ddp = _run("ddp", tmp_path / "ddp", "1.0", "3")  # clip to 1.0, 3 steps
+    fsdp = _run("fsdp", tmp_path / "fsdp", "1.0", "3")
     assert [r["sharded"] for r in ddp + fsdp] == [False, False, True, True]
+    # the gradient norm (clipping's) is of the whole model on every rank, not of a shard
+    norms = [r["grad_norms"] for r in ddp + fsdp]
+    assert len(norms[0]) == 3 and min(norms[0]) > 1.0  # every step clips
+    for other in norms[1:]:
+        np.testing.assert_allclose(other, norms[0], rtol=1e-6)
     assert fsdp[0]["wrapper"].startswith("FSDP")
     # the EMA of every shard survives a checkpoint round trip; one EMA file per rank
     assert all(r["ema_restored"] for r in ddp + fsdp)
@@ -67,7 +78,7 @@ def test_fsdp_validation_ema_export_on_every_rank_equal_to_ddp(tmp_path):
     assert sorted(a) == sorted(b) and len(a) > 400  # whole model, plain names (no shards)
     for key in a:
         assert a[key].shape == b[key].shape, key
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
     for name in ("model_index.json", "unet/config.json"):
         assert (tmp_path / "fsdp" / "model" / name).read_text() == (
             tmp_path / "ddp" / "model" / name
@@ -77,6 +88,9 @@ def test_fsdp_validation_ema_export_on_every_rank_equal_to_ddp(tmp_path):
     # the export holds the EMA weights, not the raw ones (gathered the same way)
     raw = load_file(str(tmp_path / "fsdp" / "raw.safetensors"))
     assert max((raw[k] - b[k]).abs().max().item() for k in b) > 1e-4
+    raw_ddp = load_file(str(tmp_path / "ddp" / "raw.safetensors"))
+    for key in raw_ddp:
+        torch.testing.assert_close(raw[key], raw_ddp[key], rtol=0, atol=1e-6, msg=key)
     # the validation grids sample the same (EMA) weights
     from PIL import Image
 
