@@ -141,3 +141,101 @@ def test_deepspeed_gets_micro_batch_accumulation_and_clipping_from_the_config():
         configure_deepspeed(accelerator(), micro_batch_size=3, accumulation=4, max_grad_norm=1.0)
     with pytest.raises(UserError, match="optim.max_grad_norm is 0.5"):
         configure_deepspeed(accelerator(), micro_batch_size=3, accumulation=1, max_grad_norm=0.5)
+
+
+class _Engine:
+    """A stand-in for a DeepSpeed engine (not installed here) with the methods the trainer
+    calls, as DeepSpeedEngine has them (0.5.4 to 0.18): ``step`` applies the update unless
+    the gradients are not finite and it checks them (fp16; bf16 with
+    ``bf16.check_grad_overflow``; every precision before 0.17.1), ``was_step_applied``,
+    ``get_global_grad_norm`` (-1 for a non-finite norm, the last applied step's after a
+    skip), ``fp16_enabled``, ``dynamic_loss_scale`` (``fp16.loss_scale == 0``: also under
+    bf16), ``backward`` and ``set_gradient_accumulation_boundary``."""
+
+    def __init__(self, precision="bf16", checks=True, finite=True, dynamic=True):
+        from types import SimpleNamespace
+
+        self.precision, self.checks, self.finite, self.dynamic = precision, checks, finite, dynamic
+        self.optimizer = SimpleNamespace(
+            overflow=False, zero_grad=lambda set_to_none: self.calls.append("optimizer.zero_grad")
+        )
+        self.norm, self.applied, self.updates, self.calls = 0.0, True, 0, []
+
+    def step(self):
+        self.optimizer.overflow = self.checks and not self.finite
+        self.applied = not self.optimizer.overflow
+        if self.applied:
+            self.updates += 1
+            self.norm = 2.5 if self.finite else -1.0
+
+    def was_step_applied(self):
+        return self.applied
+
+    def get_global_grad_norm(self):
+        return self.norm
+
+    def fp16_enabled(self):
+        return self.precision == "fp16"
+
+    def dynamic_loss_scale(self):
+        return self.dynamic
+
+    def set_gradient_accumulation_boundary(self, is_boundary):
+        self.calls.append(("boundary", is_boundary))
+
+    def backward(self, loss):
+        self.calls.append(("backward", float(loss)))
+
+    def zero_grad(self):
+        self.calls.append("zero_grad")
+
+
+def _deepspeed_accelerator(engine):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(deepspeed_engine_wrapped=SimpleNamespace(engine=engine))
+
+
+@pytest.mark.parametrize(
+    "engine, stepped, overflow, bad",
+    [
+        (_Engine("bf16"), True, False, False),
+        # DeepSpeed skipped a non-finite bf16 step: nan_policy's, not a loss-scale overflow
+        (_Engine("bf16", finite=False), False, False, True),
+        (_Engine("fp16", finite=False), False, True, False),  # dynamic loss scale: routine
+        (_Engine("fp16", finite=False, dynamic=False), False, False, True),  # static scale
+        # no check (fp32 since DeepSpeed 0.17.1): applied, the norm reads -1
+        (_Engine("no", checks=False, finite=False), False, False, True),
+    ],
+    ids=["bf16", "bf16-nan", "fp16-overflow", "fp16-static-nan", "fp32-nan-applied"],
+)
+def test_deepspeed_step_outcome_follows_the_engine(engine, stepped, overflow, bad):
+    """What the trainer makes of DeepSpeed's step: the update applied or not
+    (``was_step_applied``), routine fp16 overflow vs a non-finite gradient for nan_policy,
+    the gradient norm (NaN unless an applied step's)."""
+    import math
+
+    from mvdiff.training.stepping import optimizer_step
+
+    out = optimizer_step(_deepspeed_accelerator(engine), None, [], max_grad_norm=1.0)
+    assert (out.stepped, out.overflow, out.bad) == (stepped, overflow, bad)
+    assert engine.updates == (1 if engine.applied else 0)
+    assert (out.grad_norm == 2.5) if stepped else math.isnan(out.grad_norm)
+
+
+def test_deepspeed_backward_drives_the_engine_with_its_own_accumulation():
+    """Under DeepSpeed the loss goes to ``engine.backward`` undivided (the engine divides by
+    its gradient_accumulation_steps, set from the training config) and only the last
+    micro-step is a boundary; discarding a step zeroes the engine's gradients."""
+    from mvdiff.training.stepping import backward, discard_step
+
+    engine = _Engine()
+    acc = _deepspeed_accelerator(engine)
+    for micro in range(3):
+        backward(acc, torch.tensor(6.0), 3, last=micro == 2)
+    assert engine.calls == [("boundary", False), ("backward", 6.0),
+                            ("boundary", False), ("backward", 6.0),
+                            ("boundary", True), ("backward", 6.0)]  # fmt: skip
+    engine.calls.clear()
+    discard_step(acc, None)
+    assert engine.calls == ["optimizer.zero_grad", "zero_grad"] and engine.updates == 0

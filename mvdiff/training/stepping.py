@@ -88,17 +88,44 @@ def discard_step(accelerator, optimizer) -> None:
 
 
 def _deepspeed_step(engine, max_grad_norm: float) -> StepOutcome:
-    """DeepSpeed clips (``gradient_clipping``), steps and zeroes in ``engine.step()``; with
-    fp16 it skips an overflowing update itself (``optimizer.overflow``)."""
+    """DeepSpeed clips (``gradient_clipping``), steps and zeroes in ``engine.step()``.
+
+    Whether the update was applied: ``engine.was_step_applied()``. ZeRO-1/2 skip an update
+    whose gradients are not finite on some rank themselves (every precision before DeepSpeed
+    0.17.1; since then fp16, and bf16 with ``bf16.check_grad_overflow``, on by default). Only
+    under fp16 with a dynamic loss scale is that skip the routine overflow (the scale drops);
+    otherwise it is a non-finite gradient, for ``nan_policy`` (it used to count as an
+    overflow, so a bf16 run skipped NaN steps without end). After a skip DeepSpeed's gradient
+    norm is still the last applied step's (NaN here). A non-finite norm reads -1 (DeepSpeed
+    masks it): without the check (fp32 since 0.17.1) that update has been applied — bad."""
     engine.step()
+    applied = _step_applied(engine)
+    if not applied:
+        if _dynamic_fp16(engine):
+            log.info("fp16 loss-scale overflow: DeepSpeed skipped the update")
+            return StepOutcome(False, float("nan"), overflow=True)
+        log.warning("DeepSpeed found non-finite gradients and skipped the update")
+        return StepOutcome(False, float("nan"))  # nan_policy decides
     norm = engine.get_global_grad_norm()
     grad_norm = float("nan") if norm is None else float(norm)
-    if bool(getattr(engine.optimizer, "overflow", False)):
-        log.info("fp16 loss-scale overflow: DeepSpeed skipped the update")
-        return StepOutcome(False, grad_norm, overflow=True)
-    if max_grad_norm > 0 and not math.isfinite(grad_norm):
-        return StepOutcome(False, grad_norm)  # nan_policy decides; the loss was finite
-    return StepOutcome(True, grad_norm)
+    if norm is not None and not (math.isfinite(grad_norm) and grad_norm >= 0):
+        log.error("DeepSpeed applied an update with non-finite gradients (no gradient check in "
+                  "this precision): the weights may no longer be finite")  # fmt: skip
+        return StepOutcome(False, float("nan"))
+    return StepOutcome(True, grad_norm if max_grad_norm > 0 else float("nan"))
+
+
+def _step_applied(engine) -> bool:
+    """``engine.was_step_applied()`` (DeepSpeed >= 0.5.4); before it, the optimizer's flag."""
+    if hasattr(engine, "was_step_applied"):
+        return bool(engine.was_step_applied())
+    return not bool(getattr(engine.optimizer, "overflow", False))
+
+
+def _dynamic_fp16(engine) -> bool:
+    """fp16 with a dynamic loss scale (``fp16.loss_scale: 0``, DeepSpeed's default; the
+    setting reads 0 under bf16 too, hence both tests)."""
+    return bool(engine.fp16_enabled()) and bool(engine.dynamic_loss_scale())
 
 
 def optimizer_step(accelerator, optimizer, parameters, max_grad_norm: float) -> StepOutcome:
