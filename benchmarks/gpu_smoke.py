@@ -15,16 +15,27 @@ OpenCLIP-H sized text encoder; nothing is downloaded) and synthetic shards:
    model folder is exported;
 2. a 4-view sample from the exported folder (``MVDreamPipeline``);
 3. text-to-3D: ``--sds-steps`` (50) SDS steps at 64² then ``--sds-hires-steps`` (10) at 256²
-   with random shading (lambertian / textureless / albedo), fp32 and ``sds.autocast``.
+   with random shading (lambertian / textureless / albedo), fp32 and ``sds.autocast``;
+4. engines: the same recipe under ``accelerate launch --config_file train/accelerate/X.yaml``
+   for DDP (``ddp_8gpu.yaml``), FSDP2 (``fsdp.yaml``) and DeepSpeed ZeRO-2
+   (``deepspeed_zero2.yaml``) on ``--engine-processes`` GPUs (1 is enough for FSDP and
+   DeepSpeed to wrap the UNet, write and resume their sharded checkpoints and gather the
+   export; DDP on one process is the reference run): half the steps,
+   ``--resume latest``, the other half; then the export reloads as a pipeline, and its UNet
+   is compared with the DDP run's (``max_abs_diff_vs_ddp``; same seed and data, but bf16 and
+   each engine's own mixed-precision handling: close, not equal). An engine that cannot run
+   here (FSDP / DeepSpeed without CUDA, DeepSpeed not installed) prints ``"skipped"``; on the
+   CPU (``--tiny --phases engines``), DDP runs on 2 gloo processes.
 
 Prints one JSON line per phase: seconds, steps/s, samples/s (training), peak GPU memory
-(``torch.cuda.max_memory_allocated``, GiB). Exit status: 0 all passed, 1 a phase failed
+(``torch.cuda.max_memory_allocated``, GiB; engines: the main process's, from its summary). Exit status: 0 all passed, 1 a phase failed
 (its traceback is printed), 77 no CUDA device (prints "no GPU: skipped").
 
 ``--tiny`` runs the same code on tiny models and CPU-sized steps (the test suite does this;
 figures are meaningless there).
 
-    python benchmarks/gpu_smoke.py [--tiny] [--work-dir DIR] [--phases checks train sample sds]
+    python benchmarks/gpu_smoke.py [--tiny] [--work-dir DIR]
+        [--phases checks train sample sds engines] [--engines ddp fsdp deepspeed]
 """
 
 from __future__ import annotations
@@ -40,6 +51,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIPPED = 77
+#: engine -> its accelerate config in train/accelerate (the engines phase)
+ENGINES = {"ddp": "ddp_8gpu.yaml", "fsdp": "fsdp.yaml", "deepspeed": "deepspeed_zero2.yaml"}
 
 
 def _gpu(device) -> bool:
@@ -203,6 +216,93 @@ def phase_sds(args, work: Path, device, model: str, autocast: str) -> dict:
             "loss": summary["loss"], "peak_gib": _peak_gib(device)}  # fmt: skip
 
 
+def engine_unavailable(engine: str, device) -> str | None:
+    """Why ``engine`` cannot run here; None when it can."""
+    import importlib.util
+
+    if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        return "deepspeed is not installed (pip install deepspeed)"
+    if engine != "ddp" and not _gpu(device):
+        return "accelerate runs FSDP and DeepSpeed on CUDA only"
+    return None
+
+
+def _launch(args, device, engine: str, overrides: list[str]) -> None:
+    """``accelerate launch`` of train/train.py with the recipe under ``engine``'s config."""
+    import os
+    import subprocess
+
+    if _gpu(device):
+        launcher = ["--config_file", str(ROOT / "train" / "accelerate" / ENGINES[engine]),
+                    "--num_processes", str(args.engine_processes)]  # fmt: skip
+        env = dict(os.environ)
+    else:  # DDP on 2 gloo processes (accelerate's CPU path); bf16 autocast is slow there
+        launcher = ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
+           "--dynamo_backend", "no", str(ROOT / "train" / "train.py"), "--config",
+           str(ROOT / "train" / "configs" / "mvdream_sd21.yaml"), "--quiet"]  # fmt: skip
+    for o in overrides:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{engine}: exit {proc.returncode}\n{proc.stderr[-4000:]}")
+
+
+def phase_engine(args, work: Path, device, engine: str) -> dict:
+    """The recipe under ``engine`` (see the module docstring, 4.)."""
+    import torch
+
+    from mvdiff.pipelines import MVDreamPipeline
+
+    reason = engine_unavailable(engine, device)
+    if reason is not None:
+        return {"phase": f"engine-{engine}", "skipped": reason}
+    res = 32 if args.tiny else 256
+    out = work / f"engine-{engine}"
+    shutil.rmtree(out, ignore_errors=True)
+    half = max(args.train_steps // 2, 1)
+    overrides = [
+        f"output_dir={out}", f"model.pretrained={args.model}",
+        f"data.mv_shards={work}/shards/mv/*.tar", f"data.shards_2d={work}/shards/2d/*.tar",
+        f"data.resolution={res}", f"data.min_size_2d={res}", "data.shuffle_buffer=8",
+        "mixed_precision=auto", "ema=true", f"checkpoint.every={half}", "checkpoint.keep=1",
+        "checkpoint.resume_data=skip", "validation.every=0", "log_every=1",
+        "optim.warmup_steps=2",
+    ]  # fmt: skip
+    overrides += (
+        ["data.batch_size=1", "data.num_workers=0"] if args.tiny else ["data.num_workers=2"]
+    )
+    t0 = time.perf_counter()
+    _launch(args, device, engine, [*overrides, f"max_steps={half}", "export=false"])
+    _launch(args, device, engine, [*overrides, f"max_steps={2 * half}", "checkpoint.resume=latest"])
+    seconds = time.perf_counter() - t0
+    summary = json.loads((out / "summary.json").read_text())
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steady = logs[1:] or logs
+    samples_per_s = sum(r["samples_per_s"] for r in steady) / len(steady)  # one process's
+    if not (summary["steps"] == 2 * half and summary["final_loss"] is not None):
+        raise RuntimeError(f"{engine}: training did not finish cleanly: {summary}")
+    pipe = MVDreamPipeline.from_pretrained(str(out / "model"))  # the export reloads
+    unet = {k: v.float() for k, v in pipe.unet.state_dict().items()}
+    diff = None
+    reference = work / "engine-ddp" / "model"
+    if engine != "ddp" and (reference / "model_index.json").is_file():
+        ref = MVDreamPipeline.from_pretrained(str(reference)).unet.state_dict()
+        if sorted(ref) != sorted(unet):
+            raise RuntimeError(f"{engine}: the exported UNet's keys differ from DDP's")
+        diff = max((unet[k] - ref[k].float()).abs().max().item() for k in unet)
+    if not all(torch.isfinite(v).all() for v in unet.values()):
+        raise RuntimeError(f"{engine}: the exported UNet has non-finite weights")
+    return {
+        "phase": f"engine-{engine}", "steps": 2 * half, "seconds": round(seconds, 1),
+        "steps_per_s": round(samples_per_s / ((1 if args.tiny else 8) * 4), 3),
+        "samples_per_s": round(samples_per_s, 2), "peak_gib": summary.get("peak_gib"),
+        "final_loss": summary["final_loss"], "max_abs_diff_vs_ddp": diff,
+    }  # fmt: skip
+
+
 def phase_checks(args, work: Path, device) -> dict:
     """Device-placement checks CPU tests cannot make: the text-to-3D checkpoint round trip
     with map_location on the device, the render generator on the device, and attention
@@ -252,8 +352,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny models on any device (tests)")
     ap.add_argument("--work-dir", default=None, help="scratch folder (default: a temp dir)")
-    ap.add_argument("--phases", nargs="+", default=["checks", "train", "sample", "sds"],
-                    choices=["checks", "train", "sample", "sds"])  # fmt: skip
+    phases = ["checks", "train", "sample", "sds", "engines"]
+    ap.add_argument("--phases", nargs="+", default=None, choices=phases,
+                    help="default: all (--tiny on the CPU: all but engines)")  # fmt: skip
+    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
+    ap.add_argument("--engine-processes", type=int, default=1,
+                    help="GPUs per engine run (default 1)")  # fmt: skip
     ap.add_argument("--precisions", nargs="+", default=["bf16", "fp16"])
     ap.add_argument("--train-steps", type=int, default=None, help="default 20 (tiny: 2)")
     ap.add_argument("--sds-steps", type=int, default=None, help="at 64²; default 50 (tiny: 2)")
@@ -268,6 +372,8 @@ def main(argv=None) -> int:
         return SKIPPED
     else:
         device = torch.device("cuda")
+    if args.phases is None:  # the CPU's DDP launch is tests/test_train.py's (minutes here)
+        args.phases = phases if _gpu(device) else phases[:-1]
     args.train_steps = args.train_steps or (2 if args.tiny else 20)
     args.sds_steps = args.sds_steps or (2 if args.tiny else 50)
     args.sds_hires_steps = args.sds_hires_steps or (1 if args.tiny else 10)
@@ -304,7 +410,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
             print(json.dumps({"phase": fn.__name__, "a": [str(x) for x in a[2:]], "ok": False}))
             return None
-        print(json.dumps({**result, "ok": True}), flush=True)
+        print(json.dumps({**result, "ok": None if "skipped" in result else True}), flush=True)
         return result
 
     if "checks" in args.phases:
@@ -325,6 +431,9 @@ def main(argv=None) -> int:
     if "sds" in args.phases:
         for autocast in ["no", "fp16" if _gpu(device) else "bf16"]:
             run(phase_sds, args, work, device, model, autocast)
+    if "engines" in args.phases:
+        for engine in sorted(args.engines, key=list(ENGINES).index):  # DDP first: the reference
+            run(phase_engine, args, work, device, engine)
     return 1 if failures else 0
 
 

@@ -399,6 +399,26 @@ def test_gpu_smoke_without_cuda_says_skipped(monkeypatch, capsys):
     assert capsys.readouterr().out.startswith("no GPU: skipped")
 
 
+def test_gpu_smoke_engines_without_cuda_say_why(tmp_path, capsys):
+    """The engines phase on the CPU: FSDP and DeepSpeed are reported skipped with the reason
+    (accelerate runs them on CUDA only; DeepSpeed may not be installed), nothing fails. DDP's
+    CPU launch (2 gloo processes) is tests/test_train.py's two-process test."""
+    import json
+
+    smoke = _smoke()
+    cpu = torch.device("cpu")
+    assert smoke.engine_unavailable("ddp", cpu) is None
+    assert "CUDA" in smoke.engine_unavailable("fsdp", cpu)
+    assert smoke.engine_unavailable("deepspeed", cpu)
+    argv = ["--tiny", "--work-dir", str(tmp_path), "--phases", "engines", "--engines", "deepspeed",
+            "fsdp"]  # fmt: skip
+    assert smoke.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line[:1] == "{"]
+    engines = [r for r in rows if "phase" in r]
+    assert [r["phase"] for r in engines] == ["engine-fsdp", "engine-deepspeed"]
+    assert all(r["skipped"] and r["ok"] is None for r in engines)
+
+
 @pytest.mark.slow
 def test_gpu_smoke_tiny_runs_every_phase(tmp_path):
     """The smoke script's code path on tiny models: train (EMA, checkpoint, resume, export),

@@ -390,6 +390,7 @@ def _train(cfg: TrainConfig, task: Task, stop: StopSignals) -> dict:
         "nan_skips": nan_skips_total,
         "skipped_samples": skipped_total,
         "overflow_skips": overflow_skips,
+        "peak_gib": _peak_gib(accelerator.device),  # this process's, GPU only
         **task.summary(run),
     }
     if cfg.export:  # every rank (gathering is a collective under FSDP), the EMA weights in
@@ -409,6 +410,13 @@ def _train(cfg: TrainConfig, task: Task, stop: StopSignals) -> dict:
     if tracker_started:
         accelerator.end_training()  # also tears down the process group: nothing collective after
     return summary
+
+
+def _peak_gib(device) -> float | None:
+    """Peak GPU memory allocated by this process on ``device`` (GiB); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
 
 
 def _json_safe(value):
