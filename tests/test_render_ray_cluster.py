@@ -23,6 +23,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from mvdiff.errors import UserError
+from mvdiff.render.config import RenderConfig
+from mvdiff.render.runner import render_objects
 from mvdiff.render.shards import Manifest, check_shard
 from mvdiff.render.sources import asset_files
 
@@ -47,6 +50,25 @@ def test_asset_files_bundle_what_an_asset_refers_to(tmp_path):
     assert main == "model/scene.gltf"
     assert sorted(files) == ["model/mesh.bin", "model/scene.gltf", "tex/wood grain.png"]
     assert asset_files(ASSETS / "monkey.glb")[1].keys() == {"monkey.glb"}
+
+
+def test_a_ray_cluster_without_room_for_a_worker_is_a_one_line_error(tmp_path):
+    """Actors that no node can place (2 CPUs each on a 1-CPU cluster) take no jobs: the run
+    stops within --set startup_timeout with one line that says so, instead of waiting forever."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = RenderConfig(inputs=[str(ASSETS / "monkey.glb")], output=str(tmp_path / "out"),
+                           backend="ray", workers=1, threads_per_worker=2, startup_timeout=3.0,
+                           views=1, resolution=16, samples=1)  # fmt: skip
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match=r"^--backend ray: no render worker could start "
+                           r"within 3 s .* the same command resumes$") as e:  # fmt: skip
+            render_objects(cfg, progress=False)
+        assert "\n" not in str(e.value) and time.monotonic() - t0 < 60
+        assert Manifest(tmp_path / "out" / "manifest.jsonl").records == {}
+    finally:
+        ray.shutdown()
 
 
 def _free_port() -> int:
