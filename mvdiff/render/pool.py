@@ -305,6 +305,7 @@ class RayBackend:
         self._args = (worker_options(cfg), cfg.timeout, cfg.startup_timeout, cfg.recycle_every)
         self.actors: list = [None] * workers
         self._starting: dict[int, object] = {}  # slot -> ObjectRef of its new actor's node()
+        self.why = ""  # why the last actor that died before it started did
         for slot in range(workers):
             self._start(slot)
 
@@ -336,7 +337,8 @@ class RayBackend:
                 try:
                     self.ray.get(ref)
                     back.append(slot)
-                except Exception:  # the actor died before it started: another one
+                except Exception as e:  # it died before it started (no mvdiff there?): again
+                    self.why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
                     self.reset(slot)
         return back
 

@@ -239,13 +239,16 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
         while queue or in_flight:
             free += backend.started()
             if queue and not free and not in_flight:  # no slot yet, or every one was lost
-                free += backend.started(timeout=cfg.startup_timeout)
+                deadline = time.monotonic() + cfg.startup_timeout
+                while not free and time.monotonic() < deadline:
+                    free += backend.started(timeout=max(0.1, deadline - time.monotonic()))
                 if not free:
+                    why = f" (last: {backend.why})" if getattr(backend, "why", "") else ""
                     raise UserError(
                         f"--backend {cfg.backend}: no render worker could start within "
-                        f"{cfg.startup_timeout:g} s (--set startup_timeout=...; a Ray cluster "
-                        f"without free CPUs?); the {summary['done']} objects rendered are "
-                        "kept, the same command resumes"
+                        f"{cfg.startup_timeout:g} s{why} (--set startup_timeout=...; a Ray "
+                        f"cluster without free CPUs?); the {summary['done']} objects rendered "
+                        "are kept, the same command resumes"
                     )
             while free and queue:
                 obj, attempt = queue.popleft()
