@@ -35,7 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, help="Cycles samples per pixel (default 32)")
     p.add_argument("--workers", type=int, help="render processes / Ray actors (default: CPU cores)")
     p.add_argument("--backend", choices=["local", "ray"], help="local process pool or Ray cluster")
-    p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument(
+        "--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"
+    )
     p.add_argument("--timeout", type=float, help="seconds per object before the worker is killed")
     p.add_argument("--retries", type=int, help="extra attempts after a crash/timeout (default 1)")
     p.add_argument("--recycle-every", type=int, help="restart workers after N objects (default 50)")

@@ -76,7 +76,7 @@ class RenderConfig:
     threads_per_worker: int = 1
     # --- jobs -------------------------------------------------------------------------
     backend: str = "local"  # local | ray
-    ray_address: str = ""  # "" = start/attach a local Ray; "auto" or ray://... for a cluster
+    ray_address: str = ""  # "" = $RAY_ADDRESS, else a local Ray; "auto", HOST:PORT, ray://...
     workers: int = 0  # 0 = one per CPU core
     timeout: float = 300.0  # seconds per object, then the worker's process group is killed
     startup_timeout: float = 180.0  # seconds for a worker to import bpy and set up

@@ -9,7 +9,10 @@ A backend runs :func:`run_job` on its slots and hands back ``concurrent.futures.
 
 * :class:`LocalBackend` -- one thread per slot, each with its own worker process.
 * :class:`RayBackend`   -- one Ray actor per slot (``num_cpus = threads_per_worker``) holding
-  a worker process on whichever machine Ray placed it; results travel back as bytes.
+  a worker process on whichever machine Ray placed it. A local asset travels to it as bytes
+  (the file and those it refers to, through Ray's object store), so the machines of a cluster
+  need no shared folder; results travel back as bytes. An actor lost with its machine is
+  replaced wherever the cluster has room, and its object goes back to the queue.
 
 Either way the main process alone validates samples and writes shards and the manifest.
 """
@@ -187,12 +190,24 @@ class WorkerHandle:
 def run_job(handle: WorkerHandle, job: dict) -> dict:
     """Render ``job`` with ``handle`` into a temporary folder; return the answer + file bytes.
 
-    ``job["fetch"]`` (optional) is called first to resolve the asset path (downloads).
+    ``job["fetch"]`` (optional) is called first to resolve the asset path (downloads);
+    ``job["asset"]`` (optional, ``{"main", "files"}`` from
+    :func:`mvdiff.render.sources.asset_files`) is written to a temporary folder of this
+    machine and rendered from there instead of ``job["path"]``.
     """
     job = dict(job)
     out_dir = tempfile.mkdtemp(prefix="mvdiff-render-")
+    asset_dir = None
     t0 = time.monotonic()
     try:
+        asset = job.pop("asset", None)
+        if asset is not None:
+            asset_dir = tempfile.mkdtemp(prefix="mvdiff-asset-")
+            for name, data in asset["files"].items():  # relative paths without '..'
+                dest = Path(asset_dir, name)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(data)
+            job["path"] = str(Path(asset_dir, asset["main"]))
         fetch = job.pop("fetch", None)
         if fetch is not None:
             try:
@@ -215,6 +230,8 @@ def run_job(handle: WorkerHandle, job: dict) -> dict:
         return answer
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
+        if asset_dir is not None:
+            shutil.rmtree(asset_dir, ignore_errors=True)
 
 
 class LocalBackend:
@@ -229,6 +246,7 @@ class LocalBackend:
         self.pools = [
             cf.ThreadPoolExecutor(1, thread_name_prefix=f"render{i}") for i in range(workers)
         ]
+        self._fresh = list(range(workers))
 
     @property
     def num_slots(self) -> int:
@@ -237,8 +255,19 @@ class LocalBackend:
     def submit(self, slot: int, job: dict) -> cf.Future:
         return self.pools[slot].submit(run_job, self.handles[slot], job)
 
-    def reset(self, slot: int) -> None:
-        self.handles[slot].kill()  # the next job starts a fresh worker
+    #: True while a slot waits for its worker to be placed (never here: workers start lazily).
+    starting = False
+
+    def started(self, timeout: float = 0.0) -> list[int]:
+        """The slots that can take jobs and were not named before: all of them, once."""
+        fresh, self._fresh = self._fresh, []
+        return fresh
+
+    def reset(self, slot: int) -> bool:
+        """After a job of ``slot`` raised: the next job starts a fresh worker. True: the slot
+        can take a job now."""
+        self.handles[slot].kill()
+        return True
 
     def close(self, abort: bool = False) -> None:
         """Stop the workers; ``abort`` (objects still in flight, e.g. Ctrl-C) kills them first."""
@@ -274,29 +303,77 @@ class RayBackend:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.threads_per_worker)
         self._actor_cls = ray.remote(num_cpus=cfg.threads_per_worker)(_RenderActor)
         self._args = (worker_options(cfg), cfg.timeout, cfg.startup_timeout, cfg.recycle_every)
-        self.actors = [self._actor_cls.remote(*self._args) for _ in range(workers)]
+        self.actors: list = [None] * workers
+        self._starting: dict[int, object] = {}  # slot -> ObjectRef of its new actor's node()
+        self.why = ""  # why the last actor that died before it started did
+        for slot in range(workers):
+            self._start(slot)
 
     @property
     def num_slots(self) -> int:
         return len(self.actors)
 
+    @property
+    def starting(self) -> bool:
+        """True while an actor waits to be placed (a cluster may have no room for it yet)."""
+        return bool(self._starting)
+
+    def _start(self, slot: int) -> None:
+        self.actors[slot] = self._actor_cls.remote(*self._args)
+        self._starting[slot] = self.actors[slot].node.remote()
+
+    def started(self, timeout: float = 0.0) -> list[int]:
+        """The slots whose actor has started since the last call, waiting up to ``timeout`` s
+        for one. Only these take jobs: a job never waits on an actor that has no place (its
+        node is gone, the others are full) while other actors could render it."""
+        if not self._starting:
+            return []
+        refs = list(self._starting.values())
+        ready, _ = self.ray.wait(refs, num_returns=1 if timeout else len(refs), timeout=timeout)
+        back = []
+        for slot, ref in list(self._starting.items()):
+            if ref in ready:
+                del self._starting[slot]
+                try:
+                    self.ray.get(ref)
+                    back.append(slot)
+                except Exception as e:  # it died before it started (no mvdiff there?): again
+                    self.why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+                    self.reset(slot)
+        return back
+
     def submit(self, slot: int, job: dict) -> cf.Future:
+        if job.get("path") and "fetch" not in job:  # a local file: ship it, not its path
+            from mvdiff.render.sources import asset_files
+
+            try:
+                main, files = asset_files(job["path"])
+            except OSError as e:  # gone or unreadable since it was found
+                fut: cf.Future = cf.Future()
+                fut.set_result({"uid": job["uid"], "ok": False, "retry": False,
+                                "reason": f"cannot be read ({e.strerror or e}): {job['path']}"})  # fmt: skip
+                return fut
+            job = {**job, "asset": {"main": main, "files": files}}
         return self.actors[slot].render.remote(job).future()
 
-    def reset(self, slot: int) -> None:
-        """Replace the actor of ``slot`` (after it died, e.g. its node went away)."""
+    def reset(self, slot: int) -> bool:
+        """Replace the actor of ``slot`` after it died (its process, or its whole node). Ray
+        places the new one wherever there is room, maybe never: the slot takes jobs again once
+        :meth:`started` names it. Returns False (not usable yet)."""
         try:
             self.ray.kill(self.actors[slot])
         except Exception:
             pass
-        self.actors[slot] = self._actor_cls.remote(*self._args)
+        self._start(slot)
+        return False
 
     def close(self, abort: bool = False) -> None:
         """Stop the actors; ``abort`` (objects in flight: Ctrl-C, SIGTERM, an error) kills
         them at once (a graceful close would wait behind the object an actor renders; its
-        worker process exits when it sees its parent gone)."""
-        for actor in self.actors:
-            if not abort:
+        worker process exits when it sees its parent gone). Replacements not placed yet are
+        killed (a graceful close would wait for a place)."""
+        for slot, actor in enumerate(self.actors):
+            if not abort and slot not in self._starting:
                 try:
                     self.ray.get(actor.close.remote(), timeout=30)
                 except Exception:
@@ -306,10 +383,28 @@ class RayBackend:
 
 class _RenderActor:
     def __init__(self, opts, timeout, startup_timeout, recycle_every):
+        import socket
+
+        import ray
+
         self.handle = WorkerHandle(opts, timeout, startup_timeout, recycle_every)
+        node_id = ray.get_runtime_context().get_node_id()
+        resources = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id), {})
+        builtin = ("CPU", "GPU", "memory", "object_store_memory")
+        self._node = {
+            "id": node_id,
+            "host": socket.gethostname(),
+            "ip": ray.util.get_node_ip_address(),
+            # the node's own resources (`ray start --resources`): which machine, to a person
+            "resources": sorted(k for k in resources if k not in builtin and ":" not in k),
+        }
+
+    def node(self) -> dict:
+        """Where this actor runs: ``{"id", "host", "ip", "resources"}``."""
+        return self._node
 
     def render(self, job: dict) -> dict:
-        return run_job(self.handle, job)
+        return {**run_job(self.handle, job), "node": self._node}
 
     def close(self) -> None:
         self.handle.close()

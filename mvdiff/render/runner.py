@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import fcntl
 import hashlib
 import importlib.util
+import logging
 import os
 import sys
 import time
@@ -25,6 +26,8 @@ from mvdiff.render.config import RenderConfig
 from mvdiff.render.rigs import make_rig
 from mvdiff.render.shards import MANIFEST, Manifest, SampleInvalid, ShardWriter, build_sample
 from mvdiff.render.sources import discover
+
+log = logging.getLogger(__name__)
 
 
 class _Output:
@@ -226,7 +229,7 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
     backend = _make_backend(cfg, len(todo))
     queue = collections.deque((obj, 0) for obj in todo)
     in_flight: dict[cf.Future, tuple[int, dict, int]] = {}
-    free = list(range(backend.num_slots))
+    free: list[int] = []  # slots that can take a job (a Ray actor once it has a place)
     # objects/s always as a rate (tqdm would flip to s/obj below 1/s), views/s, failures, ETA
     bar = tqdm(total=len(todo), unit="obj", disable=not progress, dynamic_ncols=True,
                desc="render", smoothing=0.1, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
@@ -234,6 +237,19 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
     t_render = time.monotonic()
     try:
         while queue or in_flight:
+            free += backend.started()
+            if queue and not free and not in_flight:  # no slot yet, or every one was lost
+                deadline = time.monotonic() + cfg.startup_timeout
+                while not free and time.monotonic() < deadline:
+                    free += backend.started(timeout=max(0.1, deadline - time.monotonic()))
+                if not free:
+                    why = f" (last: {backend.why})" if getattr(backend, "why", "") else ""
+                    raise UserError(
+                        f"--backend {cfg.backend}: no render worker could start within "
+                        f"{cfg.startup_timeout:g} s{why} (--set startup_timeout=...; a Ray "
+                        f"cluster without free CPUs?); the {summary['done']} objects rendered "
+                        "are kept, the same command resumes"
+                    )
             while free and queue:
                 obj, attempt = queue.popleft()
                 rig = make_rig(cfg, obj["uid"])
@@ -243,21 +259,25 @@ def render_objects(cfg: RenderConfig, progress: bool = True) -> dict:
                     job["fetch"] = obj["fetch"]
                 slot = free.pop()
                 in_flight[backend.submit(slot, job)] = (slot, obj, attempt)
-            finished, _ = cf.wait(list(in_flight), return_when=cf.FIRST_COMPLETED)
+            # while an actor waits for a place, look again every second
+            finished, _ = cf.wait(list(in_flight), timeout=1.0 if backend.starting else None,
+                                  return_when=cf.FIRST_COMPLETED)  # fmt: skip
             for fut in finished:
                 slot, obj, attempt = in_flight.pop(fut)
-                free.append(slot)
                 try:
                     answer = fut.result()
-                except Exception as e:  # a lost Ray actor, a bug in a slot thread, ...
-                    answer = {
-                        "ok": False,
-                        "retry": True,
-                        "reason": f"{type(e).__name__}: {e}"[:500],
-                    }
-                    backend.reset(slot)
+                    free.append(slot)
+                except Exception as e:  # a lost Ray actor (its node died), a bug in a thread
+                    reason = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+                    answer = {"ok": False, "retry": True, "reason": reason}
+                    log.warning("render slot %d lost while rendering %s (%s)", slot, obj["uid"],
+                                reason[:200])  # fmt: skip
+                    if backend.reset(slot):
+                        free.append(slot)
                 record = {"uid": obj["uid"], "source": obj.get("source", ""),
                           "seconds": round(float(answer.get("seconds", 0.0)), 3)}  # fmt: skip
+                if answer.get("node"):  # Ray: where it ran ({"id", "host", "ip", "resources"})
+                    record["node"] = answer["node"]
                 if answer.get("ok"):
                     try:
                         members = build_sample(obj, answer, cfg)

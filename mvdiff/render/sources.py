@@ -84,6 +84,67 @@ def unusable(path: Path) -> str:
     return ""
 
 
+# Keywords of a .mtl file whose last word names a texture file (options come before it).
+_MTL_MAPS = ("map_", "bump", "disp", "decal", "refl", "norm")
+
+
+def _referenced(path: Path) -> list[str]:
+    """The file names an asset refers to: an .obj's ``mtllib`` files (and their texture maps),
+    a .gltf's buffer and image URIs. Other formats are self-contained (or embed textures)."""
+    import json
+    import urllib.parse
+
+    def lines(p: Path) -> list[str]:
+        try:
+            return p.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return []
+
+    suffix = path.suffix.lower()
+    names: list[str] = []
+    if suffix == ".obj":
+        for line in lines(path):
+            if line.startswith("mtllib "):
+                rest = line[len("mtllib ") :].strip()
+                # one name with spaces, or several names
+                mtls = [rest] if (path.parent / rest).is_file() else rest.split()
+                for mtl in mtls:
+                    names.append(mtl)
+                    for m in lines(path.parent / mtl):
+                        words = m.strip().split()
+                        if len(words) > 1 and words[0].lower().startswith(_MTL_MAPS):
+                            names.append(str(Path(mtl).parent / words[-1]))
+    elif suffix == ".gltf":
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []
+        for item in [*doc.get("buffers", []), *doc.get("images", [])]:
+            uri = item.get("uri", "") if isinstance(item, dict) else ""
+            if uri and not uri.startswith("data:") and "://" not in uri:
+                names.append(urllib.parse.unquote(uri))
+    return names
+
+
+def asset_files(path: str | Path) -> tuple[str, dict[str, bytes]]:
+    """An asset and the files it refers to, as bytes to render it on a machine that cannot
+    see ``path`` (the Ray backend ships them through the object store): ``(main, files)``
+    with ``files`` keyed by paths relative to a common folder and ``main`` the asset's key.
+    A referenced file that is missing or absolute is left out (the importer would miss it
+    here too)."""
+    main = Path(path).resolve()
+    found = [main]
+    for name in _referenced(main):
+        if os.path.isabs(name) or "\\" in name:
+            continue
+        p = (main.parent / name).resolve()
+        if p.is_file() and p not in found:
+            found.append(p)
+    root = Path(os.path.commonpath([str(p.parent) for p in found]))
+    files = {str(p.relative_to(root)): p.read_bytes() for p in found}
+    return str(main.relative_to(root)), files
+
+
 def local_objects(inputs: list[str]) -> list[dict]:
     """Files (or every supported file under folders), each with a unique uid from its stem.
 
