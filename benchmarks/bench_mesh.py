@@ -18,9 +18,9 @@ the first held-out camera), as docs/mesh_stages.png.
     python benchmarks/bench_mesh.py --work-dir /tmp/bench_mesh             # 600 steps, default preset
     python benchmarks/bench_mesh.py --steps 150 --preset reconstruct_cpu   # quicker
     python benchmarks/bench_mesh.py --refine-steps 300 --figure docs/mesh_stages.png
-    # docs/mesh_stages.png was made on the busy 2-core machine (~15 min) with
-    python benchmarks/bench_mesh.py --preset reconstruct_cpu --steps 60 --refine-steps 20 \
-        --resolution 64 --jobs 4 --figure docs/mesh_stages.png
+    # docs/mesh_stages.png was made on the busy 2-core machine (7.4 min, load ~9) with
+    OMP_NUM_THREADS=1 python benchmarks/bench_mesh.py --preset reconstruct_cpu --steps 60 \
+        --refine-steps 20 --resolution 64 --jobs 2 --figure docs/mesh_stages.png
 
 Each line carries the 1-minute load average: on a shared machine the seconds are upper bounds.
 """

@@ -164,9 +164,10 @@ def test_refine_improves_on_the_field_stage(monkey_shard, tmp_path):
     Chamfer distance to the source is smaller; summary.json has both stages' metrics and
     refined.glb is UV-textured (its own texture file beside the field stage's).
 
-    Seen on the busy 2-core machine (100 field + 30 mesh steps): IoU 0.964 -> 0.968, Chamfer
-    0.01485 -> 0.01466 / 0.01482; held-out PSNR field 40.2 dB, extracted mesh 39.9, refined
-    39.3-39.5 (the refined mesh does NOT beat the field's volumetric renders at these settings).
+    Its held-out PSNR beats the field's (the issue's bar). Seen on the busy 2-core machine
+    (100 field + 30 mesh steps): IoU 0.964 -> 0.969, Chamfer 0.01486 -> 0.01467; held-out
+    PSNR field 40.23 dB, extracted mesh 39.58, refined 41.06 (with the old pixel filter of
+    1 px, silhouette sigma 0.5 px and texture rate 0.02: refined 39.49, below the field).
     """
     import trimesh
 
@@ -183,6 +184,7 @@ def test_refine_improves_on_the_field_stage(monkey_shard, tmp_path):
     assert mesh["chamfer"] == field["chamfer"]  # the stage starts from the exported mesh
     assert refined["mesh_iou_ref"] > mesh["mesh_iou_ref"]
     assert refined["chamfer"] < mesh["chamfer"]
+    assert refined["psnr_holdout"] > field["psnr_holdout"]  # the issue's bar
     assert refined["psnr_holdout"] > 30 and refined["mesh_iou_ref"] >= 0.8
     assert summary["stage_seconds"]["refine_fit"] > 0
     scene = trimesh.load(run / "refined.glb")
