@@ -154,6 +154,24 @@ def s3():
     server.stop()
 
 
+def _gcs_move_route(emulator):
+    """GCS's ``objects.move`` (``POST .../b/B/o/SRC/moveTo/o/DST``), which the emulator lacks,
+    as its own copy then delete. gcsfs' ``mv`` tries it first and takes the emulator's 501 as
+    transient: 5 retries with exponential backoff (~33 s per rename) before it falls back to
+    copy/delete itself, i.e. the same outcome."""
+    from gcp_storage_emulator.handlers import objects
+
+    def move(request, response, storage, *args, **kwargs):
+        request.params["dest_bucket_name"] = request.params["bucket_name"]
+        objects.copy(request, response, storage)
+        if response.status == 200:  # HTTPStatus.OK; NOT_FOUND / conflicts pass through
+            objects.delete(request, response, storage)
+
+    regex = (rf"^{emulator.settings.API_ENDPOINT}/b/(?P<bucket_name>[-.\w]+)/o/"
+             r"(?P<object_id>.*[^/]+)/moveTo/o/(?P<dest_object_id>.*[^/]+)$")  # fmt: skip
+    return regex, {"POST": move}
+
+
 @pytest.fixture(scope="module")
 def gcs():
     """A GCS-compatible server (gcp-storage-emulator, in memory) on loopback with bucket
@@ -163,6 +181,8 @@ def gcs():
     import sys
 
     emulator = pytest.importorskip("gcp_storage_emulator.server")
+    handlers = emulator.HANDLERS
+    emulator.HANDLERS = (_gcs_move_route(emulator), *handlers)
     port = free_port()
     server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=GCS_BUCKET)
     server.start()
@@ -192,3 +212,4 @@ def gcs():
 
     yield env, find, cat
     server.stop()
+    emulator.HANDLERS = handlers
