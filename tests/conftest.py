@@ -181,8 +181,6 @@ def gcs():
     import sys
 
     emulator = pytest.importorskip("gcp_storage_emulator.server")
-    handlers = emulator.HANDLERS
-    emulator.HANDLERS = (_gcs_move_route(emulator), *handlers)
     port = free_port()
     server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=GCS_BUCKET)
     server.start()
@@ -210,6 +208,10 @@ def gcs():
         )  # fmt: skip
         return out.stdout
 
-    yield env, find, cat
-    server.stop()
-    emulator.HANDLERS = handlers
+    handlers = emulator.HANDLERS  # the router reads this module global on every request
+    emulator.HANDLERS = (_gcs_move_route(emulator), *handlers)
+    try:
+        yield env, find, cat
+    finally:
+        server.stop()
+        emulator.HANDLERS = handlers  # the emulator module as it was
