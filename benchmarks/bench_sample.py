@@ -9,10 +9,8 @@ OpenCLIP ViT-H text tower's config as converted (23 layers, width 1024).
 A UNet call on 8 rows (CFG x 4 views) at 32x32 latents takes many seconds on a CPU, so a
 full 50-step run would take many minutes per configuration. The script therefore runs the
 real fp32 pipeline for ``--measure-steps`` steps, timing every UNet call, the text encoder and
-the VAE decode with hooks (the pipeline's CPU default decode, with NNPACK Winograd 3x3
-convolutions, is also timed against PyTorch's own convolutions); it times the schedulers' own
-arithmetic over their full schedules (50 DDIM / 20 DPM-Solver++ steps) on tensors of the
-right shape; and it extrapolates::
+the VAE decode with hooks; it times the schedulers' own arithmetic over their full schedules
+(50 DDIM / 20 DPM-Solver++ steps) on tensors of the right shape; and it extrapolates::
 
     total(N steps) = text + vae_decode + N * (unet_call + loop_overhead) + scheduler(N)
 
@@ -158,27 +156,6 @@ def measure(pipe: MVDreamPipeline, steps: int) -> dict:
     }
 
 
-def vae_decode_ab(pipe: MVDreamPipeline) -> dict:
-    """The 4-view VAE decode with NNPACK Winograd convolutions (the pipeline's CPU default)
-    against PyTorch's own (oneDNN) convolutions, alternating, best of 2 each."""
-    latents = torch.randn(VIEWS, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(0))
-    times, images = {True: [], False: []}, {}
-    for _ in range(2):
-        for winograd in (True, False):
-            pipe.winograd_decode = winograd
-            t0 = time.perf_counter()
-            images[winograd] = pipe.decode_latents(latents)
-            times[winograd].append(time.perf_counter() - t0)
-    pipe.winograd_decode = True
-    fast, plain = min(times[True]), min(times[False])
-    return {
-        "winograd_s": round(fast, 3),
-        "onednn_s": round(plain, 3),
-        "speedup": round(plain / fast, 2),
-        "max_abs_diff_8bit": round(float((images[True] - images[False]).abs().max()) * 255, 4),
-    }
-
-
 def best_of(fn, repeats: int = 2) -> float:
     times = []
     for _ in range(repeats):
@@ -268,8 +245,6 @@ def main() -> None:
     fp32 = measure(pipe, args.measure_steps)
     totals(fp32)
     result["float32"] = fp32
-    log("VAE decode: Winograd (NNPACK) vs oneDNN convolutions")
-    result["vae_decode_winograd_vs_onednn"] = vae_decode_ab(pipe)
 
     result["bfloat16_probe"] = bf16_probe()
     if args.bf16_full:

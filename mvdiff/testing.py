@@ -10,6 +10,8 @@ The tiny UNet has the shape of the official reference test model (``tests/fixtur
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from mvdiff.models.unet_mv import MultiViewUNet2DConditionModel, multiview_unet_config
@@ -28,36 +30,46 @@ TINY_UNET_PARAMS = dict(
 )
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run the block with the CPU RNG seeded to ``seed`` and give the caller's global RNG state
+    back afterwards (the builders' weights are those of ``torch.manual_seed(seed)`` then
+    building; CUDA generators are neither read nor seeded)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
 def tiny_unet(seed: int = 0, camera: bool = True, **overrides) -> MultiViewUNet2DConditionModel:
     params = {**TINY_UNET_PARAMS, **overrides}
     if not camera:
         params["camera_dim"] = None
-    torch.manual_seed(seed)
-    return MultiViewUNet2DConditionModel.from_config(multiview_unet_config(sample_size=8, **params))
+    config = multiview_unet_config(sample_size=8, **params)
+    with seeded(seed):
+        return MultiViewUNet2DConditionModel.from_config(config)
 
 
 def tiny_vae(seed: int = 0):
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[16, 32, 32, 32],
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.18215,
-    )
+    with seeded(seed):
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            block_out_channels=[16, 32, 32, 32],
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=0.18215,
+        )
 
 
 def tiny_text_encoder(seed: int = 0, hidden_size: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=hidden_size,
@@ -71,7 +83,8 @@ def tiny_text_encoder(seed: int = 0, hidden_size: int = 32):
         eos_token_id=49407,
         pad_token_id=0,
     )
-    return CLIPTextModel(config)
+    with seeded(seed):
+        return CLIPTextModel(config)
 
 
 def clip_tokenizer(pad_token: str = "!"):
@@ -91,8 +104,8 @@ def tiny_image_unet(seed: int = 0, image_embed_dim: int = 32, num_image_tokens: 
     """The tiny UNet with ImageDream's image prompt (resampler + decoupled attention)."""
     config = multiview_unet_config(sample_size=8, **TINY_UNET_PARAMS)
     config.update(num_image_tokens=num_image_tokens, image_embed_dim=image_embed_dim)
-    torch.manual_seed(seed)
-    return MultiViewUNet2DConditionModel.from_config(config)
+    with seeded(seed):
+        return MultiViewUNet2DConditionModel.from_config(config)
 
 
 def tiny_image_encoder(seed: int = 0, hidden_size: int = 32, image_size: int = 28):
@@ -101,7 +114,6 @@ def tiny_image_encoder(seed: int = 0, hidden_size: int = 32, image_size: int = 2
 
     from mvdiff.convert import build_image_processor
 
-    torch.manual_seed(seed)
     config = CLIPVisionConfig(
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -112,7 +124,9 @@ def tiny_image_encoder(seed: int = 0, hidden_size: int = 32, image_size: int = 2
         hidden_act="gelu",
         projection_dim=hidden_size,
     )
-    return CLIPVisionModel(config), build_image_processor(image_size)
+    with seeded(seed):
+        encoder = CLIPVisionModel(config)
+    return encoder, build_image_processor(image_size)
 
 
 def tiny_image_components(seed: int = 0) -> dict:

@@ -8,10 +8,8 @@ cannot be reached are one-line errors within a minute.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -20,51 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import S3_BUCKET as BUCKET
+from tests.conftest import free_port as _free_port
+
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).parent / "fixtures" / "assets"
 TINY = ROOT / "train" / "configs" / "tiny_cpu.yaml"
-BUCKET = "mvdiff-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A real S3-compatible server on loopback; yields the env that points a process at it."""
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
-        env.pop(key, None)
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
-    client.create_bucket(Bucket=BUCKET)
-    yield env, client
-    server.stop()
 
 
 def _keys(client, prefix: str) -> list[str]:

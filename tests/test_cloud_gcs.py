@@ -9,9 +9,7 @@ switched off (``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``), as on any plain buck
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -19,57 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import GCS_BUCKET as BUCKET
+
 pytest.importorskip("gcsfs")
-emulator = pytest.importorskip("gcp_storage_emulator.server")
+pytest.importorskip("gcp_storage_emulator.server")
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).parent / "fixtures" / "assets"
 TINY = ROOT / "train" / "configs" / "tiny_cpu.yaml"
-BUCKET = "mvdiff-gcs-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    """A GCS-compatible server on loopback; yields (env for a process, gcsfs filesystem)."""
-    port = _free_port()
-    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
-        "FSSPEC_GCS_TOKEN": "anon",  # fsspec's config from the environment: no credentials
-        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-    }
-    env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
-    code = (
-        "import fsspec, json, sys; fs = fsspec.filesystem('gs', token='anon'); "
-        "print(json.dumps(fs.find(sys.argv[1])))"
-    )
-
-    def find(prefix: str) -> list[str]:
-        out = subprocess.run([sys.executable, "-c", code, prefix], env=env, capture_output=True,
-                             text=True, timeout=120, check=True)  # fmt: skip
-        return sorted(json.loads(out.stdout))
-
-    def cat(path: str) -> bytes:
-        out = subprocess.run(
-            [sys.executable, "-c", "import fsspec, sys; sys.stdout.buffer.write("
-             "fsspec.filesystem('gs', token='anon').cat(sys.argv[1]))", path],
-            env=env, capture_output=True, timeout=120, check=True,
-        )  # fmt: skip
-        return out.stdout
-
-    yield env, find, cat
-    server.stop()
 
 
 def _mvdiff(env, *args, timeout=300):

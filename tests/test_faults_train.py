@@ -37,7 +37,6 @@ import torch
 
 from mvdiff.config import load_config
 from mvdiff.data.shards import write_multiview_sample
-from mvdiff.data.synthetic import write_synthetic_mv_shards
 from mvdiff.errors import UserError
 from mvdiff.training.config import TrainConfig
 
@@ -66,20 +65,7 @@ def evil_bytes(marker: Path, kind: str) -> bytes:
     return data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    write_synthetic_mv_shards(root / "mv", num_shards=2, objects_per_shard=3, num_views=8,
-                              resolution=32)  # fmt: skip
-    return root
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def config(shards, out, *overrides) -> TrainConfig:

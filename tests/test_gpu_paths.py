@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-from tests.test_train import TINY, one_thread, shards, tiny_config  # noqa: F401 - fixtures
+from tests.test_train import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
@@ -91,7 +93,7 @@ def test_optimizer_step_with_a_real_grad_scaler(fused, fp16_state):
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_fp16_training_survives_loss_scale_overflows(
-    shards,  # noqa: F811 - the fixture imported above
+    shards,
     tmp_path,
     monkeypatch,
     policy,
@@ -151,7 +153,7 @@ def test_ema_uses_foreach_and_follows_the_model_device():
     assert {s.device.type for s in resumed.shadow_params} == {"meta"}
 
 
-def test_resume_places_ema_after_loading(shards, tmp_path, monkeypatch):  # noqa: F811
+def test_resume_places_ema_after_loading(shards, tmp_path, monkeypatch):
     """The trainer puts the EMA next to the model after accelerate's load_state."""
     import mvdiff.training.trainer as trainer
 
@@ -497,7 +499,7 @@ def test_memory_claims_in_configs_match_the_estimates():
 # ---- smaller GPU bits ----------------------------------------------------------------------
 
 
-def test_loader_pins_memory_when_cuda_is_there(shards, monkeypatch):  # noqa: F811
+def test_loader_pins_memory_when_cuda_is_there(shards, monkeypatch):
     from mvdiff.data.loader import DataConfig, build_loader
 
     cfg = DataConfig(mv_shards=f"{shards}/mv/*.tar", resolution=32, batch_size=1, num_workers=0)
@@ -560,7 +562,7 @@ def test_sds_step_leaves_the_loss_on_the_device():
 
 
 def test_training_reads_the_device_once_per_step_not_per_micro_step(
-    shards,  # noqa: F811 - the fixture imported above
+    shards,
     tmp_path,
     monkeypatch,
 ):

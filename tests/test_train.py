@@ -17,31 +17,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mvdiff.config import load_config  # noqa: E402
-from mvdiff.data.synthetic import write_synthetic_2d_shards, write_synthetic_mv_shards  # noqa: E402
 from mvdiff.training.config import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "train" / "configs" / "tiny_cpu.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads competing with other
-    processes make tiny steps ~10x slower (spin-waiting), and 1 thread is what subprocesses
-    get too (bit-exact resume needs equal thread counts)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    write_synthetic_mv_shards(root / "mv", num_shards=2, objects_per_shard=3, num_views=8,
-                              resolution=32)  # fmt: skip
-    write_synthetic_2d_shards(root / "2d", num_shards=1, images_per_shard=12, size=(40, 36))
-    return root
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_config(shards, out, *overrides) -> TrainConfig:

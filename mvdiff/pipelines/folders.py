@@ -46,7 +46,6 @@ SHIPPED: dict[str, tuple[str, ...]] = {
         "errors.py",
         "cameras.py",
         "prompts.py",
-        "pipelines/winograd.py",
         "pipelines/pipeline_mvdream.py",
     ),
     f"unet/{UNET_FILE}": ("models/attention.py", "models/attention_ip.py", "models/unet_mv.py"),

@@ -32,6 +32,7 @@ their own dtype (``pipe.to(torch.bfloat16)``), so half precision only touches th
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +48,17 @@ from diffusers.utils.torch_utils import randn_tensor
 from mvdiff.cameras import get_camera
 from mvdiff.errors import UserError
 from mvdiff.pipelines import folders
-from mvdiff.pipelines.winograd import WinogradConv2d, use_winograd_convs
 from mvdiff.prompts import CAPTION_SUFFIX
 
 #: Appended to every prompt by default, as in the official MVDream script and training.
 DEFAULT_PROMPT_SUFFIX = CAPTION_SUFFIX
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+#: the warning for ``pipe.winograd_decode = ...`` (the option is gone; kept for one release)
+WINOGRAD_REMOVED = (
+    "MVDreamPipeline.winograd_decode was removed (the NNPACK Winograd VAE decode called a "
+    "private PyTorch op); setting it has no effect, the VAE decodes with PyTorch's own "
+    "convolutions - delete the assignment"
+)
 
 #: For ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=ENTRY_FILE, trust_remote_code=True)``
 #: on folders written before mvdiff shipped its code in them (``mvdiff.pipelines.folders``).
@@ -73,8 +79,7 @@ class MVDreamPipelineOutput(BaseOutput):
 
 def default_decode_chunk(device, num_views: int) -> int:
     """Views the VAE decodes at once by default: all views of an object on a GPU (one
-    batched decode instead of V small ones), one at a time on the CPU (bounded memory, and
-    the Winograd decode path is tuned for it)."""
+    batched decode instead of V small ones), one at a time on the CPU (bounded memory)."""
     return 1 if torch.device(device).type == "cpu" else max(int(num_views), 1)
 
 
@@ -112,11 +117,6 @@ class MVDreamPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     # ImageDream folders (converted ``sd-v2.1-base-4view-ipmv``) add the OpenCLIP ViT-H
     # vision tower and its preprocessing; MVDream folders have neither.
     _optional_components = ["image_encoder", "feature_extractor"]
-    # Opt-in: decode on CPU in float32 with NNPACK's Winograd 3x3 convolutions (~1e-5
-    # relative difference, ~2x faster). It swaps the class of the VAE decoder's Conv2d
-    # modules in place and calls a private PyTorch op (mvdiff.pipelines.winograd), so it is
-    # off unless set to True; by default the user's VAE is left exactly as loaded.
-    winograd_decode = False
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
@@ -292,23 +292,21 @@ class MVDreamPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         ``chunk_size`` views at a time to bound the VAE's activation memory."""
         scale = self.vae.config.scaling_factor
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        decoder = getattr(self.vae, "decoder", None)  # None: a VAE-like module without one
-        if (
-            decoder is not None
-            and self.vae.device.type == "cpu"
-            and self.vae.dtype == torch.float32
-        ):
-            # opt-in ~2x faster decode on CPU (mvdiff.pipelines.winograd); off: never touches
-            # the decoder, except to undo an earlier opt-in
-            if self.winograd_decode or any(
-                isinstance(m, WinogradConv2d) for m in decoder.modules()
-            ):
-                use_winograd_convs(decoder, self.winograd_decode)
         images = []
         for chunk in latents.split(chunk_size):
             z = chunk.to(dtype=self.vae.dtype) / scale + shift
             images.append(self.vae.decode(z).sample.float())
         return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
+
+    # Removed option, kept for one release so that setting it says so (next release: delete).
+    @property
+    def winograd_decode(self) -> bool:
+        """Removed: the VAE always decodes with PyTorch's own convolutions (always False)."""
+        return False
+
+    @winograd_decode.setter
+    def winograd_decode(self, value) -> None:
+        warnings.warn(WINOGRAD_REMOVED, FutureWarning, stacklevel=2)
 
     @property
     def has_image_prompt(self) -> bool:

@@ -270,7 +270,7 @@ def objaverse_objects(uids: list[str], lvis: list[str], mirror: str, cache: str)
         return []
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            paths = objaverse._load_object_paths()
+            paths = set(objaverse.load_uids())
             meta = objaverse.load_annotations([u for u in wanted if u in paths])
     except OSError as e:
         raise UserError(

@@ -126,7 +126,7 @@ class GaussianFitState:
             config.gaussians, generator=self.generator, points=points, colors=colors
         ).to(device)
         with torch.random.fork_rng(devices=[]):  # initial weights from config.seed only
-            torch.manual_seed(config.seed)
+            torch.default_generator.manual_seed(config.seed)  # CPU only: CUDA untouched
             self.background = Background(config.background).to(device)
         self._build_optimizer()
         self._reset_stats()

@@ -71,7 +71,7 @@ class FitState:
         self.config = config
         # initial weights from config.seed, without touching the caller's global RNG
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
+            torch.default_generator.manual_seed(config.seed)  # CPU only: CUDA untouched
             self.field = RadianceField(config.field).to(device)
             self.background = Background(config.background).to(device)
         heads = [p for n, p in self.field.named_parameters() if not n.startswith("encoding.")]

@@ -199,7 +199,6 @@ class MeshFitState:
         from mvdiff.sds.mesh_raster import edge_topology, nvdiffrast_available
 
         validate_config(config.refine, "refine")
-        torch.manual_seed(config.seed)
         self.config, self.device = config, torch.device(device)
         rc = config.refine
         t = {k: torch.as_tensor(np.asarray(base[k]) if not isinstance(base[k], torch.Tensor)
@@ -215,7 +214,9 @@ class MeshFitState:
         self.levels = torch.nn.ParameterList(
             torch.nn.Parameter(torch.zeros(1, 3, r, r, r, device=self.device)) for r in COLOR_GRIDS
         )
-        self.background = Background(config.background).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # initial weights from config.seed only
+            torch.default_generator.manual_seed(config.seed)  # CPU only: CUDA untouched
+            self.background = Background(config.background).to(self.device)
         groups = [
             {"params": [self.offsets], "lr": rc.lr_geometry},
             {"params": list(self.levels), "lr": rc.lr_texture},

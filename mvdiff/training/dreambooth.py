@@ -430,8 +430,9 @@ def check_lora_gradients(unet) -> None:
     lora = lora_parameters(unet)
     for p in lora.values():
         p.grad = None
-    x = torch.randn(1, unet.config.in_channels, 8, 8, device=device, dtype=dtype)
-    text = torch.randn(1, 4, width, device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)  # the caller's global RNG is left alone
+    x = torch.randn(1, unet.config.in_channels, 8, 8, generator=gen).to(device, dtype)
+    text = torch.randn(1, 4, width, generator=gen).to(device, dtype)
     t = torch.tensor([500], device=device)
     unet(x, t, text, camera=None, num_views=1).sample.float().square().mean().backward()
     dead = sorted({n.split(".lora_")[0] for n, p in lora.items() if p.grad is None})
