@@ -126,7 +126,7 @@ def test_render_to_an_unreachable_endpoint_is_one_line(s3, tmp_path):
     t0 = time.monotonic()
     args = _render_args(ASSETS / "monkey.glb", f"s3://{BUCKET}/mv", tmp_path / "work")
     res = _mvdiff(env, *args, timeout=90)
-    assert time.monotonic() - t0 < 40
+    assert time.monotonic() - t0 < 60  # the issue: "a one-line error within a minute"
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"mvdiff render: error: --output s3://{BUCKET}/mv"), res.stderr
@@ -153,7 +153,7 @@ def test_unreadable_s3_data_is_one_line_within_a_minute(s3, tmp_path, where, pro
     res = _mvdiff(env, "train", "--config", str(TINY), "--max-steps", "1", "--output-dir",
                   str(tmp_path / "run"), "--set", f"data.mv_shards={url}", "--set", "data.p_2d=0",
                   timeout=90)  # fmt: skip
-    assert time.monotonic() - t0 < 40
+    assert time.monotonic() - t0 < 60  # the issue: "a one-line error within a minute"
     assert res.returncode == 2, res.stderr[-3000:]
     # the error is the last line, one line naming the key (logs may precede it)
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
