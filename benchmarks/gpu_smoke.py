@@ -119,6 +119,23 @@ def full_size_folder(path: Path) -> Path:
     return path
 
 
+def recipe_overrides(args, work: Path, out: Path, half: int, precision: str) -> list[str]:
+    """The SD-2.1 recipe's ``--set`` values for a run of 2 x ``half`` steps into ``out`` on the
+    smoke shards: checkpoint at ``half``, EMA on, no validation (``--tiny``: 32², batch 1)."""
+    res = 32 if args.tiny else 256
+    overrides = [
+        f"output_dir={out}", f"model.pretrained={args.model}",
+        f"data.mv_shards={work}/shards/mv/*.tar", f"data.shards_2d={work}/shards/2d/*.tar",
+        f"data.resolution={res}", f"data.min_size_2d={res}", "data.shuffle_buffer=8",
+        f"mixed_precision={precision}", "ema=true", f"checkpoint.every={half}",
+        "checkpoint.keep=1", "checkpoint.resume_data=skip", "validation.every=0", "log_every=1",
+        "optim.warmup_steps=2",
+    ]  # fmt: skip
+    return overrides + (
+        ["data.batch_size=1", "data.num_workers=0"] if args.tiny else ["data.num_workers=2"]
+    )
+
+
 def phase_train(args, work: Path, device, precision: str) -> dict:
     import torch
     from accelerate.state import AcceleratorState
@@ -127,20 +144,10 @@ def phase_train(args, work: Path, device, precision: str) -> dict:
     from mvdiff.training.config import TrainConfig
     from mvdiff.training.trainer import train
 
-    res = 32 if args.tiny else 256
     out = work / f"train-{precision}"
     shutil.rmtree(out, ignore_errors=True)
     half = max(args.train_steps // 2, 1)
-    overrides = [
-        f"output_dir={out}", f"model.pretrained={args.model}",
-        f"data.mv_shards={work}/shards/mv/*.tar", f"data.shards_2d={work}/shards/2d/*.tar",
-        f"data.resolution={res}", f"data.min_size_2d={res}", "data.num_workers=2",
-        "data.shuffle_buffer=8", f"mixed_precision={precision}", "ema=true",
-        f"checkpoint.every={half}", "checkpoint.keep=1", "checkpoint.resume_data=skip",
-        "validation.every=0", "log_every=1", "optim.warmup_steps=2",
-    ]  # fmt: skip
-    if args.tiny:
-        overrides += ["data.batch_size=1", "data.num_workers=0"]
+    overrides = recipe_overrides(args, work, out, half, precision)
     recipe = ROOT / "train" / "configs" / "mvdream_sd21.yaml"
     _reset_peak(device)
     t0 = time.perf_counter()
@@ -262,21 +269,10 @@ def phase_engine(args, work: Path, device, engine: str) -> dict:
     reason = engine_unavailable(engine, device)
     if reason is not None:
         return {"phase": f"engine-{engine}", "skipped": reason}
-    res = 32 if args.tiny else 256
     out = work / f"engine-{engine}"
     shutil.rmtree(out, ignore_errors=True)
     half = max(args.train_steps // 2, 1)
-    overrides = [
-        f"output_dir={out}", f"model.pretrained={args.model}",
-        f"data.mv_shards={work}/shards/mv/*.tar", f"data.shards_2d={work}/shards/2d/*.tar",
-        f"data.resolution={res}", f"data.min_size_2d={res}", "data.shuffle_buffer=8",
-        "mixed_precision=auto", "ema=true", f"checkpoint.every={half}", "checkpoint.keep=1",
-        "checkpoint.resume_data=skip", "validation.every=0", "log_every=1",
-        "optim.warmup_steps=2",
-    ]  # fmt: skip
-    overrides += (
-        ["data.batch_size=1", "data.num_workers=0"] if args.tiny else ["data.num_workers=2"]
-    )
+    overrides = recipe_overrides(args, work, out, half, "auto")
     t0 = time.perf_counter()
     _launch(args, device, engine, [*overrides, f"max_steps={half}", "export=false"])
     _launch(args, device, engine, [*overrides, f"max_steps={2 * half}", "checkpoint.resume=latest"])
