@@ -47,7 +47,7 @@ Prints a markdown table (mean ± std over seeds) and, last, one JSON line. ``--q
 smoke run (a few objects, few steps, one seed; under a minute, not meaningful numbers).
 
 Budget (2 CPU cores, one torch thread per model, two models at a time): the default run
-(3 seeds x 3 variants x 1500 steps) takes ~27 minutes on a quiet machine.
+(3 seeds x 3 variants x 1500 steps) takes about 19 minutes on a quiet machine (seen twice, load 1-2.5).
 
     python benchmarks/learning_check.py [--quick] [--work-dir DIR] [--set key=value ...]
 """
