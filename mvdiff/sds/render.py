@@ -307,14 +307,7 @@ def render_rays(
         weights_k, opacity, rgb, depth = _composite_packed(
             sigma_k, color_k, t.reshape(-1)[sel], delta.reshape(-1)[sel], ray_of, n_rays
         )  # (R, S) -> (R*S,) -> (K,) for t and delta
-        bg = _background_rays(background, d, rays_per_group or n_rays, rgb.dtype)
-        out = {
-            "rgb": rgb + (1.0 - opacity) * bg,
-            "opacity": opacity,
-            "depth": depth,
-            "background": bg,
-            "num_evaluated": int(sel.numel()),
-        }
+        out = _composited(rgb, opacity, depth, background, d, rays_per_group or n_rays, sel)
         if return_normals:
             n = torch.zeros(n_rays, 3, device=dev, dtype=normal_k.dtype)
             n = n.index_add(0, ray_of, weights_k[:, None] * normal_k)  # (K, 3) -> (R, 3)
@@ -331,20 +324,25 @@ def render_rays(
     opacity = weights.sum(1, keepdim=True)  # (R, 1)
     rgb = (weights[..., None] * color).sum(1)  # (R, S, 3) -> (R, 3)
     depth = (weights * t).sum(1, keepdim=True)  # (R, 1)
-    bg = _background_rays(background, d, rays_per_group or n_rays, rgb.dtype)
-    out = {
-        "rgb": rgb + (1.0 - opacity) * bg,
-        "opacity": opacity,
-        "depth": depth,
-        "background": bg,
-        "num_evaluated": int(sel.numel()),
-    }
+    out = _composited(rgb, opacity, depth, background, d, rays_per_group or n_rays, sel)
     if return_normals:
         n = torch.zeros(n_rays * s, 3, device=dev, dtype=normal_k.dtype)
         n = n.index_put((sel,), normal_k)
         n = (weights[..., None] * n.reshape(n_rays, s, 3)).sum(1)  # (R*S, 3) -> (R, S, 3) -> (R, 3)
         out["normal"] = F.normalize(n, dim=-1, eps=1e-6)
     return out
+
+
+def _composited(rgb, opacity, depth, background, d, rays_per_group: int, sel) -> dict:
+    """The render's output (packed and dense compositing alike): ``rgb`` over the background."""
+    bg = _background_rays(background, d, rays_per_group, rgb.dtype)
+    return {
+        "rgb": rgb + (1.0 - opacity) * bg,
+        "opacity": opacity,
+        "depth": depth,
+        "background": bg,
+        "num_evaluated": int(sel.numel()),
+    }
 
 
 def render(
